@@ -1,0 +1,29 @@
+"""One exception type per kind of user mistake; the CLI prints them as one line."""
+
+
+class PrinmixError(Exception):
+    """Base class: a problem the user can fix. str(e) names the file and the problem."""
+
+
+class BudgetError(PrinmixError):
+    """The requested ratio cannot be met (e.g. smaller than the fixed metadata of a matrix)."""
+
+
+class CheckpointError(PrinmixError):
+    """A model directory is missing, unreadable, or holds NaN/Inf or an unknown model type."""
+
+
+class ArchitectureMismatchError(PrinmixError):
+    """Base and fine-tune differ in architecture, tensor names or shapes."""
+
+
+class BaseMismatchError(PrinmixError):
+    """A delta file is applied to a base other than the one it was made for."""
+
+
+class DeltaFormatError(PrinmixError):
+    """A delta file is truncated, corrupted, or of an unknown format version."""
+
+
+class DeviceError(PrinmixError):
+    """The requested device is not available."""
