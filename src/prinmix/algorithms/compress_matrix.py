@@ -1,0 +1,165 @@
+"""PrinMix on one matrix (paper Algorithm 1), and the entry point for every method.
+
+compress_matrix(ΔW, H, ratio, method) → CompressedLinear whose stored blob fits
+floor(ratio · 16 · h_out · h_in) bits, everything counted (see budget.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import BudgetError
+from .allocation import allocate_bits
+from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
+from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
+from .gptq import gptq_quantize
+from .rtc import correct_reconstruction_target
+
+DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass
+class PrinMixConfig:
+    """Knobs of PrinMix. Defaults follow the paper (widths {0,2..8}, f_max = 4, RTC on)."""
+
+    widths: tuple[int, ...] = DEFAULT_WIDTHS   # candidate widths Q (0 = rank dropped)
+    fmax: int = 4                              # at most this many distinct widths (0 counts, as in Eq. 8)
+    v_group: int | None = None                 # V scale group (input columns); None = one per row
+    rtc: bool = True                           # Reconstruction Target Correction (Eq. 7)
+    rtc_damp: float = 1e-4
+    percdamp: float = 0.01                     # GPTQ damping, fraction of mean diag(H)
+    clip_search: bool = False                  # min–max range shrink search in the quantiser
+    blocksize: int = 128                       # GPTQ lazy-batch block
+
+    def validate(self) -> None:
+        if not self.widths or any(not (0 <= b <= 8) for b in self.widths):
+            raise ValueError(f"candidate widths must lie in 0..8, got {self.widths}")
+        if len(set(self.widths)) != len(self.widths):
+            raise ValueError(f"candidate widths repeat: {self.widths}")
+        if self.fmax < 1:
+            raise ValueError(f"fmax must be ≥ 1, got {self.fmax}")
+
+
+def _prepare(delta: torch.Tensor, H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if delta.ndim != 2:
+        raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
+    W = delta.to(torch.float32)
+    if not torch.isfinite(W).all():
+        raise ValueError("delta holds NaN or Inf")
+    h_in = W.shape[1]
+    if H is None:  # data-free: plain Frobenius error
+        H = torch.eye(h_in, dtype=torch.float32, device=W.device)
+    if tuple(H.shape) != (h_in, h_in):
+        raise ValueError(f"H must be [{h_in}, {h_in}], got {tuple(H.shape)}")
+    H = H.to(device=W.device, dtype=torch.float32)
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian holds NaN or Inf")
+    return W, H
+
+
+def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig):
+    """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
+
+    One GPTQ pass quantises V stacked once per non-zero width (rows are independent under a
+    shared H, so this equals one run per width). Returns (E float64 [r, nb], result, nonzero widths).
+    """
+    r, h_in = Vh.shape
+    nonzero = [b for b in widths if b > 0]
+    result = None
+    E = torch.zeros(r, len(widths), dtype=torch.float64)
+    sigma2 = S.double() ** 2
+    if nonzero and r:
+        row_bits = torch.tensor(nonzero, device=Vh.device).repeat_interleave(r)
+        result = gptq_quantize(Vh.repeat(len(nonzero), 1), H, row_bits, bits_axis="row", scale_axis="row",
+                               group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                               clip_search=cfg.clip_search)
+    for j, b in enumerate(widths):
+        if b == 0:
+            dV = Vh
+        else:
+            k = nonzero.index(b)
+            dV = Vh - result.dequant[k * r:(k + 1) * r]
+        E[:, j] = sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+    return E.clamp_min(0.0), result, nonzero
+
+
+def compress_prinmix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float,
+                     config: PrinMixConfig | None = None) -> CompressedLinear:
+    """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
+    RTC (Eq. 7) → Û by column-wise GPTQ at the same widths. Σ is folded into U's per-column scales.
+
+    delta ΔW [h_out, h_in]; H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta.
+    """
+    cfg = config or PrinMixConfig()
+    cfg.validate()
+    W, H = _prepare(delta, H)
+    h_out, h_in = W.shape
+    widths = tuple(sorted(cfg.widths))
+    total = budget_bits(ratio, h_out, h_in)
+    if total < 8 * BLOB_HEADER_BYTES:
+        raise BudgetError(f"ratio {ratio:g} leaves {total} bits for a {h_out}x{h_in} matrix; "
+                          f"its header alone needs {8 * BLOB_HEADER_BYTES}")
+    n_blocks = min(cfg.fmax, sum(b > 0 for b in widths))
+    budget = total - prinmix_fixed_overhead_bits(n_blocks)
+
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg)
+    costs = np.array([prinmix_rank_cost_bits(b, h_out, h_in, cfg.v_group) for b in widths], dtype=np.int64)
+    alloc = allocate_bits(E.numpy(), costs, max(budget, 0), cfg.fmax)
+    rank_bits = np.asarray(widths)[alloc.choice]
+
+    # Kept ranks, ordered so equal widths are contiguous (widest first, then singular-value order).
+    kept = [i for i in np.lexsort((np.arange(len(rank_bits)), -rank_bits)) if rank_bits[i] > 0]
+    kept_t = torch.tensor(kept, dtype=torch.long, device=W.device)
+    bits_k = torch.tensor([int(rank_bits[i]) for i in kept], dtype=torch.long, device=W.device)
+    r = S.numel()
+    if kept:
+        sim_rows = torch.tensor([nonzero.index(int(rank_bits[i])) * r + i for i in kept], device=W.device)
+        v_hat = sim.dequant[sim_rows]
+        v_codes, v_scale, v_zero = sim.codes[sim_rows], sim.scale[sim_rows], sim.zero[sim_rows]
+    else:
+        v_hat = torch.zeros(0, h_in, device=W.device)
+
+    if cfg.rtc:
+        u_target = correct_reconstruction_target(W, H, v_hat, cfg.rtc_damp)
+    else:
+        u_target = U[:, kept_t] * S[kept_t]
+    blocks: list[RankBlock] = []
+    if kept:
+        H_u = v_hat @ H @ v_hat.T
+        uq = gptq_quantize(u_target, H_u, bits_k, bits_axis="col", scale_axis="col",
+                           blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
+        start = 0
+        for b in sorted(set(bits_k.tolist()), reverse=True):
+            end = start + int((bits_k == b).sum())
+            sl = slice(start, end)
+            v = QuantizedMatrix(v_codes[sl], v_scale[sl].half(), v_zero[sl].to(torch.uint8), b,
+                                cfg.v_group or h_in)
+            u = QuantizedMatrix(uq.codes[:, sl].T.contiguous(), uq.scale[sl].half()[:, None],
+                                uq.zero[sl].to(torch.uint8)[:, None], b, h_out)
+            blocks.append(RankBlock(b, v, u, u_transposed=True))
+            start = end
+
+    out = CompressedLinear((h_out, h_in), "prinmix", blocks)
+    out.info = {"objective": alloc.objective, "certified": alloc.certified, "rank_index": kept,
+                "sigma": S.cpu(), "errors": E, "widths": widths, "budget_bits": total}
+    assert 8 * out.nbytes() <= total, f"internal: {8 * out.nbytes()} bits > budget {total}"
+    return out
+
+
+def compress_matrix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
+                    config: PrinMixConfig | None = None) -> CompressedLinear:
+    """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α."""
+    from . import baselines
+
+    if method == "prinmix":
+        return compress_prinmix(delta, H, ratio, config)
+    fn = {"deltacome": baselines.compress_deltacome, "lowrank": baselines.compress_lowrank,
+          "bitdelta": baselines.compress_bitdelta}.get(method)
+    if fn is None:
+        raise ValueError(f"unknown method {method!r}: choose prinmix, deltacome, lowrank or bitdelta")
+    W, H = _prepare(delta, H)
+    return fn(W, H, ratio, config or PrinMixConfig())

@@ -1,0 +1,335 @@
+"""The Python API: compress, merge, load_delta, info. The CLI is a thin shell over these.
+
+Calibration activations (decision): layer i's Hessian H = XXᵀ is taken on the hidden states of the
+*reconstructed* model — base + the compressed deltas of layers 0..i-1 — i.e. what the served model
+will feed layer i (GPTQ's sequential order). Inside layer i the inputs of each linear come from the
+layer run with the fine-tune's weights, so q/k/v/o and gate/up/down all see the same stream.
+After compressing layer i, the hidden states are propagated through base + ΔŴ (compressed) of
+layer i. tests/test_api.py checks this against a direct computation on the merged model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .algorithms.budget import parse_ratio
+from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
+from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
+from .format.delta_file import DeltaFile, load_delta as _load_delta, save_delta
+from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
+from .models.checkpoint import CheckpointReader, check_compatible
+
+METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
+CALIBRATED = ("prinmix", "deltacome")
+
+
+@dataclass
+class CompressSummary:
+    path: str
+    method: str
+    ratio_requested: float
+    linear_bytes: int          # compressed linear deltas (blobs: codes, scales, zeros, widths, Σ)
+    dense_params: int          # 16-bit delta entries those linears stand for
+    other_bytes: int           # exact non-linear tensors that differ (norms, biases, embedding rows)
+    aux_bytes: int             # config / tokenizer files carried for merge
+    file_bytes: int            # the whole file on disk
+    seconds: float
+    layers: int
+
+    @property
+    def ratio_achieved(self) -> float:
+        return 8 * self.linear_bytes / (16 * self.dense_params) if self.dense_params else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {device!r}") from None
+
+
+def _open_pair(base, finetuned):
+    base_r, ft_r = CheckpointReader(base), CheckpointReader(finetuned)
+    return base_r, ft_r, check_compatible(base_r, ft_r)
+
+
+def _run_key(args: dict) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load_calibration_ids(ft: CheckpointReader, calib, nsamples, seqlen, seed):
+    from transformers import AutoTokenizer
+
+    from .models.calibration import load_calibration
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ft.path))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types
+        raise CheckpointError(f"{ft.path}: cannot load its tokenizer for calibration ({e})") from None
+    return load_calibration(calib, tok, nsamples, seqlen, seed)
+
+
+def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", calib: str | None = None,
+             nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
+             device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True,
+             progress=None, config: PrinMixConfig | None = None) -> CompressSummary:
+    """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
+
+    ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
+    """
+    t0 = time.time()
+    if method not in METHODS:
+        raise PrinmixError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    try:
+        alpha = parse_ratio(ratio)
+    except ValueError as e:
+        raise BudgetError(str(e)) from None
+    if method == "bitdelta" and alpha < 1 / 16:
+        raise BudgetError(f"bitdelta stores 1 bit per delta entry (ratio 1/16); ratio {ratio} is below it")
+    dev = resolve_device(device)
+    base_r, ft_r, compat = _open_pair(base, finetuned)
+    cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
+    cfg.validate()
+    output = Path(output)
+
+    from .models.decoder import DecoderStack
+
+    stack = DecoderStack(ft_r)
+    fingerprint = base_fingerprint(base_r)
+    params = {"method": method, "ratio": alpha, "config": asdict(cfg), "calib": calib, "nsamples": nsamples,
+              "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
+              "finetuned": ft_r.content_hash()}
+    key = _run_key(params)
+    work = output.parent / f".{output.name}.partial-{key}"
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    inputs = None
+    if method in CALIBRATED:
+        ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
+        inputs = stack.embed(ft_r, ids, dev)
+
+    delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
+                                      "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
+                                      "removed_tensors": compat.only_in_base},
+                      base_fingerprint=fingerprint, aux_files=ft_r.aux_files())
+    n_layers = stack.num_layers
+    for i in range(n_layers):
+        part = work / f"layer_{i:05d}.safetensors"
+        prefix = stack.layer_prefix(i)
+        names = stack.layer_tensor_names(i)
+        if part.exists():
+            layer_delta = _load_layer_part(part)
+        else:
+            layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size)
+            _save_layer_part(layer_delta, part)
+        delta.matrices.update(layer_delta.matrices)
+        delta.dense.update(layer_delta.dense)
+        if inputs is not None:  # propagate through base + compressed delta of this layer
+            state = {n[len(prefix):]: finetuned_tensor(n, base_r, layer_delta, torch.float32)
+                     for n in names if n in base_r}
+            state.update({n[len(prefix):]: layer_delta.dense[n].float() for n in names if n not in base_r})
+            layer = stack.build_layer(i, state, dev)
+            inputs.hidden = stack.run_layer(layer, inputs, batch_size)
+            del layer
+        if progress:
+            progress(i + 1, n_layers, f"layer {i}")
+
+    _add_non_layer_tensors(delta, stack, base_r, ft_r, compat)
+    delta.stats = {"layers": n_layers, "objective": {n: m.info.get("objective") for n, m in delta.matrices.items()
+                                                     if m.info.get("objective") is not None}}
+    file_bytes = save_delta(delta, output)
+    shutil.rmtree(work, ignore_errors=True)
+    return CompressSummary(str(output), method, alpha, delta.linear_bytes(), delta.dense_delta_params(),
+                           delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers)
+
+
+def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size) -> DeltaFile:
+    """Compress every linear of layer i whose weight differs; keep other differing tensors exactly."""
+    prefix = stack.layer_prefix(i)
+    linear_weights = {prefix + n + ".weight" for n in stack.linear_names(i)}
+    out = DeltaFile(method, alpha, {})
+    hessians = {}
+    if inputs is not None:
+        state = {n[len(prefix):]: ft_r.get(n, torch.float32) for n in stack.layer_tensor_names(i)}
+        layer = stack.build_layer(i, state, dev)
+        stats = stack.capture_hessians(layer, inputs, batch_size)
+        hessians = {prefix + n + ".weight": s.H for n, s in stats.items()}
+        del layer, state
+    for name in stack.layer_tensor_names(i):
+        ft_t = ft_r.get(name, dtype=None)
+        if name not in base_r:
+            out.dense[name] = ft_t
+            continue
+        base_t = base_r.get(name, dtype=None)
+        if torch.equal(base_t, ft_t.to(base_t.dtype)) and base_t.dtype == ft_t.dtype:
+            continue
+        if name in linear_weights:
+            d = ft_t.to(torch.float32) - base_t.to(torch.float32)
+            if not torch.any(d):
+                continue
+            H = hessians.get(name)
+            out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), alpha, method, cfg)
+            out.matrices[name] = _to_cpu(out.matrices[name])
+        else:
+            out.dense[name] = ft_t
+    return out
+
+
+def _to_cpu(m):
+    """Blobs are built on CPU; round-trip through the blob also drops device tensors and diagnostics
+    that must not reach the file, while `info` is kept for the caller."""
+    from .algorithms.compressed import CompressedLinear
+
+    info = m.info
+    back = CompressedLinear.from_blob(m.to_blob(), m.shape, m.method)
+    back.info = {k: v for k, v in info.items() if k in ("objective", "certified", "rank_index")}
+    return back
+
+
+def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
+    tensors = {f"linear/{n}": m.to_blob() for n, m in part_delta.matrices.items()}
+    tensors.update({f"dense/{n}": t.contiguous() for n, t in part_delta.dense.items()})
+    meta = {"shapes": json.dumps({n: list(m.shape) for n, m in part_delta.matrices.items()}),
+            "method": part_delta.method,
+            "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    import os
+
+    os.close(fd)
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_layer_part(path: Path) -> DeltaFile:
+    from safetensors import safe_open
+
+    from .algorithms.compressed import CompressedLinear
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    shapes, objective = json.loads(meta["shapes"]), json.loads(meta["objective"])
+    out = DeltaFile(meta["method"], 0.0, {})
+    for k, t in tensors.items():
+        kind, name = k.split("/", 1)
+        if kind == "linear":
+            m = CompressedLinear.from_blob(t, tuple(shapes[name]), meta["method"])
+            if objective.get(name) is not None:
+                m.info["objective"] = objective[name]
+            out.matrices[name] = m
+        else:
+            out.dense[name] = t
+    return out
+
+
+def _add_non_layer_tensors(delta: DeltaFile, stack, base_r, ft_r, compat) -> None:
+    """Embeddings, final norm, lm_head…: exact where they differ; vocabulary rows as row deltas."""
+    vocab = getattr(ft_r.config.get_text_config(), "vocab_size", None)
+    for name in stack.non_layer_tensor_names:
+        ft_t = ft_r.get(name, dtype=None)
+        if name not in base_r:
+            delta.dense[name] = ft_t
+            continue
+        base_t = base_r.get(name, dtype=None)
+        if ft_t.ndim == 2 and (name in compat.resized_vocab or ft_t.shape[0] == vocab):
+            n = min(base_t.shape[0], ft_t.shape[0])
+            same = (base_t[:n] == ft_t[:n].to(base_t.dtype)).all(dim=1) & (base_t.dtype == ft_t.dtype)
+            changed = torch.nonzero(~same).flatten()
+            extra = torch.arange(n, ft_t.shape[0])
+            idx = torch.cat([changed, extra])
+            if idx.numel() or ft_t.shape[0] != base_t.shape[0]:
+                delta.rows[name] = (idx, ft_t[idx].contiguous(), list(ft_t.shape))
+        elif not (base_t.dtype == ft_t.dtype and torch.equal(base_t, ft_t)):
+            delta.dense[name] = ft_t
+
+
+def load_delta(path):
+    """Read and validate a delta file (see prinmix.format.delta_file)."""
+    return _load_delta(path)
+
+
+def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> Path:
+    """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
+    config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed."""
+    base_r = CheckpointReader(base)
+    delta = load_delta(delta_path)
+    check_base(base_r, delta, delta_path)
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    try:
+        names = output_tensor_names(base_r, delta)
+        shard, shard_bytes, shards, index = {}, 0, [], {}
+        limit = 2 * 1024 ** 3
+
+        def flush():
+            nonlocal shard, shard_bytes
+            if shard:
+                fname = f"model-{len(shards) + 1:05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                shards.append(fname)
+                index.update({n: fname for n in shard})
+                shard, shard_bytes = {}, 0
+
+        for j, name in enumerate(names):
+            t = finetuned_tensor(name, base_r, delta).contiguous()
+            shard[name] = t
+            shard_bytes += t.numel() * t.element_size()
+            if shard_bytes >= limit:
+                flush()
+            if progress:
+                progress(j + 1, len(names), name)
+        flush()
+        if len(shards) == 1:
+            (tmp / shards[0]).rename(tmp / "model.safetensors")
+        else:
+            total = sum((tmp / s).stat().st_size for s in shards)
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        for fname, data in delta.aux_files.items():
+            (tmp / fname).write_bytes(data)
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def info(delta_path) -> dict:
+    """Method, ratio, true bytes, base fingerprint and per-matrix bit allocation of a delta file."""
+    path = Path(delta_path)
+    delta = load_delta(path)
+    per_matrix = {}
+    for name, m in delta.matrices.items():
+        widths = m.rank_widths()
+        counts = {}
+        for w in widths:
+            counts[w] = counts.get(w, 0) + 1
+        per_matrix[name] = {"shape": list(m.shape), "bytes": m.nbytes(), "rank": m.rank,
+                            "widths": {str(k): v for k, v in sorted(counts.items(), reverse=True)},
+                            "ratio": 8 * m.nbytes() / (16 * m.shape[0] * m.shape[1])}
+    params = delta.dense_delta_params()
+    return {"path": str(path), "method": delta.method, "ratio_requested": delta.ratio,
+            "ratio_achieved": 8 * delta.linear_bytes() / (16 * params) if params else 0.0,
+            "file_bytes": path.stat().st_size, "linear_bytes": delta.linear_bytes(),
+            "other_bytes": delta.dense_bytes(), "aux_bytes": delta.aux_bytes(),
+            "dense_delta_params": params, "base": delta.base_fingerprint, "matrices": per_matrix,
+            "other_tensors": sorted(delta.dense) + sorted(delta.rows)}

@@ -1,0 +1,179 @@
+"""The delta file: one safetensors container (see docs/format.md).
+
+Tensors
+    linear/<weight name>   uint8 blob of a CompressedLinear (codes, scales, zeros, widths, Σ)
+    dense/<tensor name>    the fine-tune's tensor (norms, biases…) where it differs from the base, in the
+                           fine-tune's own dtype, so the merge reproduces it bit for bit
+    rows/<name>/index      int64 [n] rows of an embedding / lm_head that differ from the base (or are new)
+    rows/<name>/values     [n, d] those rows, exactly
+    aux/<file name>        uint8 bytes of config.json, tokenizer files, generation_config.json of the fine-tune
+Metadata (the safetensors header's string map)
+    "prinmix"              JSON: format_version, method, ratio, params, matrices {name: [h_out, h_in]},
+                           rows {name: [n_rows_final, d]}, base fingerprint, stats, and a sha256 per tensor.
+
+Nothing in the file can execute code; every field is validated before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..algorithms.compressed import CompressedLinear
+from ..errors import DeltaFormatError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "prinmix"
+
+
+@dataclass
+class DeltaFile:
+    """Everything a delta file holds, in memory."""
+
+    method: str
+    ratio: float
+    params: dict
+    matrices: dict[str, CompressedLinear] = field(default_factory=dict)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(default_factory=dict)
+    aux_files: dict[str, bytes] = field(default_factory=dict)
+    base_fingerprint: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    def linear_bytes(self) -> int:
+        return sum(m.nbytes() for m in self.matrices.values())
+
+    def dense_bytes(self) -> int:
+        n = sum(t.numel() * t.element_size() for t in self.dense.values())
+        return n + sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v, _ in self.rows.values())
+
+    def aux_bytes(self) -> int:
+        return sum(len(b) for b in self.aux_files.values())
+
+    def dense_delta_params(self) -> int:
+        """Number of 16-bit delta parameters the compressed linears stand for."""
+        return sum(m.shape[0] * m.shape[1] for m in self.matrices.values())
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in delta.matrices.items():
+        tensors[f"linear/{name}"] = m.to_blob()
+    for name, t in delta.dense.items():
+        tensors[f"dense/{name}"] = t.contiguous()
+    for name, (idx, values, _) in delta.rows.items():
+        tensors[f"rows/{name}/index"] = idx.to(torch.int64).contiguous()
+        tensors[f"rows/{name}/values"] = values.contiguous()
+    for name, data in delta.aux_files.items():
+        tensors[f"aux/{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+            torch.zeros(0, dtype=torch.uint8)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "method": delta.method,
+        "ratio": delta.ratio,
+        "params": delta.params,
+        "matrices": {n: list(m.shape) for n, m in delta.matrices.items()},
+        "rows": {n: list(shape) for n, (_, _, shape) in delta.rows.items()},
+        "base_fingerprint": delta.base_fingerprint,
+        "stats": delta.stats,
+        "checksums": {n: _sha256(t) for n, t in tensors.items()},
+    }
+    return tensors, meta
+
+
+def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
+    """Write atomically (temp file in the same directory + rename). Returns the file size in bytes."""
+    path = Path(path)
+    tensors, meta = _to_tensors(delta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a delta file, validated; raises DeltaFormatError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaFormatError(f"{path}: no such delta file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltaFormatError(f"{path}: not a readable delta file (truncated or corrupted?): {e}") from None
+    if raw is None:
+        raise DeltaFormatError(f"{path}: a safetensors file, but not a prinmix delta (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DeltaFormatError(f"{path}: corrupted metadata: {e}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DeltaFormatError(f"{path}: format version {version!r} is not supported (this prinmix reads {FORMAT_VERSION})")
+    for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
+        if key not in meta:
+            raise DeltaFormatError(f"{path}: metadata lacks '{key}'")
+    return meta
+
+
+def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
+    """Read and validate a delta file (checksums, blob structure, shapes)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    checksums: dict = meta["checksums"]
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            if keys != set(checksums):
+                raise DeltaFormatError(f"{path}: tensor list does not match its metadata")
+            for k in sorted(keys):
+                t = f.get_tensor(k)
+                if verify and _sha256(t) != checksums[k]:
+                    raise DeltaFormatError(f"{path}: checksum mismatch in tensor '{k}' (corrupted file)")
+                tensors[k] = t
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise DeltaFormatError(f"{path}: cannot read tensors (truncated or corrupted?): {e}") from None
+
+    delta = DeltaFile(meta["method"], float(meta["ratio"]), meta["params"],
+                      base_fingerprint=meta["base_fingerprint"], stats=meta.get("stats", {}))
+    for name, shape in meta["matrices"].items():
+        blob = tensors.get(f"linear/{name}")
+        if blob is None or blob.dtype != torch.uint8 or len(shape) != 2:
+            raise DeltaFormatError(f"{path}: matrix '{name}' is missing or malformed")
+        try:
+            delta.matrices[name] = CompressedLinear.from_blob(blob, (int(shape[0]), int(shape[1])), delta.method)
+        except ValueError as e:
+            raise DeltaFormatError(f"{path}: matrix '{name}' is corrupted: {e}") from None
+    for name, shape in meta["rows"].items():
+        idx, values = tensors.get(f"rows/{name}/index"), tensors.get(f"rows/{name}/values")
+        if idx is None or values is None or values.ndim != 2 or idx.numel() != values.shape[0] \
+                or values.shape[1] != shape[1] or (idx.numel() and (idx.min() < 0 or idx.max() >= shape[0])):
+            raise DeltaFormatError(f"{path}: row delta '{name}' is malformed")
+        delta.rows[name] = (idx, values, [int(s) for s in shape])
+    for k, t in tensors.items():
+        if k.startswith("dense/"):
+            delta.dense[k[len("dense/"):]] = t
+        elif k.startswith("aux/"):
+            delta.aux_files[k[len("aux/"):]] = t.numpy().tobytes()
+    return delta
