@@ -1,0 +1,357 @@
+"""Exact per-rank bit-width allocation: Eq. 8 of the PrinMix paper.
+
+Problem (all costs and the budget in integer bits):
+
+    minimise   Σ_i E[i, s_i]                       s_i ∈ {0..nb-1}, i = 0..r-1
+    subject to Σ_i cost[s_i] ≤ budget
+               |{s_i}| ≤ fmax                      (a used width 0 counts too)
+
+Algorithm (exact, certified):
+
+1. Cardinality. A solution using ≤ fmax distinct candidates is feasible for every superset of
+   them, so it suffices to solve one multiple-choice knapsack (MCKP) per candidate subset T of
+   size k = min(fmax, nb) and take the best.
+2. Bounds. For any λ ≥ 0, L_T(λ) = Σ_i min_{j∈T} (E_ij + λ c_j) − λ·budget ≤ opt(T) (Lagrangian
+   relaxation of the budget row; max_λ L_T equals the LP bound of the MCKP). A cheap bound at the
+   multiplier of the full candidate set orders the subsets; subsets whose bound reaches the
+   incumbent are pruned, the others get their own multiplier (1-D cutting planes on the concave
+   L_T), a greedy feasible solution, and an exact solve if their bound still beats the incumbent.
+3. Exact MCKP. With rc_ij = E_ij + λc_j − min_j'(E_ij' + λc_j') ≥ 0 every assignment x obeys
+       Σ_i E[i, x_i] = L_T(λ) + Σ_i rc_{i,x_i} + λ·(budget − Σ_i c_{x_i}),
+   and the last two terms are ≥ 0 when x is feasible. A solution beating the incumbent UB thus
+   only uses items with rc < UB − L_T(λ) (reduced-cost fixing); the few ranks that keep more than
+   one such item are solved by a dynamic programme over exact integer cost offsets, keeping only
+   Pareto-optimal (cost, value) states and dropping states whose bound reaches UB. Nothing that
+   could beat the incumbent by more than a relative 1e-10 is ever discarded, hence exactness.
+   If the state set grows past `max_states` (pathological ties), that subset's reduced problem is
+   handed to an exact MILP (HiGHS, zero gap) instead; the result says whether it was certified.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetError
+
+_REL_TOL = 1e-10          # objective differences below this (relative) count as ties
+_MAX_STATES = 4_000_000   # DP states per step before falling back to the MILP
+
+
+@dataclass(frozen=True, eq=False)
+class Allocation:
+    """Result of Eq. 8. choice: int64 [r] column of `errors` per rank; objective = Σ errors[i, choice[i]];
+    cost = Σ costs[choice] in bits (≤ budget); lower_bound: proven bound on the optimum;
+    certified: the objective is proven optimal (to a relative 1e-10)."""
+
+    choice: np.ndarray
+    objective: float
+    cost: int
+    lower_bound: float
+    certified: bool
+
+
+def validate_allocation_inputs(errors, costs, budget, fmax):
+    """Checks and converts the inputs of Eq. 8 → (E float64 [r, nb], c int64 [nb], budget int, fmax int)."""
+    E = np.asarray(errors)
+    if E.ndim != 2:
+        raise ValueError(f"errors must be a 2-D array [ranks, candidates], got shape {E.shape}")
+    if not (np.issubdtype(E.dtype, np.floating) or np.issubdtype(E.dtype, np.integer)):
+        raise ValueError(f"errors must be numeric, got dtype {E.dtype}")
+    E = E.astype(np.float64)
+    r, nb = E.shape
+    if nb < 1:
+        raise ValueError("errors must have at least one candidate column")
+    if not np.all(np.isfinite(E)):
+        raise ValueError("errors contains NaN or Inf")
+    c = np.asarray(costs)
+    if c.ndim != 1 or c.shape[0] != nb:
+        raise ValueError(f"costs must have shape ({nb},) to match errors {E.shape}, got {c.shape}")
+    if np.issubdtype(c.dtype, np.floating):
+        if not np.all(np.isfinite(c)) or np.any(c != np.round(c)):
+            raise ValueError("costs must be whole numbers of bits")
+    elif not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"costs must be integers (bits), got dtype {c.dtype}")
+    if np.any(c < 0):
+        raise ValueError(f"costs must be non-negative, got {c.tolist()}")
+    c = c.astype(np.int64)
+    if r * int(c.max()) >= 2**62:
+        raise ValueError("ranks × largest cost overflows 62-bit integers")
+    if isinstance(budget, bool) or not isinstance(budget, (numbers.Integral, float, np.floating)):
+        raise ValueError(f"budget must be an integer number of bits, got {budget!r}")
+    if not isinstance(budget, numbers.Integral):
+        if not np.isfinite(budget) or float(budget) != int(budget):
+            raise ValueError(f"budget must be an integer number of bits, got {budget!r}")
+    budget = int(budget)
+    if isinstance(fmax, bool) or not isinstance(fmax, numbers.Integral):
+        raise ValueError(f"fmax must be an integer, got {fmax!r}")
+    fmax = int(fmax)
+    if fmax < 1:
+        raise ValueError(f"fmax must be ≥ 1, got {fmax}")
+    return E, c, budget, fmax
+
+
+def min_feasible_budget(r: int, costs: np.ndarray) -> int:
+    """Smallest budget (bits) for which Eq. 8 has a solution: every rank at the cheapest candidate."""
+    return r * int(np.min(costs)) if r else 0
+
+
+def allocate_bits(errors: np.ndarray, costs: np.ndarray, budget: int, fmax: int,
+                  *, max_states: int = _MAX_STATES) -> Allocation:
+    """Certified optimum of Eq. 8 (see module docstring).
+
+    errors: float64 [r, nb] error of rank i at candidate j; costs: int64 [nb] bits per rank;
+    budget: bits for the whole matrix; fmax: most distinct candidates used (≥ 1).
+    Raises BudgetError when even the cheapest candidate on every rank exceeds the budget.
+    """
+    E, c, budget, fmax = validate_allocation_inputs(errors, costs, budget, fmax)
+    r, nb = E.shape
+    if r == 0:
+        return Allocation(np.zeros(0, np.int64), 0.0, 0, 0.0, True)
+    need = min_feasible_budget(r, c)
+    if budget < need:
+        raise BudgetError(
+            f"budget of {budget} bits is infeasible for {r} ranks: at least {need} bits are "
+            f"needed (every rank at its cheapest candidate, {int(c.min())} bits)")
+    budget = min(budget, r * int(c.max()))       # a larger budget never binds
+
+    order = np.argsort(c, kind="stable")          # work on columns sorted by cost
+    Es, cs = E[:, order], c[order]
+    k = min(fmax, nb)
+    subsets = np.array([s for s in itertools.combinations(range(nb), k)
+                        if r * int(cs[s[0]]) <= budget], dtype=np.int64)
+
+    # Cheap bound for every subset at the multiplier of the full candidate set.
+    lam_all, _, _ = _lagrangian_dual(Es, cs, budget)
+    M_all = Es + lam_all * cs
+    quick = M_all[:, subsets].min(axis=2).sum(axis=0) - lam_all * budget
+
+    best_x, best_obj = None, np.inf
+    certified = True
+    lower = np.inf                  # min over subsets of what is proven about them
+    for s in np.argsort(quick, kind="stable"):
+        T = subsets[s]
+        if quick[s] >= best_obj - _tol(best_obj):
+            lower = min(lower, quick[s])
+            break                   # sorted: every later subset is pruned as well
+        ET, cT = Es[:, T], cs[T]
+        lam, lb, x = _lagrangian_dual(ET, cT, budget, lam_start=lam_all)
+        lb = max(lb, quick[s])
+        x = _greedy_fill(ET, cT, x, budget)
+        obj = float(ET[np.arange(r), x].sum())
+        if obj < best_obj:
+            best_obj, best_x = obj, T[x]
+        if lb >= best_obj - _tol(best_obj):
+            lower = min(lower, lb)
+            continue
+        x, ok = _solve_mckp_exact(ET, cT, budget, lam, best_obj, max_states)
+        certified &= ok
+        if x is not None:
+            obj = float(ET[np.arange(r), x].sum())
+            if obj < best_obj:
+                best_obj, best_x = obj, T[x]
+        lower = min(lower, best_obj if ok else lb)
+
+    choice = order[best_x].astype(np.int64)
+    cost = int(c[choice].sum())
+    objective = float(E[np.arange(r), choice].sum())
+    return Allocation(choice, objective, cost, float(min(lower, objective)), bool(certified))
+
+
+def _tol(value: float) -> float:
+    return _REL_TOL * abs(value) if np.isfinite(value) else 0.0
+
+
+def _evaluate_dual(E, c, budget, lam):
+    """L(λ), its subgradient Σ c_x − budget at the cheapest argmin x (columns sorted by cost), x."""
+    M = E + lam * c
+    x = M.argmin(axis=1)
+    m = np.take_along_axis(M, x[:, None], axis=1)[:, 0]
+    cost = int(c[x].sum())
+    return float(m.sum() - lam * budget), cost - budget, x
+
+
+def _lagrangian_dual(E, c, budget, lam_start=None, max_iter=100):
+    """max_{λ≥0} L(λ) of the MCKP with columns sorted by cost, by 1-D cutting planes (Kelley).
+
+    Returns (λ, L(λ), x) where x is an argmin assignment with Σ c_x ≤ budget (cost-feasible).
+    Any λ yields a valid bound, so an early stop only weakens the bound, never the exactness.
+    """
+    f0, g0, x0 = _evaluate_dual(E, c, budget, 0.0)
+    if g0 <= 0:
+        return 0.0, f0, x0                        # unconstrained optimum fits: exact
+    cheap = c == c[0]
+    e_cheap = E[:, cheap].min(axis=1)
+    dear = ~cheap
+    lam_max = 0.0
+    if dear.any():
+        lam_max = float(np.max((e_cheap[:, None] - E[:, dear]) / (c[dear] - c[0])))
+    lam_hi = max(2.0 * lam_max, 1e-300)
+    f_hi, g_hi, x_hi = _evaluate_dual(E, c, budget, lam_hi)
+    while g_hi > 0:                               # safety for float edge cases
+        lam_hi *= 2.0
+        f_hi, g_hi, x_hi = _evaluate_dual(E, c, budget, lam_hi)
+    lam_lo, f_lo, g_lo = 0.0, f0, g0
+    best = (f0, 0.0) if f0 >= f_hi else (f_hi, lam_hi)
+    if lam_start is not None and 0.0 < lam_start < lam_hi:
+        f, g, x = _evaluate_dual(E, c, budget, lam_start)
+        if f > best[0]:
+            best = (f, lam_start)
+        if g > 0:
+            lam_lo, f_lo, g_lo = lam_start, f, g
+        else:
+            lam_hi, f_hi, g_hi, x_hi = lam_start, f, g, x
+    for _ in range(max_iter):
+        if g_hi == 0:
+            break
+        lam = (f_hi - f_lo + g_lo * lam_lo - g_hi * lam_hi) / (g_lo - g_hi)
+        if not lam_lo < lam < lam_hi:
+            break
+        model = f_lo + g_lo * (lam - lam_lo)
+        f, g, x = _evaluate_dual(E, c, budget, lam)
+        if f > best[0]:
+            best = (f, lam)
+        if g > 0:
+            lam_lo, f_lo, g_lo = lam, f, g
+        else:
+            lam_hi, f_hi, g_hi, x_hi = lam, f, g, x
+        if f >= model - 1e-15 * (abs(model) + abs(lam * budget)):
+            break                                 # the model is tight: λ is optimal
+    return best[1], best[0], x_hi
+
+
+def _greedy_fill(E, c, x, budget, max_moves=64):
+    """Improve a feasible assignment by repeatedly taking the best error drop that still fits."""
+    x = x.copy()
+    rows = np.arange(E.shape[0])
+    spent = int(c[x].sum())
+    for _ in range(max_moves):
+        gain = E[rows, x][:, None] - E
+        ok = (c[None, :] - c[x][:, None] <= budget - spent) & (gain > 0)
+        if not ok.any():
+            break
+        i, j = np.unravel_index(np.argmax(np.where(ok, gain, -np.inf)), gain.shape)
+        spent += int(c[j] - c[x[i]])
+        x[i] = j
+    return x
+
+
+def _solve_mckp_exact(E, c, budget, lam, upper, max_states):
+    """Best assignment of the MCKP (columns of E, costs c) if one beats `upper` (else None), exact.
+
+    Reduced-cost fixing at multiplier λ, then a Pareto DP over the exact integer cost offset of the
+    ranks that stay free. Returns (x or None, certified).
+    """
+    r = E.shape[0]
+    rows = np.arange(r)
+    M = E + lam * c
+    base = M.argmin(axis=1)
+    rc = M - M[rows, base][:, None]
+    lb = float(M[rows, base].sum() - lam * budget)
+    threshold = upper - lb + _tol(upper)          # a better solution has Σ rc + λ·slack below this
+    if threshold <= 0:
+        return None, True
+    allowed = _reduce_moves(rc, base, rc < threshold, threshold)
+    free = np.flatnonzero(allowed.sum(axis=1) > 1)
+    slack0 = budget - int(c[base].sum())          # budget left after the fixed (base) choices
+    if free.size == 0:
+        return (base if slack0 >= 0 else None), True
+
+    opts = [np.flatnonzero(allowed[i]) for i in free]
+    d_cost = [c[o] - c[base[i]] for i, o in zip(free, opts)]
+    d_rc = [rc[i, o] for i, o in zip(free, opts)]
+    min_future = np.zeros(free.size + 1, np.int64)   # Σ of the smallest / largest offsets still to come
+    max_future = np.zeros(free.size + 1, np.int64)
+    for t in range(free.size - 1, -1, -1):
+        min_future[t] = min_future[t + 1] + d_cost[t].min()
+        max_future[t] = max_future[t + 1] + d_cost[t].max()
+
+    state_dc = np.zeros(1, np.int64)     # Σ cost offset of the free ranks so far
+    state_v = np.zeros(1)                # Σ reduced cost so far
+    back = []
+    for t in range(free.size):
+        n_opt = d_cost[t].size
+        dc = (state_dc[:, None] + d_cost[t][None, :]).ravel()
+        v = (state_v[:, None] + d_rc[t][None, :]).ravel()
+        keep = dc + min_future[t + 1] <= slack0
+        keep &= v + lam * np.maximum(slack0 - dc - max_future[t + 1], 0) < threshold
+        idx = np.flatnonzero(keep)
+        if idx.size == 0:
+            return None, True
+        dc, v = dc[idx], v[idx]
+        w = v - lam * dc                 # objective up to a constant; Pareto in (dc ↑, w ↓)
+        srt = np.lexsort((w, dc))
+        ws = w[srt]
+        front = np.ones(srt.size, bool)
+        front[1:] = ws[1:] < np.minimum.accumulate(ws)[:-1]
+        sel = idx[srt[front]]
+        if sel.size > max_states:
+            return _solve_reduced_milp(E, c, budget, base, free, opts)
+        state_dc, state_v = dc[srt[front]], v[srt[front]]
+        back.append((sel // n_opt, sel % n_opt))
+
+    w = state_v - lam * state_dc
+    feasible = state_dc <= slack0
+    if not feasible.any():
+        return None, True
+    s = int(np.flatnonzero(feasible)[np.argmin(w[feasible])])
+    x = base.copy()
+    for t in range(free.size - 1, -1, -1):
+        parent, option = back[t]
+        x[free[t]] = opts[t][option[s]]
+        s = int(parent[s])
+    return x, True
+
+
+def _reduce_moves(rc, base, allowed, threshold):
+    """Drop moves no improving solution needs: bool [r, k] ⊆ allowed (base items stay allowed).
+
+    An improving solution moves at most n_dev ranks off their base item, n_dev = the largest n
+    with (sum of the n smallest per-rank move reduced costs) < threshold. All ranks share the cost
+    vector, so moving rank i' instead of rank i from base a to item b changes neither the cost
+    nor, when rc_i'b ≤ rc_ib, worsens the objective: some optimum therefore moves a → b only
+    ranks among the n_dev smallest rc_·b of base a (ties broken by rank index).
+    """
+    r, k = rc.shape
+    move_rc = np.where(allowed, rc, np.inf)
+    move_rc[np.arange(r), base] = np.inf
+    cheapest_move = move_rc.min(axis=1)
+    movable = np.flatnonzero(np.isfinite(cheapest_move))
+    if movable.size == 0:
+        return allowed
+    smallest = np.sort(cheapest_move[movable])
+    n_dev = int(np.searchsorted(np.cumsum(smallest), threshold, side="left"))
+    if n_dev == 0:
+        kept = np.zeros_like(allowed)
+    else:
+        kept = np.zeros_like(allowed)
+        for b in range(k):
+            col = move_rc[:, b]
+            cand = np.flatnonzero(np.isfinite(col))
+            if cand.size <= n_dev:
+                kept[cand, b] = True
+                continue
+            order = cand[np.lexsort((cand, col[cand], base[cand]))]   # by base, then rc, then index
+            group_start = np.searchsorted(base[order], base[order], side="left")
+            rank_in_group = np.arange(order.size) - group_start
+            kept[order[rank_in_group < n_dev], b] = True
+    kept[np.arange(r), base] = True
+    return kept
+
+
+def _solve_reduced_milp(E, c, budget, base, free, opts):
+    """Fallback: the MCKP restricted to the free ranks' allowed items, solved by HiGHS at zero gap."""
+    from .allocation_milp import solve_mckp_milp
+
+    fixed = np.ones(E.shape[0], bool)
+    fixed[free] = False
+    rest = budget - int(c[base[fixed]].sum())
+    x_free, ok = solve_mckp_milp(E[free], c, rest, opts)
+    if x_free is None:
+        return None, ok
+    x = base.copy()
+    x[free] = x_free
+    return x, ok
