@@ -105,7 +105,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     cfg.validate()
     output = Path(output)
 
-    from .models.decoder import DecoderStack
+    from .models.decoder import DecoderStack, run_layer
 
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
@@ -121,7 +121,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     inputs = None
     if method in CALIBRATED:
         ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
-        inputs = stack.embed(ft_r, ids, dev)
+        inputs = stack.embed(ft_r, ids, dev, batch_size)
 
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
                                       "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
@@ -144,7 +144,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
                      for n in names if n in base_r}
             state.update({n[len(prefix):]: layer_delta.dense[n].float() for n in names if n not in base_r})
             layer = stack.build_layer(i, state, dev)
-            inputs.hidden = stack.run_layer(layer, inputs, batch_size)
+            inputs = inputs.with_hidden(run_layer(layer, inputs, batch_size))
             del layer
         if progress:
             progress(i + 1, n_layers, f"layer {i}")
@@ -160,6 +160,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
 
 def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size) -> DeltaFile:
     """Compress every linear of layer i whose weight differs; keep other differing tensors exactly."""
+    from .models.decoder import capture_hessians
+
     prefix = stack.layer_prefix(i)
     linear_weights = {prefix + n + ".weight" for n in stack.linear_names(i)}
     out = DeltaFile(method, alpha, {})
@@ -167,7 +169,7 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
     if inputs is not None:
         state = {n[len(prefix):]: ft_r.get(n, torch.float32) for n in stack.layer_tensor_names(i)}
         layer = stack.build_layer(i, state, dev)
-        stats = stack.capture_hessians(layer, inputs, batch_size)
+        stats = capture_hessians(layer, inputs, batch_size)
         hessians = {prefix + n + ".weight": s.H for n, s in stats.items()}
         del layer, state
     for name in stack.layer_tensor_names(i):
