@@ -85,10 +85,11 @@ def _load_calibration_ids(ft: CheckpointReader, calib, nsamples, seqlen, seed):
 def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", calib: str | None = None,
              nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
              device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True,
-             progress=None, config: PrinMixConfig | None = None) -> CompressSummary:
+             progress=None, config: PrinMixConfig | None = None, on_hessians=None) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
+    on_hessians: None or a callable(layer_index, {weight name: H = XXᵀ}) seeing each layer's Hessians.
     """
     t0 = time.time()
     if method not in METHODS:
@@ -135,7 +136,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         if part.exists():
             layer_delta = _load_layer_part(part)
         else:
-            layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size)
+            layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size,
+                                          on_hessians)
             _save_layer_part(layer_delta, part)
         delta.matrices.update(layer_delta.matrices)
         delta.dense.update(layer_delta.dense)
@@ -158,7 +160,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers)
 
 
-def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size) -> DeltaFile:
+def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size, on_hessians) -> DeltaFile:
     """Compress every linear of layer i whose weight differs; keep other differing tensors exactly."""
     from .models.decoder import capture_hessians
 
@@ -171,6 +173,8 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
         layer = stack.build_layer(i, state, dev)
         stats = capture_hessians(layer, inputs, batch_size)
         hessians = {prefix + n + ".weight": s.H for n, s in stats.items()}
+        if on_hessians:
+            on_hessians(i, hessians)
         del layer, state
     for name in stack.layer_tensor_names(i):
         ft_t = ft_r.get(name, dtype=None)
