@@ -1,0 +1,741 @@
+"""Layer-by-layer execution of a Hugging Face causal LM, with at most one real decoder layer in memory.
+
+`DecoderStack` instantiates the model skeleton on the meta device (no weights) from a checkpoint's
+config and finds its decoder layers generically. Calibration then goes:
+
+    stack = DecoderStack(reader)
+    inputs = stack.embed(reader, input_ids, device)          # hidden states entering layer 0
+    for i in range(stack.num_layers):
+        layer = stack.build_layer(i, stack.read_layer_state(reader, i), device)
+        stats, outputs = capture_hessians(layer, inputs, return_outputs=True)
+        inputs = inputs.with_hidden(outputs)                 # (or run_layer on a modified layer)
+    logits = stack.logits(reader, input_ids, inputs.hidden, device)
+
+How the layers are found: among all nn.ModuleList modules of the skeleton whose children all share
+one class, those whose length equals the (text) config's num_hidden_layers are preferred; of the
+candidates, the one holding the most parameters wins (for a Llama: `model.layers`).
+
+How the layer inputs are captured: every layer of a fresh meta skeleton is replaced by a recorder
+module, and the model's own forward is run on the token ids. Only the modules that actually run
+(embeddings, rotary embedding, ... and, for `logits`, the final norm and lm_head) get real weights,
+materialised from the checkpoint by forward pre-hooks the first time they are called. Recorder 0
+stores layer 0's hidden-state input and stops the forward (the "Catcher" trick); a second,
+pass-through run on one and on two sequences records the extra positional args and kwargs each layer
+receives (attention masks, position ids, position embeddings, ...; with per-layer differences such as
+sliding-window masks) and tells which tensors carry a batch dimension, so that any mini-batch size
+can be replayed later.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from prinmix.errors import CheckpointError
+from prinmix.models.checkpoint import CheckpointReader
+
+LAYER_INDEX_ATTRIBUTE = "prinmix_layer_index"
+
+
+# --------------------------------------------------------------------------- captured layer inputs
+@dataclass(frozen=True)
+class PerBatch:
+    """A captured kwarg tensor with a batch dimension, stored for one sequence ([1, ...]); expanded per batch."""
+
+    tensor: torch.Tensor
+
+
+def _map_leaves(value: Any, fn: Callable[[Any], Any], memo: dict[int, Any]) -> Any:
+    """Rebuild a nest of tuples/lists/dicts, applying fn to every tensor / PerBatch leaf (shared leaves stay shared)."""
+    if isinstance(value, (torch.Tensor, PerBatch)):
+        key = id(value)
+        if key not in memo:
+            memo[key] = fn(value)
+        return memo[key]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_map_leaves(v, fn, memo) for v in value)
+    if isinstance(value, list):
+        return [_map_leaves(v, fn, memo) for v in value]
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, fn, memo) for k, v in value.items()}
+    return value
+
+
+def _move_leaf(leaf: Any, device: torch.device | str | None, dtype: torch.dtype | None) -> Any:
+    """Move a tensor / PerBatch leaf to `device`, casting floating tensors to `dtype` (when given)."""
+    tensor = leaf.tensor if isinstance(leaf, PerBatch) else leaf
+    cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    moved = tensor.to(device=device if device is not None else tensor.device, dtype=cast)
+    return PerBatch(moved) if isinstance(leaf, PerBatch) else moved
+
+
+def _expand_leaf(leaf: Any, batch: int) -> Any:
+    if isinstance(leaf, PerBatch):
+        return leaf.tensor.expand(batch, *leaf.tensor.shape[1:])
+    return leaf
+
+
+@dataclass
+class LayerInputs:
+    """What the decoder layers receive for the calibration set.
+
+    hidden: [n, seq, d] float32 hidden states entering the next layer to run.
+    layer_args[i] / layer_kwargs[i]: the extra positional args (after the hidden states) and the
+    kwargs layer i is called with (use_cache=False, no cache), captured for one sequence; tensors
+    with a batch dimension are wrapped in PerBatch and expanded to the mini-batch size when replayed.
+    Tensors shared between layers (e.g. position embeddings) are stored once.
+    """
+
+    hidden: torch.Tensor
+    layer_args: list[tuple] = field(default_factory=list)
+    layer_kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.hidden.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.hidden.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def with_hidden(self, hidden: torch.Tensor) -> "LayerInputs":
+        """Same layer args/kwargs, new hidden states ([n, seq, d]; e.g. the previous layer's outputs)."""
+        if hidden.shape[:2] != self.hidden.shape[:2]:
+            raise ValueError(f"hidden states of shape {list(hidden.shape)} do not match {list(self.hidden.shape)}")
+        return replace(self, hidden=hidden)
+
+    def to(self, device: torch.device | str) -> "LayerInputs":
+        """A copy with the hidden states and all captured tensors on `device` (e.g. "cpu" to offload)."""
+        memo: dict[int, Any] = {}
+        move = lambda leaf: _move_leaf(leaf, device, None)  # noqa: E731
+        return LayerInputs(
+            hidden=self.hidden.to(device),
+            layer_args=_map_leaves(self.layer_args, move, memo),
+            layer_kwargs=_map_leaves(self.layer_kwargs, move, memo),
+        )
+
+    def call_arguments(
+        self, layer_index: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) templates of layer `layer_index` moved to device, floating tensors cast to dtype."""
+        if not 0 <= layer_index < len(self.layer_kwargs):
+            raise IndexError(f"no captured inputs for layer {layer_index} (have {len(self.layer_kwargs)} layers)")
+        memo: dict[int, Any] = {}
+        move = lambda leaf: _move_leaf(leaf, device, dtype)  # noqa: E731
+        return (
+            _map_leaves(self.layer_args[layer_index], move, memo),
+            _map_leaves(self.layer_kwargs[layer_index], move, memo),
+        )
+
+
+# --------------------------------------------------------------------------- recorders and runner
+class _StopForward(Exception):
+    """Raised by a recorder to end the model forward early."""
+
+
+class _RecordingSession:
+    """Shared state of the recorders replacing the layers of one runner model during one forward."""
+
+    def __init__(self, num_layers: int, mode: str, return_tuple: bool, injected: torch.Tensor | None = None):
+        self.num_layers = num_layers
+        self.mode = mode  # "first_hidden" | "arguments" | "inject"
+        self.return_tuple = return_tuple
+        self.injected = injected
+        self.first_hidden: torch.Tensor | None = None
+        self.arguments: list[tuple[tuple, dict] | None] = [None] * num_layers
+        self.last_output: torch.Tensor | None = None
+        self.needs_tuple = False
+
+
+class _LayerRecorder(nn.Module):
+    """Stands in for decoder layer `index`: records what it is called with (see _RecordingSession.mode)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.session: _RecordingSession | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        session = self.session
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        if session.mode == "first_hidden":
+            session.first_hidden = hidden
+            raise _StopForward
+        if session.last_output is not None and (
+            not isinstance(hidden, torch.Tensor) or hidden.shape != session.last_output.shape
+        ):
+            session.needs_tuple = True  # the model indexes layer outputs: layers return tuples
+            raise _StopForward
+        session.arguments[self.index] = (rest, kwargs)
+        output = hidden
+        if self.index == session.num_layers - 1:
+            if session.mode == "arguments":
+                raise _StopForward
+            output = session.injected
+        session.last_output = output
+        return (output,) if session.return_tuple else output
+
+
+def _is_meta_error(exc: BaseException) -> bool:
+    return "meta" in str(exc).lower()
+
+
+# --------------------------------------------------------------------------- the stack
+class DecoderStack:
+    """Structure of one causal LM (meta-device skeleton) and layer-by-layer execution helpers.
+
+    reader: the checkpoint whose config (and tensor names) define the model; no weights are read here.
+    attn_implementation: passed to transformers (None: its default, usually "sdpa").
+    """
+
+    def __init__(self, reader: CheckpointReader, attn_implementation: str | None = None) -> None:
+        self._path = reader.path
+        self._config = copy.deepcopy(reader.config)
+        self._attn_implementation = attn_implementation
+        self._checkpoint_names = set(reader.tensor_names)
+        self._skeleton = self._meta_model()
+        self._layers_path, layers = self._find_layers(self._skeleton)
+        self._layers = layers
+        self._strip_prefix = self._checkpoint_prefix_to_strip()
+        self._layer_names_cache: dict[int, list[str]] = {}
+
+    # ------------------------------------------------------------------ structure
+    def _meta_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"dtype": torch.float32}
+        if self._attn_implementation is not None:
+            kwargs["attn_implementation"] = self._attn_implementation
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(copy.deepcopy(self._config), **kwargs)
+        except ValueError as exc:
+            raise CheckpointError(f"{self._path}: transformers has no causal-LM class for this config ({exc})") from exc
+        return model.eval()
+
+    def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        expected = getattr(self._config.get_text_config(), "num_hidden_layers", None)
+        best: tuple[tuple[bool, int, int], str, nn.ModuleList] | None = None
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) == 0:
+                continue
+            if len({type(child) for child in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            key = (len(module) == expected, size, len(module))
+            if best is None or key > best[0]:
+                best = (key, name, module)
+        if best is None:
+            raise CheckpointError(f"{self._path}: no list of decoder layers found in {type(model).__name__}")
+        return best[1], best[2]
+
+    def _checkpoint_prefix_to_strip(self) -> str:
+        """'' when checkpoint names equal module names; the base-model prefix when the checkpoint lacks it."""
+        prefix = getattr(self._skeleton, "base_model_prefix", "")
+        names = [n for n, _ in self._skeleton.named_parameters()]
+        direct = sum(n in self._checkpoint_names for n in names)
+        if prefix:
+            stripped = sum(n.startswith(prefix + ".") and n[len(prefix) + 1 :] in self._checkpoint_names for n in names)
+            if stripped > direct:
+                return prefix + "."
+        return ""
+
+    def _to_checkpoint_name(self, module_name: str) -> str:
+        if self._strip_prefix and module_name.startswith(self._strip_prefix):
+            return module_name[len(self._strip_prefix) :]
+        return module_name
+
+    @property
+    def config(self):
+        """The transformers config (a private copy)."""
+        return self._config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._layers)
+
+    @property
+    def layers_path(self) -> str:
+        """Module path of the decoder layer list in the model, e.g. "model.layers"."""
+        return self._layers_path
+
+    @property
+    def layer_class(self) -> type[nn.Module]:
+        return type(self._layers[0])
+
+    def _check_index(self, i: int) -> None:
+        if not 0 <= i < self.num_layers:
+            raise IndexError(f"layer index {i} out of range (model has {self.num_layers} layers)")
+
+    def layer_prefix(self, i: int) -> str:
+        """Checkpoint-name prefix of layer i, e.g. "model.layers.3."."""
+        self._check_index(i)
+        return self._to_checkpoint_name(f"{self._layers_path}.{i}.")
+
+    def linear_names(self, i: int) -> list[str]:
+        """Names, relative to the layer, of the nn.Linear modules of layer i (e.g. "self_attn.q_proj")."""
+        self._check_index(i)
+        return [name for name, module in self._layers[i].named_modules() if isinstance(module, nn.Linear)]
+
+    def layer_tensor_names(self, i: int) -> list[str]:
+        """All checkpoint tensor names (full names) that belong to layer i, sorted."""
+        if i not in self._layer_names_cache:
+            prefix = self.layer_prefix(i)
+            self._layer_names_cache[i] = sorted(n for n in self._checkpoint_names if n.startswith(prefix))
+        return list(self._layer_names_cache[i])
+
+    @property
+    def non_layer_tensor_names(self) -> list[str]:
+        """Checkpoint tensor names outside the decoder layers (embeddings, final norm, lm_head, ...), sorted."""
+        inside = set()
+        for i in range(self.num_layers):
+            inside.update(self.layer_tensor_names(i))
+        return sorted(self._checkpoint_names - inside)
+
+    # ------------------------------------------------------------------ layers
+    def read_layer_state(
+        self, reader: CheckpointReader, i: int, dtype: torch.dtype | None = torch.float32, device="cpu"
+    ) -> dict[str, torch.Tensor]:
+        """{name relative to layer_prefix(i): tensor} of layer i read from `reader` (NaN/Inf checked)."""
+        prefix = self.layer_prefix(i)
+        return {name[len(prefix) :]: reader.get(name, dtype=dtype, device=device) for name in self.layer_tensor_names(i)}
+
+    def build_layer(
+        self,
+        i: int,
+        state_dict: dict[str, torch.Tensor],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> nn.Module:
+        """A standalone, eval-mode copy of layer i holding `state_dict` (names relative to the layer).
+
+        Floating tensors are converted to `dtype` on `device`; parameters do not require grad.
+        Non-persistent buffers (if the layer has any) are initialised the way transformers does.
+        The module carries attribute `prinmix_layer_index = i` so run_layer knows its kwargs.
+        """
+        self._check_index(i)
+        layer = copy.deepcopy(self._layers[i])
+        expected = set(layer.state_dict().keys())
+        missing = sorted(expected - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - expected)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self._path}: layer {i} ({self.layer_prefix(i)}) tensors do not match the architecture "
+                f"(missing {missing[:4]}, unexpected {unexpected[:4]})"
+            )
+        converted = {
+            name: tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            for name, tensor in state_dict.items()
+        }
+        layer.load_state_dict(converted, strict=True, assign=True)
+        for module_name, module in layer.named_modules():
+            meta_buffers = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+            if meta_buffers:
+                self._initialise_buffers(module, f"layer {i} {module_name}", meta_buffers, device)
+        for parameter in layer.parameters():
+            parameter.requires_grad_(False)
+        setattr(layer, LAYER_INDEX_ATTRIBUTE, i)
+        return layer.eval()
+
+    def _initialise_buffers(self, module: nn.Module, label: str, names: list[str], device) -> None:
+        """Give `module`'s meta buffers `names` real values via transformers' _init_weights (e.g. RoPE inv_freq).
+
+        Tensors already loaded are flagged `_is_hf_initialized` so transformers' guarded init
+        functions leave them alone; a buffer still NaN afterwards means the model type is unsupported.
+        """
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None and not tensor.is_meta:
+                tensor._is_hf_initialized = True
+        for name in names:
+            buffer = module._buffers[name]
+            fill = float("nan") if buffer.is_floating_point() else 0
+            module._buffers[name] = torch.full(buffer.shape, fill, dtype=buffer.dtype, device=device)
+        with torch.no_grad():
+            self._skeleton._init_weights(module)
+        for name in names:
+            buffer = module._buffers[name]
+            if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+                raise CheckpointError(
+                    f"{self._path}: cannot initialise buffer {name!r} of {label.strip()} "
+                    f"(model_type {self._config.model_type!r} is not supported)"
+                )
+
+    # ------------------------------------------------------------------ runner (non-layer modules)
+    def _runner(self, reader: CheckpointReader, device: torch.device | str) -> tuple[nn.Module, list[_LayerRecorder]]:
+        """A fresh meta skeleton whose layers are recorders and whose other modules load weights on first call."""
+        model = self._meta_model()
+        parent_path, _, attribute = self._layers_path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        recorders = [_LayerRecorder(i) for i in range(self.num_layers)]
+        setattr(parent, attribute, nn.ModuleList(recorders))
+        materialised: dict[int, nn.Parameter] = {}
+        names_of: dict[int, list[str]] = {}
+        for name, parameter in model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(parameter), []).append(name)
+
+        def materialise(module_name: str, module: nn.Module) -> None:
+            self._materialise_module(reader, module_name, module, device, materialised, names_of)
+
+        for module_name, module in model.named_modules():
+            if isinstance(module, _LayerRecorder):
+                continue
+            module.register_forward_pre_hook(lambda mod, _args, _n=module_name: materialise(_n, mod))
+        model._prinmix_materialise_all = lambda: [  # used when a module's weights are read without calling it
+            materialise(n, m) for n, m in model.named_modules() if not isinstance(m, _LayerRecorder)
+        ]
+        return model, recorders
+
+    def _materialise_module(self, reader, module_name, module, device, materialised, names_of) -> None:
+        """Load `module`'s own meta parameters/buffers from the checkpoint (float32) onto `device`."""
+        for name, parameter in module._parameters.items():
+            if parameter is None or not parameter.is_meta:
+                continue
+            if id(parameter) not in materialised:
+                fresh = nn.Parameter(torch.empty(parameter.shape, dtype=torch.float32, device=device), requires_grad=False)
+                self._load_parameter(reader, fresh, names_of[id(parameter)])
+                materialised[id(parameter)] = fresh
+            module._parameters[name] = materialised[id(parameter)]
+        leftover = []
+        for name, buffer in module._buffers.items():
+            if buffer is None or not buffer.is_meta:
+                continue
+            checkpoint_name = self._to_checkpoint_name(f"{module_name}.{name}" if module_name else name)
+            if name not in module._non_persistent_buffers_set and checkpoint_name in reader:
+                module._buffers[name] = reader.get(checkpoint_name, dtype=None, device=device)
+            else:
+                leftover.append(name)
+        if leftover:
+            self._initialise_buffers(module, module_name or "model", leftover, device)
+
+    def _load_parameter(self, reader: CheckpointReader, target: torch.Tensor, module_names: list[str]) -> None:
+        for module_name in module_names:
+            checkpoint_name = self._to_checkpoint_name(module_name)
+            if checkpoint_name in reader:
+                with torch.no_grad():
+                    target.copy_(reader.get(checkpoint_name, dtype=torch.float32, device=target.device))
+                return
+        raise CheckpointError(f"{reader.path}: no tensor for {module_names[0]!r} (needed outside the decoder layers)")
+
+    def _run(self, model: nn.Module, recorders, session: _RecordingSession, input_ids: torch.Tensor) -> Any:
+        for recorder in recorders:
+            recorder.session = session
+        try:
+            with torch.no_grad():
+                return model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            return None
+        except (RuntimeError, NotImplementedError, TypeError) as exc:
+            if not _is_meta_error(exc):
+                raise
+            model._prinmix_materialise_all()  # a module's weights were used without calling it
+            with torch.no_grad():
+                try:
+                    return model(input_ids=input_ids, use_cache=False)
+                except _StopForward:
+                    return None
+
+    def _capture_arguments(self, model, recorders, input_ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+        """Per-layer (args, kwargs) for the sequences of input_ids, via a pass-through run over all layers."""
+        for return_tuple in (False, True):
+            session = _RecordingSession(self.num_layers, "arguments", return_tuple)
+            self._run(model, recorders, session, input_ids)
+            if not session.needs_tuple:
+                break
+        missing = [i for i, a in enumerate(session.arguments) if a is None]
+        if missing:
+            raise CheckpointError(
+                f"{self._path}: the model forward did not call decoder layers {missing[:4]} in order"
+            )
+        return session.arguments
+
+    # ------------------------------------------------------------------ embed / logits
+    def embed(
+        self,
+        reader: CheckpointReader,
+        input_ids: torch.Tensor,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+    ) -> LayerInputs:
+        """Hidden states entering layer 0 ([n, seq, d] float32 on device) plus every layer's call arguments.
+
+        input_ids: LongTensor [n, seq] without padding. Only the modules that run before layer 0
+        are given weights (float32) from `reader`.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be a non-empty [n, seq] tensor, got shape {list(input_ids.shape)}")
+        input_ids = input_ids.to(device=device, dtype=torch.long)
+        model, recorders = self._runner(reader, device)
+        hidden_parts = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            session = _RecordingSession(self.num_layers, "first_hidden", False)
+            self._run(model, recorders, session, input_ids[start : start + batch_size])
+            if session.first_hidden is None:
+                raise CheckpointError(f"{self._path}: the model forward never reached decoder layer 0")
+            hidden_parts.append(session.first_hidden.detach().to(torch.float32))
+        hidden = torch.cat(hidden_parts)
+        one = self._capture_arguments(model, recorders, input_ids[:1])
+        pair_ids = input_ids[:2] if input_ids.shape[0] > 1 else input_ids[:1].repeat(2, 1)
+        two = self._capture_arguments(model, recorders, pair_ids)
+        memo: dict[int, Any] = {}
+        layer_args, layer_kwargs = [], []
+        for i in range(self.num_layers):
+            args = self._batch_templates(one[i][0], two[i][0], memo, f"layer {i} positional args")
+            kwargs = self._batch_templates(one[i][1], two[i][1], memo, f"layer {i} kwargs")
+            layer_args.append(args)
+            layer_kwargs.append(kwargs)
+        return LayerInputs(hidden=hidden, layer_args=layer_args, layer_kwargs=layer_kwargs)
+
+    def _batch_templates(self, single: Any, pair: Any, memo: dict[int, Any], where: str) -> Any:
+        """Compare arguments captured for 1 and 2 sequences: wrap batch-dimensioned tensors in PerBatch."""
+        if isinstance(single, torch.Tensor):
+            key = id(single)
+            if key in memo:
+                return memo[key]
+            if not isinstance(pair, torch.Tensor):
+                raise CheckpointError(f"{self._path}: {where} change type with the batch size")
+            single_d = single.detach()
+            if pair.shape == single.shape:
+                result = single_d
+                same = [pair]
+            elif single.dim() > 0 and single.shape[0] == 1 and pair.shape[0] == 2 and pair.shape[1:] == single.shape[1:]:
+                result = PerBatch(single_d)
+                same = [pair[0:1], pair[1:2]]
+            else:
+                raise CheckpointError(
+                    f"{self._path}: {where} hold a tensor of shape {list(single.shape)} for one sequence "
+                    f"but {list(pair.shape)} for two (unsupported batch layout)"
+                )
+            for other in same:
+                equal = (
+                    torch.allclose(other, single, rtol=1e-6, atol=1e-6)
+                    if single.is_floating_point()
+                    else torch.equal(other, single)
+                )
+                if not equal:
+                    raise CheckpointError(
+                        f"{self._path}: {where} depend on the token ids (unsupported for layer-wise calibration)"
+                    )
+            memo[key] = result
+            return result
+        if isinstance(single, tuple) and not hasattr(single, "_fields"):
+            return tuple(self._batch_templates(s, p, memo, where) for s, p in zip(single, pair, strict=True))
+        if isinstance(single, list):
+            return [self._batch_templates(s, p, memo, where) for s, p in zip(single, pair, strict=True)]
+        if isinstance(single, dict):
+            if single.keys() != pair.keys():
+                raise CheckpointError(f"{self._path}: {where} change keys with the batch size")
+            return {k: self._batch_templates(v, pair[k], memo, where) for k, v in single.items()}
+        return single
+
+    def logits(
+        self,
+        reader: CheckpointReader,
+        input_ids: torch.Tensor,
+        final_hidden: torch.Tensor,
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Logits [n, seq, vocab] (float32, on device) from the last layer's outputs final_hidden [n, seq, d].
+
+        Runs the model's own forward with the decoder layers replaced, so whatever follows the
+        layers (final norm, lm_head, logit soft-capping, ...) is applied with weights from `reader`.
+        """
+        if final_hidden.shape[:2] != input_ids.shape:
+            raise ValueError(f"final_hidden {list(final_hidden.shape)} does not match input_ids {list(input_ids.shape)}")
+        input_ids = input_ids.to(device=device, dtype=torch.long)
+        model, recorders = self._runner(reader, device)
+        return_tuple = False
+        parts = []
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size]
+            injected = final_hidden[start : start + batch_size].to(device=device, dtype=torch.float32)
+            for attempt in range(2):
+                session = _RecordingSession(self.num_layers, "inject", return_tuple, injected)
+                output = self._run(model, recorders, session, ids)
+                if not session.needs_tuple:
+                    break
+                return_tuple = True
+            if output is None:
+                raise CheckpointError(f"{self._path}: the model forward stopped before producing logits")
+            parts.append(output.logits.detach().float())
+        return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- running one layer
+def _layer_dtype(layer: nn.Module) -> torch.dtype:
+    for parameter in layer.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32
+
+
+def _layer_device(layer: nn.Module) -> torch.device:
+    for parameter in layer.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _resolve_layer_index(layer: nn.Module, inputs: LayerInputs, layer_index: int | None) -> int:
+    if layer_index is not None:
+        return layer_index
+    index = getattr(layer, LAYER_INDEX_ATTRIBUTE, None)
+    if index is None:
+        raise ValueError("layer has no prinmix_layer_index (not made by DecoderStack.build_layer): pass layer_index")
+    return int(index)
+
+
+def _forward_batches(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    batch_size: int,
+    layer_index: int | None,
+    before_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, float32 output [b, seq, d] on the layer's device) for each mini-batch of the calibration set."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    index = _resolve_layer_index(layer, inputs, layer_index)
+    device, dtype = _layer_device(layer), _layer_dtype(layer)
+    args, kwargs = inputs.call_arguments(index, device, dtype)
+    for start in range(0, inputs.n_sequences, batch_size):
+        hidden = inputs.hidden[start : start + batch_size].to(device=device, dtype=dtype)
+        batch = hidden.shape[0]
+        memo: dict[int, Any] = {}
+        expand = lambda leaf: _expand_leaf(leaf, batch)  # noqa: E731
+        if before_batch is not None:
+            before_batch(start)
+        output = layer(hidden, *_map_leaves(args, expand, memo), **_map_leaves(kwargs, expand, memo))
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+        yield start, output.to(torch.float32)
+
+
+def run_layer(
+    layer: nn.Module, inputs: LayerInputs, batch_size: int = 8, layer_index: int | None = None
+) -> torch.Tensor:
+    """Outputs [n, seq, d] float32 (on inputs.device) of `layer` over the calibration set, without grad.
+
+    layer_index selects the captured call arguments; by default the index stamped by build_layer.
+    The hidden states and floating kwargs are cast to the layer's parameter dtype for the forward.
+    """
+    outputs = torch.empty(inputs.hidden.shape, dtype=torch.float32, device=inputs.device)
+    with torch.no_grad():
+        for start, output in _forward_batches(layer, inputs, batch_size, layer_index):
+            outputs[start : start + output.shape[0]] = output.to(inputs.device)
+    return outputs
+
+
+# --------------------------------------------------------------------------- Hessians
+@dataclass
+class HessianStat:
+    """Input second-moment sum of one or more nn.Linear modules that receive the same input tensor.
+
+    H: float32 [in, in] = Σ_tokens x xᵀ (unnormalised), on the layer's device.
+    n_tokens: number of token rows accumulated. names: the linear names (relative to the layer)
+    sharing this accumulation, in call order (e.g. q_proj, k_proj, v_proj).
+    """
+
+    H: torch.Tensor
+    n_tokens: int
+    names: list[str]
+
+
+class _HessianRecorder:
+    """Forward hooks accumulating HessianStat per distinct linear input (shared inputs detected by identity)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        self.stats: dict[str, HessianStat] = {}
+        self.first_pass = True
+        self.pass_inputs: list[tuple[weakref.ref, HessianStat]] = []
+
+    def hook(self, name: str):
+        def on_forward(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            x = args[0] if args else kwargs["input"]
+            for reference, stat in self.pass_inputs:
+                if reference() is x:
+                    if name in stat.names:
+                        if stat.names[0] == name:  # the same module called twice on one tensor
+                            self._accumulate(stat, x)
+                        return
+                    if not self.first_pass:
+                        raise RuntimeError(f"linear {name} now shares its input with {stat.names}; it did not before")
+                    stat.names.append(name)
+                    self.stats[name] = stat
+                    return
+            stat = self.stats.get(name)
+            if stat is None:
+                if not self.first_pass:
+                    raise RuntimeError(f"linear {name} was not called in the first mini-batch")
+                stat = HessianStat(
+                    H=torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=module.weight.device),
+                    n_tokens=0,
+                    names=[name],
+                )
+                self.stats[name] = stat
+            elif stat.names[0] != name:
+                raise RuntimeError(f"linear {name} no longer receives the same input as {stat.names[0]}")
+            self.pass_inputs.append((weakref.ref(x), stat))
+            self._accumulate(stat, x)
+
+        return on_forward
+
+    def start_batch(self, start: int) -> None:
+        self.first_pass = start == 0
+        self.pass_inputs = []
+
+    @staticmethod
+    def _accumulate(stat: HessianStat, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).to(device=stat.H.device, dtype=torch.float32)
+        stat.H.addmm_(rows.T, rows)
+        stat.n_tokens += rows.shape[0]
+
+
+def capture_hessians(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    batch_size: int = 8,
+    return_outputs: bool = False,
+    layer_index: int | None = None,
+) -> dict[str, HessianStat] | tuple[dict[str, HessianStat], torch.Tensor]:
+    """{linear name: HessianStat} of every nn.Linear in `layer` over the calibration set.
+
+    Linears fed the very same tensor (q/k/v, gate/up) map to one shared HessianStat, accumulated
+    once. With return_outputs=True, also returns the layer outputs [n, seq, d] float32 (on
+    inputs.device) of the same forward pass, as (stats, outputs).
+    """
+    recorder = _HessianRecorder(layer)
+    handles = [
+        module.register_forward_hook(recorder.hook(name), with_kwargs=True) for name, module in recorder.linears.items()
+    ]
+    outputs = torch.empty(inputs.hidden.shape, dtype=torch.float32, device=inputs.device) if return_outputs else None
+    try:
+        with torch.no_grad():
+            for start, output in _forward_batches(layer, inputs, batch_size, layer_index, recorder.start_batch):
+                if outputs is not None:
+                    outputs[start : start + output.shape[0]] = output.to(inputs.device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = {name: recorder.stats[name] for name in recorder.linears if name in recorder.stats}
+    return (stats, outputs) if return_outputs else stats
+
+
+def unique_hessians(stats: dict[str, HessianStat]) -> list[HessianStat]:
+    """The distinct HessianStat objects of a capture_hessians result, in first-name order."""
+    seen: dict[int, HessianStat] = {}
+    for stat in stats.values():
+        seen.setdefault(id(stat), stat)
+    return list(seen.values())
