@@ -211,3 +211,32 @@ def test_capture_hessians_without_outputs(tiny_pair):
     stats = capture_hessians(layer, inputs, batch_size=3)
     assert isinstance(stats, dict) and set(stats) == set(LINEARS)
     assert not layer._forward_hooks and not layer.self_attn.q_proj._forward_hooks  # hooks removed
+
+
+def test_embed_reads_only_what_runs_before_layer_0(tiny_pair, monkeypatch):
+    reader = CheckpointReader(tiny_pair("llama", "float32")[0])
+    stack = DecoderStack(reader)
+    read: list[str] = []
+    real_get = reader.get
+    monkeypatch.setattr(reader, "get", lambda name, *a, **k: read.append(name) or real_get(name, *a, **k))
+    inputs = stack.embed(reader, calibration_ids())
+    assert read == ["model.embed_tokens.weight"]
+    read.clear()
+    stack.logits(reader, calibration_ids(), inputs.hidden)
+    assert sorted(read) == ["lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_pair):
+    reader = CheckpointReader(tiny_pair("qwen2", "bfloat16")[1])
+    stack = DecoderStack(reader)
+    ids = calibration_ids()
+    results = {}
+    for device in ("cpu", "cuda"):
+        inputs = stack.embed(reader, ids, device)
+        layer = stack.build_layer(1, stack.read_layer_state(reader, 1), device)
+        stats, outputs = capture_hessians(layer, inputs, return_outputs=True)
+        assert outputs.device.type == device and stats["mlp.down_proj"].H.device.type == device
+        results[device] = (stats["self_attn.q_proj"].H.cpu(), outputs.cpu())
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(results["cuda"][1], results["cpu"][1], rtol=1e-3, atol=1e-3)
