@@ -163,8 +163,9 @@ def test_input_validation(bad, match):
         allocate_bits(args["errors"], args["costs"], args["budget"], args["fmax"])
 
 
-def realistic_instance(rng, h_out, h_in, alpha, decay="power", zero_tail=None):
-    """E[i, b] like PrinMix tables: σ_i² · row energy, ~4× less per extra bit, lognormal noise."""
+def realistic_instance(rng, h_out, h_in, alpha, decay="power", zero_tail=None, overhead=48):
+    """E[i, b] like PrinMix tables: σ_i² · row energy, ~4× less per extra bit, lognormal noise.
+    Costs b·(h_in + h_out) + overhead bits (scales/zero points), 0 for width 0."""
     r = min(h_out, h_in)
     i = np.arange(r)
     if decay == "power":
@@ -179,27 +180,27 @@ def realistic_instance(rng, h_out, h_in, alpha, decay="power", zero_tail=None):
     E = np.empty((r, WIDTHS.size))
     E[:, 0] = e0
     E[:, 1:] = e0[:, None] * rel_mse[None, :] * rng.lognormal(0, 0.15, (r, b.size))
-    costs = np.where(WIDTHS > 0, WIDTHS * (h_in + h_out) + 48, 0).astype(np.int64)
+    costs = np.where(WIDTHS > 0, WIDTHS * (h_in + h_out) + overhead, 0).astype(np.int64)
     return E, costs, int(np.floor(alpha * 16 * h_out * h_in))
 
 
-MEDIUM = [  # (h_out, h_in, alpha, fmax, decay)
-    (40, 300, 1 / 16, 2, "power"),
-    (64, 200, 1 / 32, 3, "exp"),
-    (120, 120, 1 / 16, 4, "power"),
-    (200, 180, 1 / 16, 6, "exp"),
-    (150, 900, 1 / 32, 4, "power"),
-    (200, 200, 1 / 64, 5, "power"),
-    (96, 96, 1 / 8, 3, "exp"),
-    (180, 60, 1 / 16, 2, "power"),
+MEDIUM = [  # (h_out, h_in, alpha, fmax, decay, per-rank overhead bits)
+    (40, 300, 1 / 16, 2, "power", 48),
+    (64, 200, 1 / 32, 3, "exp", 48),
+    (120, 120, 1 / 16, 4, "power", 48),
+    (200, 180, 1 / 16, 6, "exp", 48),
+    (150, 900, 1 / 32, 4, "power", 24 * (900 // 128 + 1)),   # group-wise scales of V
+    (200, 200, 1 / 64, 5, "power", 48),
+    (96, 96, 1 / 8, 3, "exp", 24 * (96 // 32 + 1)),
+    (180, 60, 1 / 16, 2, "power", 48),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(MEDIUM)))
 def test_equals_highs_on_medium_realistic_instances(case):
-    h_out, h_in, alpha, fmax, decay = MEDIUM[case]
+    h_out, h_in, alpha, fmax, decay, overhead = MEDIUM[case]
     rng = np.random.default_rng(100 + case)
-    E, costs, budget = realistic_instance(rng, h_out, h_in, alpha, decay)
+    E, costs, budget = realistic_instance(rng, h_out, h_in, alpha, decay, overhead=overhead)
     a = allocate_bits(E, costs, budget, fmax)
     ref = solve_allocation_milp(E, costs, budget, fmax, solver="highs")
     assert ref.certified
@@ -220,6 +221,19 @@ def test_equals_highs_on_unstructured_and_low_rank_instances():
     a = allocate_bits(E, costs, budget, 3)
     assert_valid(a, E, costs, budget, 3)
     assert_same_objective(a.objective, solve_allocation_milp(E, costs, budget, 3).objective)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_equals_highs_with_many_ties_and_odd_costs(seed):
+    """Integer errors (massive ties) and costs without common structure, r = 30: too big to enumerate."""
+    rng = np.random.default_rng(300 + seed)
+    E = rng.integers(0, 6, (30, 5)).astype(np.float64)
+    costs = np.concatenate([[0], rng.integers(3, 40, 4)])
+    budget = int(rng.integers(30 * 5, 30 * 20))
+    fmax = int(rng.integers(1, 4))
+    a = allocate_bits(E, costs, budget, fmax)
+    assert_valid(a, E, costs, budget, fmax)
+    assert_same_objective(a.objective, solve_allocation_milp(E, costs, budget, fmax).objective)
 
 
 def test_equals_scip_on_a_medium_instance():

@@ -132,6 +132,7 @@ def allocate_bits(errors: np.ndarray, costs: np.ndarray, budget: int, fmax: int,
     best_x, best_obj = None, np.inf
     certified = True
     lower = np.inf                  # min over subsets of what is proven about them
+    solved = []                     # column bitmasks of subsets proven to hold nothing < incumbent
     for s in np.argsort(quick, kind="stable"):
         T = subsets[s]
         if quick[s] >= best_obj - _tol(best_obj):
@@ -144,11 +145,16 @@ def allocate_bits(errors: np.ndarray, costs: np.ndarray, budget: int, fmax: int,
         obj = float(ET[np.arange(r), x].sum())
         if obj < best_obj:
             best_obj, best_x = obj, T[x]
+        T_mask = sum(1 << int(j) for j in T)
         if lb >= best_obj - _tol(best_obj):
             lower = min(lower, lb)
+            solved.append(T_mask)
             continue
-        x, ok = _solve_mckp_exact(ET, cT, budget, lam, best_obj, max_states)
+        x, ok = _solve_mckp_exact(ET, cT, budget, lam, best_obj, max_states,
+                                  T_mask=T_mask, solved_masks=solved)
         certified &= ok
+        if ok:
+            solved.append(T_mask)
         if x is not None:
             obj = float(ET[np.arange(r), x].sum())
             if obj < best_obj:
@@ -169,9 +175,8 @@ def _evaluate_dual(E, c, budget, lam):
     """L(λ), its subgradient Σ c_x − budget at the cheapest argmin x (columns sorted by cost), x."""
     M = E + lam * c
     x = M.argmin(axis=1)
-    m = np.take_along_axis(M, x[:, None], axis=1)[:, 0]
-    cost = int(c[x].sum())
-    return float(m.sum() - lam * budget), cost - budget, x
+    total = M[np.arange(M.shape[0]), x].sum()
+    return float(total - lam * budget), int(c[x].sum()) - budget, x
 
 
 def _lagrangian_dual(E, c, budget, lam_start=None, max_iter=100):
@@ -239,11 +244,14 @@ def _greedy_fill(E, c, x, budget, max_moves=64):
     return x
 
 
-def _solve_mckp_exact(E, c, budget, lam, upper, max_states):
+def _solve_mckp_exact(E, c, budget, lam, upper, max_states, T_mask=None, solved_masks=()):
     """Best assignment of the MCKP (columns of E, costs c) if one beats `upper` (else None), exact.
 
     Reduced-cost fixing at multiplier λ, then a Pareto DP over the exact integer cost offset of the
     ranks that stay free. Returns (x or None, certified).
+    T_mask/solved_masks: bitmasks (bit p ↔ column p of E's parent table) of this subset and of
+    subsets already solved exactly against an incumbent ≥ `upper`. If every item an improving
+    solution may use lies in one of those, it would have been found there: nothing to do.
     """
     r = E.shape[0]
     rows = np.arange(r)
@@ -255,10 +263,19 @@ def _solve_mckp_exact(E, c, budget, lam, upper, max_states):
     if threshold <= 0:
         return None, True
     allowed = _reduce_moves(rc, base, rc < threshold, threshold)
+    if T_mask is not None and solved_masks:
+        bits = [p for p in range(T_mask.bit_length()) if T_mask >> p & 1]
+        used = sum(1 << bits[j] for j in np.flatnonzero(allowed.any(axis=0)))
+        if any(used & ~m == 0 for m in solved_masks):
+            return None, True
     free = np.flatnonzero(allowed.sum(axis=1) > 1)
     slack0 = budget - int(c[base].sum())          # budget left after the fixed (base) choices
     if free.size == 0:
         return (base if slack0 >= 0 else None), True
+    # ranks whose cheapest move is dearest first: they rarely move, so the state set stays small
+    move_rc = np.where(allowed[free] & (rc[free] > 0), rc[free], np.inf)
+    move_rc[np.arange(free.size), base[free]] = np.inf
+    free = free[np.argsort(-move_rc.min(axis=1), kind="stable")]
 
     opts = [np.flatnonzero(allowed[i]) for i in free]
     d_cost = [c[o] - c[base[i]] for i, o in zip(free, opts)]
@@ -274,23 +291,25 @@ def _solve_mckp_exact(E, c, budget, lam, upper, max_states):
     back = []
     for t in range(free.size):
         n_opt = d_cost[t].size
-        dc = (state_dc[:, None] + d_cost[t][None, :]).ravel()
-        v = (state_v[:, None] + d_rc[t][None, :]).ravel()
-        keep = dc + min_future[t + 1] <= slack0
-        keep &= v + lam * np.maximum(slack0 - dc - max_future[t + 1], 0) < threshold
+        dc = (state_dc[:, None] + d_cost[t]).ravel()
+        v = (state_v[:, None] + d_rc[t]).ravel()
+        # feasible completion exists, and Σ rc + λ·(least final slack) stays below the threshold
+        keep = (dc <= slack0 - min_future[t + 1]) & (
+            v + lam * np.maximum(slack0 - max_future[t + 1] - dc, 0) < threshold)
         idx = np.flatnonzero(keep)
         if idx.size == 0:
             return None, True
         dc, v = dc[idx], v[idx]
-        w = v - lam * dc                 # objective up to a constant; Pareto in (dc ↑, w ↓)
-        srt = np.lexsort((w, dc))
-        ws = w[srt]
+        # Pareto filter on (dc ↓ better, w = v − λ·dc ↓ better): scan by w, keep record-low dc
+        srt = np.argsort(v - lam * dc, kind="stable")
+        dcs = dc[srt]
         front = np.ones(srt.size, bool)
-        front[1:] = ws[1:] < np.minimum.accumulate(ws)[:-1]
-        sel = idx[srt[front]]
-        if sel.size > max_states:
+        front[1:] = dcs[1:] < np.minimum.accumulate(dcs)[:-1]
+        srt = srt[front]
+        if srt.size > max_states:
             return _solve_reduced_milp(E, c, budget, base, free, opts)
-        state_dc, state_v = dc[srt[front]], v[srt[front]]
+        state_dc, state_v = dc[srt], v[srt]
+        sel = idx[srt]
         back.append((sel // n_opt, sel % n_opt))
 
     w = state_v - lam * state_dc
@@ -309,11 +328,11 @@ def _solve_mckp_exact(E, c, budget, lam, upper, max_states):
 def _reduce_moves(rc, base, allowed, threshold):
     """Drop moves no improving solution needs: bool [r, k] ⊆ allowed (base items stay allowed).
 
-    An improving solution moves at most n_dev ranks off their base item, n_dev = the largest n
-    with (sum of the n smallest per-rank move reduced costs) < threshold. All ranks share the cost
-    vector, so moving rank i' instead of rank i from base a to item b changes neither the cost
-    nor, when rc_i'b ≤ rc_ib, worsens the objective: some optimum therefore moves a → b only
-    ranks among the n_dev smallest rc_·b of base a (ties broken by rank index).
+    An improving solution moves at most n_dev[a] ranks off base item a, n_dev[a] = the largest n
+    with (sum of the n smallest cheapest-move reduced costs of base-a ranks) < threshold. All ranks
+    share the cost vector, so moving an unmoved rank i' instead of rank i from a to item b changes
+    neither the cost nor, when rc_i'b ≤ rc_ib, worsens the objective: some optimum therefore moves
+    a → b only ranks among the n_dev[a] smallest rc_·b of base a (ties broken by rank index).
     """
     r, k = rc.shape
     move_rc = np.where(allowed, rc, np.inf)
@@ -322,22 +341,21 @@ def _reduce_moves(rc, base, allowed, threshold):
     movable = np.flatnonzero(np.isfinite(cheapest_move))
     if movable.size == 0:
         return allowed
-    smallest = np.sort(cheapest_move[movable])
-    n_dev = int(np.searchsorted(np.cumsum(smallest), threshold, side="left"))
-    if n_dev == 0:
-        kept = np.zeros_like(allowed)
-    else:
-        kept = np.zeros_like(allowed)
-        for b in range(k):
-            col = move_rc[:, b]
-            cand = np.flatnonzero(np.isfinite(col))
-            if cand.size <= n_dev:
-                kept[cand, b] = True
-                continue
-            order = cand[np.lexsort((cand, col[cand], base[cand]))]   # by base, then rc, then index
-            group_start = np.searchsorted(base[order], base[order], side="left")
-            rank_in_group = np.arange(order.size) - group_start
-            kept[order[rank_in_group < n_dev], b] = True
+    # per base item a: at most n_dev[a] ranks can leave a (sum of their cheapest moves < threshold)
+    n_dev = np.zeros(k, np.int64)
+    for a in np.unique(base[movable]):
+        smallest = np.sort(cheapest_move[movable[base[movable] == a]])
+        n_dev[a] = np.searchsorted(np.cumsum(smallest), threshold, side="left")
+    kept = np.zeros_like(allowed)
+    for b in range(k):
+        col = move_rc[:, b]
+        cand = np.flatnonzero(np.isfinite(col))
+        if cand.size == 0:
+            continue
+        order = cand[np.lexsort((cand, col[cand], base[cand]))]   # by base, then rc, then index
+        group_start = np.searchsorted(base[order], base[order], side="left")
+        rank_in_group = np.arange(order.size) - group_start
+        kept[order[rank_in_group < n_dev[base[order]]], b] = True
     kept[np.arange(r), base] = True
     return kept
 
