@@ -561,7 +561,7 @@ class DecoderStack:
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size]
             injected = final_hidden[start : start + batch_size].to(device=device, dtype=torch.float32)
-            for attempt in range(2):
+            for _attempt in range(2):
                 session = _RecordingSession(self.num_layers, "inject", return_tuple, injected)
                 output = self._run(model, recorders, session, ids)
                 if not session.needs_tuple:
