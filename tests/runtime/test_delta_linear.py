@@ -1,0 +1,185 @@
+"""DeltaLinear (torch reference path) and TenantRegistry: mixed tenants in one batch equal each
+tenant's merged dense linear; base rows untouched; load/unload; LRU swapping is exact."""
+
+import pytest
+import torch
+
+from prinmix.algorithms.compress_matrix import compress_matrix
+from prinmix.algorithms.compressed import (BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES,
+                                           CompressedLinear, QuantizedMatrix, RankBlock)
+from prinmix.errors import PrinmixError
+from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta, TenantBatch, TenantRegistry
+from prinmix.runtime.packed import PackedLinear
+
+H_OUT, H_IN = 48, 40
+
+
+def _qm(rows, cols, bits, group, g):
+    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.uint8)
+    ng = -(-cols // group)
+    scale = (torch.rand(rows, ng, generator=g) * 0.02).half()
+    zero = torch.randint(0, 2 ** bits, (rows, ng), generator=g, dtype=torch.uint8)
+    return QuantizedMatrix(codes, scale, zero, bits, group)
+
+
+def mixed_blocks(h_out=H_OUT, h_in=H_IN, seed=0) -> CompressedLinear:
+    """Odd widths, partial scale groups, U stored plain and transposed, with and without σ, a 16-bit block."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [
+        RankBlock(3, _qm(4, h_in, 3, 16, g), _qm(h_out, 4, 3, 3, g), sigma=(torch.rand(4, generator=g) + .5).half()),
+        RankBlock(5, _qm(3, h_in, 5, h_in, g), _qm(3, h_out, 5, 20, g), u_transposed=True),
+        RankBlock(16, (torch.randn(2, h_in, generator=g) * .05).half(), (torch.randn(h_out, 2, generator=g) * .05).half()),
+        RankBlock(8, _qm(2, h_in, 8, 7, g), _qm(2, h_out, 8, h_out, g), u_transposed=True,
+                  sigma=torch.rand(2, generator=g).half()),
+        RankBlock(1, _qm(2, h_in, 1, 40, g), _qm(h_out, 2, 1, 2, g)),
+    ]
+    return CompressedLinear((h_out, h_in), "mixed", blocks)
+
+
+def method_deltas(h_out=H_OUT, h_in=H_IN, seed=0) -> dict[str, CompressedLinear]:
+    """One compressed delta per kind: hand-built mixed blocks, PrinMix, Delta-CoMe, low-rank, BitDelta."""
+    g = torch.Generator().manual_seed(seed + 100)
+    out = {"mixed": mixed_blocks(h_out, h_in, seed)}
+    for i, method in enumerate(("prinmix", "deltacome", "lowrank", "bitdelta")):
+        u = torch.randn(h_out, 6, generator=g)
+        v = torch.randn(6, h_in, generator=g)
+        delta = (u @ v + 0.1 * torch.randn(h_out, h_in, generator=g)) * 0.01
+        out[method] = compress_matrix(delta, None, 0.25, method)
+    return out
+
+
+def _base_linear(seed=0, dtype=torch.float32, bias=True):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(H_IN, H_OUT, bias=bias).to(dtype)
+
+
+def _reference(base, deltas_by_slot, x, row_slots):
+    """Row by row: x W'ᵀ + b with W' = W + ΔŴ of the row's tenant (the merged dense linear)."""
+    out = []
+    for row, slot in zip(x, row_slots.tolist()):
+        w = base.weight.float()
+        if slot >= 0 and slot in deltas_by_slot:
+            w = w + deltas_by_slot[slot].reconstruct()
+        y = row.float() @ w.T + (base.bias.float() if base.bias is not None else 0)
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def deltas():
+    return method_deltas()
+
+
+def test_packed_bytes_are_the_blob_payload(deltas):
+    for name, m in deltas.items():
+        p = PackedLinear.from_compressed(m)
+        headers = SIGN_HEADER_BYTES - 2 if m.sign is not None else BLOB_HEADER_BYTES + BLOCK_HEADER_BYTES * len(m.blocks)
+        assert p.resident_bytes == m.nbytes() - headers, name
+        assert torch.allclose(p.reconstruct(), m.reconstruct(), atol=1e-6), name
+
+
+def test_mixed_tenants_one_batch_equal_merged_linears(deltas):
+    base = _base_linear()
+    layer = DeltaLinear(base, backend="torch")
+    by_slot = {}
+    for slot, m in enumerate(deltas.values()):
+        layer.load_tenant(slot, LinearDelta(PackedLinear.from_compressed(m)))
+        by_slot[slot] = m
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, H_IN, generator=g)
+    slots = torch.randint(-1, len(deltas), (37,), generator=g)
+    slots[:3] = -1
+    with torch.no_grad():
+        y = layer(x, slots)
+        ref = _reference(base, by_slot, x, slots)
+        assert torch.allclose(y, ref, atol=1e-5, rtol=1e-5)
+        base_rows = slots == -1
+        assert torch.equal(y[base_rows], base(x)[base_rows])        # base rows: bit for bit the base linear
+        # [B, S, in] with one slot per sequence
+        xb = torch.randn(5, 7, H_IN, generator=g)
+        seq_slots = torch.tensor([2, -1, 0, 4, 2])
+        yb = layer(xb, seq_slots)
+        refb = _reference(base, by_slot, xb.reshape(-1, H_IN), seq_slots.repeat_interleave(7)).view(5, 7, H_OUT)
+        assert torch.allclose(yb, refb, atol=1e-5, rtol=1e-5)
+
+
+def test_half_precision_base(deltas):
+    base = _base_linear(dtype=torch.bfloat16)
+    layer = DeltaLinear(base, backend="torch")
+    layer.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas["prinmix"])))
+    x = torch.randn(6, H_IN).bfloat16()
+    slots = torch.tensor([0, -1, 0, 0, -1, 0])
+    with torch.no_grad():
+        y = layer(x, slots)
+        ref = _reference(base, {0: deltas["prinmix"]}, x, slots)
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref, atol=3e-2, rtol=2e-2)
+    assert torch.equal(y[1], base(x)[1])
+
+
+def test_bias_delta_and_shape_check(deltas):
+    base = _base_linear()
+    layer = DeltaLinear(base, backend="torch")
+    db = torch.randn(H_OUT)
+    layer.load_tenant(0, LinearDelta(bias=db))
+    x = torch.randn(3, H_IN)
+    with torch.no_grad():
+        y = layer(x, [0, -1, 0])
+        assert torch.allclose(y[0], base(x[0]) + db, atol=1e-6)
+        assert torch.equal(y[1], base(x)[1])
+    with pytest.raises(PrinmixError, match="does not fit"):
+        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(mixed_blocks(H_IN, H_OUT))))
+
+
+def test_load_unload_at_run_time(deltas):
+    base = _base_linear()
+    layer = DeltaLinear(base, backend="torch")
+    x = torch.randn(4, H_IN)
+    slots = [0, 1, 0, 1]
+    with torch.no_grad():
+        layer.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas["deltacome"])))
+        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
+        both = layer(x, slots)
+        layer.unload_tenant(1)
+        assert layer.resident_bytes(1) == 0
+        one = layer(x, slots)
+        assert torch.equal(one[[0, 2]], both[[0, 2]])
+        assert torch.equal(one[[1, 3]], base(x)[[1, 3]])           # an unloaded slot adds nothing
+        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
+        assert torch.equal(layer(x, slots), both)
+
+
+def test_registry_lru_eviction_and_swap_back_are_exact(deltas):
+    base = _base_linear()
+    layers = {"a": DeltaLinear(base, backend="torch"), "b": DeltaLinear(_base_linear(1), backend="torch")}
+    names = ["mixed", "prinmix", "deltacome", "lowrank"]
+    payloads = {n: {"a": LinearDelta(PackedLinear.from_compressed(deltas[n])),
+                    "b": LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"]))} for n in names}
+    sizes = {n: sum(p.nbytes() for p in payloads[n].values()) for n in names}
+    budget = sorted(sizes.values())[-1] + sorted(sizes.values())[-2]          # any two fit, never three
+    reg = TenantRegistry(layers, "cpu", budget_bytes=budget)
+    for n in names:
+        reg.register(n, payloads[n])
+    x = torch.randn(2, 3, H_IN)
+
+    def run(pair):
+        slots = reg.acquire(pair)
+        batch = TenantBatch([slots[n] for n in pair])
+        return layers["b"](layers["a"](x, batch)[..., :H_IN], batch)
+
+    with torch.no_grad():
+        first = {pair: run(pair) for pair in (("mixed", "prinmix"), ("deltacome", "lowrank"))}
+        assert reg.evictions == 2 and set(reg.resident) == {"deltacome", "lowrank"}
+        assert reg.resident_bytes("mixed") == 0 and reg.resident_bytes("lowrank") == sizes["lowrank"]
+        again = run(("mixed", "prinmix"))                                     # swapped back in
+        assert torch.equal(again, first[("mixed", "prinmix")])
+        assert reg.used_bytes() <= budget
+        reg.acquire(["lowrank"])                                              # LRU touch
+        reg.acquire(["deltacome"])                                            # evicts the least recent
+        assert "lowrank" in reg.resident and "deltacome" in reg.resident
+    with pytest.raises(PrinmixError, match="device budget"):
+        reg.acquire(["mixed", "prinmix", "deltacome"])
+    with pytest.raises(PrinmixError, match="unknown tenant"):
+        reg.acquire(["nope"])
+    reg.unregister("lowrank")
+    assert "lowrank" not in reg and all(s is not None for s in map(reg.slot_of, reg.resident))
