@@ -183,3 +183,15 @@ def test_registry_lru_eviction_and_swap_back_are_exact(deltas):
         reg.acquire(["nope"])
     reg.unregister("lowrank")
     assert "lowrank" not in reg and all(s is not None for s in map(reg.slot_of, reg.resident))
+
+
+def test_fast_unpack_equals_packing_module():
+    from prinmix.algorithms.packing import pack_codes, unpack_codes
+    from prinmix.runtime.packed import unpack_fast
+
+    g = torch.Generator().manual_seed(0)
+    for bits in range(1, 9):
+        for n in (1, 7, 8, 9, 64, 1001):
+            codes = torch.randint(0, 2 ** bits, (n,), generator=g, dtype=torch.uint8)
+            packed = pack_codes(codes, bits)
+            assert torch.equal(unpack_fast(packed, bits, n), unpack_codes(packed, bits, n))

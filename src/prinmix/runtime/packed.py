@@ -16,11 +16,41 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..algorithms.compressed import FLOAT_BITS, CompressedLinear, QuantizedMatrix
-from ..algorithms.packing import pack_codes, unpack_codes
+from ..algorithms.packing import pack_codes
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+_SHIFTS: dict = {}
+
+
+def _shifts(step: int, count: int, device) -> torch.Tensor:
+    key = (step, count, str(device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(count, dtype=torch.int64, device=device) * step
+    return _SHIFTS[key]
+
+
+def unpack_fast(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Same result as packing.unpack_codes (uint8 [numel]) in a handful of tensor ops (the hot path
+    of the torch runtime): 8 codes of `bits` bits fill `bits` bytes, read as one int64 word."""
+    if bits == 8:
+        return data[:numel]
+    if 8 % bits == 0:                                   # 1, 2, 4 bits: codes never straddle bytes
+        per = 8 // bits
+        n_bytes = -(-numel // per)
+        codes = (data[:n_bytes, None].to(torch.int64) >> _shifts(bits, per, data.device)) & ((1 << bits) - 1)
+        return codes.reshape(-1)[:numel].to(torch.uint8)
+    n_words = -(-numel // 8)
+    need = n_words * bits
+    raw = data[:need]
+    if raw.numel() < need:
+        raw = torch.cat([raw, raw.new_zeros(need - raw.numel())])
+    words = (raw.view(n_words, bits).to(torch.int64) << _shifts(8, bits, data.device)).sum(1)
+    codes = (words[:, None] >> _shifts(bits, 8, data.device)) & ((1 << bits) - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
 @dataclass
@@ -69,11 +99,15 @@ class PackedMatrix:
             return self.data.to(dtype)
         if self.rows * self.cols == 0:
             return torch.zeros(self.rows, self.cols, dtype=dtype, device=self.data.device)
-        codes = unpack_codes(self.data, self.bits, self.rows * self.cols).view(self.rows, self.cols)
+        codes = unpack_fast(self.data, self.bits, self.rows * self.cols).view(self.rows, self.cols).to(torch.float32)
+        scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
+        if self.n_groups == 1:
+            return (scale * (codes - zero)).to(dtype)
+        if self.cols % self.group == 0:
+            g = codes.view(self.rows, self.n_groups, self.group)
+            return (scale[..., None] * (g - zero[..., None])).view(self.rows, self.cols).to(dtype)
         idx = torch.arange(self.cols, device=codes.device) // self.group
-        scale = self.scale.to(torch.float32)[:, idx]
-        zero = self.zero.to(torch.float32)[:, idx]
-        return (scale * (codes.to(torch.float32) - zero)).to(dtype)
+        return (scale[:, idx] * (codes - zero[:, idx])).to(dtype)
 
 
 @dataclass
@@ -124,7 +158,7 @@ class PackedSign:
         """±1 [row_end − row_start, h_in] for output rows [row_start, row_end); row_start*h_in % 8 == 0."""
         first, n = row_start * h_in, (row_end - row_start) * h_in
         assert first % 8 == 0
-        bits = unpack_codes(self.bits[first // 8:], 1, n).view(row_end - row_start, h_in)
+        bits = unpack_fast(self.bits[first // 8:], 1, n).view(row_end - row_start, h_in)
         return bits.to(dtype) * 2 - 1
 
 
