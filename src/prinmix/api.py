@@ -85,11 +85,13 @@ def _load_calibration_ids(ft: CheckpointReader, calib, nsamples, seqlen, seed):
 def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", calib: str | None = None,
              nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
              device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True,
-             progress=None, config: PrinMixConfig | None = None, on_hessians=None) -> CompressSummary:
+             progress=None, config: PrinMixConfig | None = None, on_hessians=None,
+             distill_steps: int = 0) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
     on_hessians: None or a callable(layer_index, {weight name: H = XXᵀ}) seeing each layer's Hessians.
+    distill_steps: BitDelta only — Adam steps of scale distillation on the calibration set (0 = off).
     """
     t0 = time.time()
     if method not in METHODS:
@@ -112,7 +114,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     fingerprint = base_fingerprint(base_r)
     params = {"method": method, "ratio": alpha, "config": asdict(cfg), "calib": calib, "nsamples": nsamples,
               "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
-              "finetuned": ft_r.content_hash()}
+              "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
     if not resume and work.exists():
@@ -152,6 +154,12 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
             progress(i + 1, n_layers, f"layer {i}")
 
     _add_non_layer_tensors(delta, stack, base_r, ft_r, compat)
+    if method == "bitdelta" and distill_steps > 0:
+        from .models.bitdelta_distill import distill_bitdelta_scales
+
+        ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
+        distill_bitdelta_scales(base_r, ft_r, delta, ids, steps=distill_steps, device=dev, seed=seed)
+        delta.params["distill_steps"] = distill_steps
     delta.stats = {"layers": n_layers, "objective": {n: m.info.get("objective") for n, m in delta.matrices.items()
                                                      if m.info.get("objective") is not None}}
     file_bytes = save_delta(delta, output)

@@ -41,7 +41,8 @@ def cmd_compress(a) -> int:
     widths = tuple(int(b) for b in a.bits.split(","))
     s = api.compress(a.base, a.finetuned, a.output, ratio=a.ratio, method=a.method, calib=a.calib,
                      nsamples=a.nsamples, seqlen=a.seqlen, widths=widths, fmax=a.fmax, device=a.device,
-                     batch_size=a.batch_size, resume=not a.no_resume, progress=LayerProgress("compress"))
+                     batch_size=a.batch_size, resume=not a.no_resume, progress=LayerProgress("compress"),
+                     distill_steps=a.distill_steps)
     rows = [("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"),
             ("ratio achieved (linear deltas, all stored bytes)",
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
@@ -114,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--no-resume", action="store_true", help="ignore the partial results of an interrupted run")
+    c.add_argument("--distill-steps", type=int, default=0,
+                   help="bitdelta: Adam steps of scale distillation against the fine-tune's logits (0 = off)")
     c.set_defaults(fn=cmd_compress)
 
     m = sub.add_parser("merge", help="write BASE + DELTA as a standard Hugging Face checkpoint")

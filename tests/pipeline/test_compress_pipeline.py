@@ -140,3 +140,21 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
     shutil.copy(base / "model.safetensors", not_delta)
     _fails(capsys, ["info", str(not_delta)], "not a prinmix delta")
     assert not any((tmp_path / f"m{i}").exists() for i in range(1, 5))
+
+
+def test_bitdelta_scale_distillation_brings_logits_closer(tiny_pair, tmp_path):
+    base, ft = tiny_pair("llama", "fp32")
+    plain, distilled = tmp_path / "plain.delta", tmp_path / "distilled.delta"
+    api.compress(base, ft, plain, method="bitdelta", nsamples=8, seqlen=48)
+    api.compress(base, ft, distilled, method="bitdelta", nsamples=8, seqlen=48, distill_steps=30)
+    ids = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), 8, 48, seed=5)  # held out
+
+    def logits(path):
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)(ids).logits
+
+    lf = logits(ft)
+    err = {p.name: float((logits(api.merge(base, p, tmp_path / f"m-{p.stem}")) - lf).norm()) for p in (plain, distilled)}
+    assert err["distilled.delta"] < err["plain.delta"]
+    scales = [m.sign.scale for m in api.load_delta(distilled).matrices.values()]
+    assert scales != [m.sign.scale for m in api.load_delta(plain).matrices.values()]
