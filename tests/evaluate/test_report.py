@@ -102,14 +102,6 @@ def test_full_report_files_html_and_pngs(made):
         assert phrase in text
 
 
-def test_stored_view_without_base(made, tmp_path):
-    _, _, pm, low, _ = made
-    page = build_report(low, tmp_path / "r")
-    text, pngs = _check_page(page)
-    assert "the stored factors" in text
-    assert "scaling_difference_0.png" in {p.name for p in pngs}
-
-
 def test_true_svd_analysis(made):
     base, ft, pm, low, _ = made
     # low-rank keeps the top-k singular vectors in order: matching must find exactly 0..k-1
@@ -179,3 +171,26 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
     assert colours is not None and len(colours) > 200  # text, tables and plots, not a blank page
     top = max(colours)[0] / (1200 * 3000)
     assert top < 0.95  # the background does not fill the page
+
+
+def test_cli_parsers_and_stored_view(made, tmp_path, capsys):
+    import argparse
+
+    from prinmix.evaluate.cli_commands import add_eval_parser, add_report_parser
+
+    base, ft, pm, low, _ = made
+    parser = argparse.ArgumentParser(prog="prinmix")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    a = parser.parse_args(["eval", str(base), str(pm), str(low), "--finetuned", str(ft), "--metrics", "error",
+                           "--nsamples", "1", "--seqlen", "8", "--device", "cpu", "-o", str(tmp_path / "r.json")])
+    assert a.fn(a) == 0
+    out = capsys.readouterr().out
+    assert "pm" in out and "low" in out and "lowrank" in out and (tmp_path / "r.layers.csv").exists()
+    # the report without --base/--finetuned: σ and rank order from the stored factors
+    a = parser.parse_args(["report", str(low), "-o", str(tmp_path / "rep"), "--eval", str(tmp_path / "r.json")])
+    assert a.fn(a) == 0
+    text, pngs = _check_page(tmp_path / "rep" / "index.html")
+    assert "the stored factors" in text and "Evaluation results" in text
+    assert {"scaling_difference_0.png", "eval_error.png"} <= {p.name for p in pngs}

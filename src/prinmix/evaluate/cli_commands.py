@@ -77,6 +77,7 @@ def run_eval(base, deltas, finetuned=None, metrics: list[str] | str | None = Non
                 tk.read_task_file(spec, 1)
         tk.require_lm_eval([s for s in tasks if not tk.is_task_file(s)])
     entries = pp.model_entries(base, deltas, finetuned)
+    _check_bases(base, [e.path for e in entries if e.kind == "delta"])
     labelled = {e.label: e.path for e in entries if e.kind == "delta"}
     dev = resolve_device(device)
     out = {"prinmix_eval": EVAL_FORMAT, "base": str(base), "finetuned": str(finetuned) if finetuned else None,
@@ -118,6 +119,19 @@ def run_eval(base, deltas, finetuned=None, metrics: list[str] | str | None = Non
                     log("  " + ", ".join(f"{k} {_task_score(v)}" for k, v in out["tasks"]["results"][entry.label].items()))
     out["seconds"] = time.time() - t0
     return out
+
+
+def _check_bases(base, delta_paths) -> None:
+    """BaseMismatchError before any model is loaded when a delta was made for another base."""
+    from ..format.delta_file import DeltaFile, read_metadata
+    from ..models.apply_delta import check_base
+    from ..models.checkpoint import CheckpointReader
+
+    base_r = CheckpointReader(base)
+    for path in delta_paths:
+        meta = read_metadata(path)
+        check_base(base_r, DeltaFile(meta["method"], float(meta["ratio"]), meta["params"],
+                                     base_fingerprint=meta["base_fingerprint"]), path)
 
 
 # --------------------------------------------------------------------------- tables
@@ -258,6 +272,12 @@ def _split(spec: str | None) -> list[str]:
 
 
 def cmd_eval(a) -> int:
+    try:  # the per-model "Loading weights" bars of transformers would drown the table
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     results = run_eval(a.base, a.deltas, finetuned=a.finetuned, metrics=a.metrics, tasks=_split(a.tasks),
                        calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, ppl_data=a.ppl_data,
                        ppl_seqlen=a.ppl_seqlen, ppl_stride=a.ppl_stride, ppl_tokens=a.ppl_tokens, limit=a.limit,
