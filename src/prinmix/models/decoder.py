@@ -28,6 +28,7 @@ can be replayed later.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,8 @@ from torch import nn
 
 from prinmix.errors import CheckpointError
 from prinmix.models.checkpoint import CheckpointReader
+from prinmix.models.layout import LayerLayout, meta_causal_lm, revert_names
+from prinmix.models.moe import ExpertCapture
 
 LAYER_INDEX_ATTRIBUTE = "prinmix_layer_index"
 
@@ -210,20 +213,12 @@ class DecoderStack:
         self._layers = layers
         self._strip_prefix = self._checkpoint_prefix_to_strip()
         self._layer_names_cache: dict[int, list[str]] = {}
+        self._layouts: dict[int, LayerLayout] = {}
+        self._outer_names: dict[str, str] | None = None
 
     # ------------------------------------------------------------------ structure
     def _meta_model(self) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        kwargs: dict[str, Any] = {"dtype": torch.float32}
-        if self._attn_implementation is not None:
-            kwargs["attn_implementation"] = self._attn_implementation
-        try:
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(copy.deepcopy(self._config), **kwargs)
-        except ValueError as exc:
-            raise CheckpointError(f"{self._path}: transformers has no causal-LM class for this config ({exc})") from exc
-        return model.eval()
+        return meta_causal_lm(self._config, self._path, self._attn_implementation)
 
     def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         expected = getattr(self._config.get_text_config(), "num_hidden_layers", None)
@@ -252,10 +247,33 @@ class DecoderStack:
                 return prefix + "."
         return ""
 
-    def _to_checkpoint_name(self, module_name: str) -> str:
+    def _strip(self, module_name: str) -> str:
         if self._strip_prefix and module_name.startswith(self._strip_prefix):
             return module_name[len(self._strip_prefix) :]
         return module_name
+
+    def _to_checkpoint_name(self, module_name: str) -> str:
+        """Checkpoint name of a tensor outside the layers (transformers' save-time renaming, e.g. VLM towers)."""
+        if self._outer_names is None:
+            inside = f"{self._layers_path}."
+            shapes = {n: tuple(t.shape) for n, t in self._skeleton.state_dict(keep_vars=True).items()
+                      if not n.startswith(inside)}
+            pieces = revert_names(self._skeleton, shapes, str(self._path))
+            self._outer_names = {n: ps[0].name for n, ps in pieces.items()
+                                 if len(ps) == 1 and ps[0].whole and ps[0].name in self._checkpoint_names}
+        return self._outer_names.get(module_name) or self._strip(module_name)
+
+    def layout(self, i: int) -> LayerLayout:
+        """Checkpoint ↔ module names of layer i (renamed tensors, fused expert parameters; see layout.py)."""
+        self._check_index(i)
+        if i not in self._layouts:
+            module_prefix = f"{self._layers_path}.{i}."
+            layer = self._layers[i]
+            shapes = {module_prefix + n: tuple(t.shape) for n, t in layer.state_dict(keep_vars=True).items()}
+            pieces = revert_names(self._skeleton, shapes, str(self._path))
+            self._layouts[i] = LayerLayout(layer, pieces, module_prefix, self._checkpoint_names,
+                                           lambda n: [self._strip(n)], str(self._path), self._config.model_type)
+        return self._layouts[i]
 
     @property
     def config(self):
@@ -281,13 +299,19 @@ class DecoderStack:
 
     def layer_prefix(self, i: int) -> str:
         """Checkpoint-name prefix of layer i, e.g. "model.layers.3."."""
-        self._check_index(i)
-        return self._to_checkpoint_name(f"{self._layers_path}.{i}.")
+        return self.layout(i).prefix
 
     def linear_names(self, i: int) -> list[str]:
-        """Names, relative to the layer, of the nn.Linear modules of layer i (e.g. "self_attn.q_proj")."""
-        self._check_index(i)
-        return [name for name, module in self._layers[i].named_modules() if isinstance(module, nn.Linear)]
+        """Names, relative to the layer, of the nn.Linear modules of layer i (e.g. "self_attn.q_proj").
+
+        When the checkpoint stores the layer differently (renamed modules, fused expert parameters stored
+        per expert), these are the checkpoint-relative names of its 2-D matrices (name + ".weight" is
+        the checkpoint tensor), e.g. "block_sparse_moe.experts.3.w1" of a Mixtral.
+        """
+        layout = self.layout(i)
+        if layout.identity:
+            return [name for name, module in self._layers[i].named_modules() if isinstance(module, nn.Linear)]
+        return list(layout.linears)
 
     def layer_tensor_names(self, i: int) -> list[str]:
         """All checkpoint tensor names (full names) that belong to layer i, sorted."""
@@ -325,7 +349,8 @@ class DecoderStack:
         Non-persistent buffers (if the layer has any) are initialised the way transformers does.
         The module carries attribute `prinmix_layer_index = i` so run_layer knows its kwargs.
         """
-        self._check_index(i)
+        layout = self.layout(i)
+        state_dict = layout.to_module_state(state_dict)
         layer = copy.deepcopy(self._layers[i])
         expected = set(layer.state_dict().keys())
         missing = sorted(expected - state_dict.keys())
@@ -347,6 +372,8 @@ class DecoderStack:
         for parameter in layer.parameters():
             parameter.requires_grad_(False)
         setattr(layer, LAYER_INDEX_ATTRIBUTE, i)
+        if not layout.identity:
+            layer.prinmix_layout = layout  # capture_hessians keys its results by checkpoint name
         return layer.eval()
 
     def _initialise_buffers(self, module: nn.Module, label: str, names: list[str], device) -> None:
@@ -720,16 +747,22 @@ def capture_hessians(
     handles = [
         module.register_forward_hook(recorder.hook(name), with_kwargs=True) for name, module in recorder.linears.items()
     ]
+    layout = getattr(layer, "prinmix_layout", None)
+    experts = ExpertCapture(layer, layout.expert_parameters, HessianStat) if layout and layout.expert_parameters else None
     outputs = torch.empty(inputs.hidden.shape, dtype=torch.float32, device=inputs.device) if return_outputs else None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), experts or contextlib.nullcontext():
             for start, output in _forward_batches(layer, inputs, batch_size, layer_index, recorder.start_batch):
                 if outputs is not None:
                     outputs[start : start + output.shape[0]] = output.to(inputs.device)
+                if experts is not None:
+                    experts.end_batch()
     finally:
         for handle in handles:
             handle.remove()
     stats = {name: recorder.stats[name] for name in recorder.linears if name in recorder.stats}
+    if layout is not None:  # keyed by checkpoint matrix name; per-expert Hessians of fused experts
+        stats = layout.checkpoint_stats(stats, experts.close() if experts is not None else {})
     return (stats, outputs) if return_outputs else stats
 
 
