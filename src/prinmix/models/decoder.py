@@ -494,11 +494,13 @@ class DecoderStack:
         input_ids: torch.Tensor,
         device: torch.device | str = "cpu",
         batch_size: int = 8,
+        out: torch.Tensor | None = None,
     ) -> LayerInputs:
         """Hidden states entering layer 0 ([n, seq, d] float32 on device) plus every layer's call arguments.
 
         input_ids: LongTensor [n, seq] without padding. Only the modules that run before layer 0
-        are given weights (float32) from `reader`.
+        are given weights (float32) from `reader`. out: a float32 [n, seq, d] tensor to write the
+        hidden states into (e.g. memory-mapped, see offload.py) instead of a new one on device.
         """
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be a non-empty [n, seq] tensor, got shape {list(input_ids.shape)}")
@@ -510,8 +512,15 @@ class DecoderStack:
             self._run(model, recorders, session, input_ids[start : start + batch_size])
             if session.first_hidden is None:
                 raise CheckpointError(f"{self._path}: the model forward never reached decoder layer 0")
-            hidden_parts.append(session.first_hidden.detach().to(torch.float32))
-        hidden = torch.cat(hidden_parts)
+            part = session.first_hidden.detach().to(torch.float32)
+            if out is not None:
+                if out.shape[0] != input_ids.shape[0] or out.shape[1:] != part.shape[1:]:
+                    raise ValueError(f"out has shape {list(out.shape)}; the hidden states are "
+                                     f"{[input_ids.shape[0], *part.shape[1:]]}")
+                out[start : start + part.shape[0]] = part.to(out.device)
+            else:
+                hidden_parts.append(part)
+        hidden = out if out is not None else torch.cat(hidden_parts)
         one = self._capture_arguments(model, recorders, input_ids[:1])
         pair_ids = input_ids[:2] if input_ids.shape[0] > 1 else input_ids[:1].repeat(2, 1)
         two = self._capture_arguments(model, recorders, pair_ids)
@@ -650,17 +659,23 @@ def _forward_batches(
 
 
 def run_layer(
-    layer: nn.Module, inputs: LayerInputs, batch_size: int = 8, layer_index: int | None = None
+    layer: nn.Module, inputs: LayerInputs, batch_size: int = 8, layer_index: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Outputs [n, seq, d] float32 (on inputs.device) of `layer` over the calibration set, without grad.
 
     layer_index selects the captured call arguments; by default the index stamped by build_layer.
     The hidden states and floating kwargs are cast to the layer's parameter dtype for the forward.
+    out: a float32 tensor shaped like inputs.hidden (not inputs.hidden itself) to write the outputs into.
     """
-    outputs = torch.empty(inputs.hidden.shape, dtype=torch.float32, device=inputs.device)
+    if out is not None and (out.shape != inputs.hidden.shape or out.data_ptr() == inputs.hidden.data_ptr()):
+        raise ValueError("out must have the shape of inputs.hidden and be a different buffer")
+    outputs = out
+    if outputs is None:
+        outputs = torch.empty(inputs.hidden.shape, dtype=torch.float32, device=inputs.device)
     with torch.no_grad():
         for start, output in _forward_batches(layer, inputs, batch_size, layer_index):
-            outputs[start : start + output.shape[0]] = output.to(inputs.device)
+            outputs[start : start + output.shape[0]] = output.to(outputs.device)
     return outputs
 
 

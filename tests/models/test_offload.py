@@ -1,0 +1,43 @@
+"""--offload: calibration hidden states in memory-mapped files give the same delta, and are cleaned up."""
+
+from __future__ import annotations
+
+import torch
+
+from prinmix import api
+from prinmix.models.checkpoint import CheckpointReader
+from prinmix.models.decoder import DecoderStack, run_layer
+from prinmix.models.offload import HiddenFiles
+
+FAST = dict(nsamples=6, seqlen=48)
+
+
+def test_offloaded_compress_is_byte_identical(tiny_pair, tmp_path):
+    base, ft = tiny_pair("qwen2", "fp32")
+    plain, offloaded = tmp_path / "plain.delta", tmp_path / "offloaded.delta"
+    api.compress(base, ft, plain, **FAST)
+    api.compress(base, ft, offloaded, offload=tmp_path / "hidden", **FAST)
+    assert plain.read_bytes() == offloaded.read_bytes()
+    assert list((tmp_path / "hidden").iterdir()) == []          # the memory-mapped files are gone
+
+
+def test_embed_and_run_layer_write_into_given_buffers(tiny_pair, tmp_path):
+    reader = CheckpointReader(tiny_pair("llama", "fp32")[1])
+    stack = DecoderStack(reader)
+    ids = torch.randint(3, 400, (5, 24), generator=torch.Generator().manual_seed(0))
+    ref = stack.embed(reader, ids, batch_size=2)
+    files = HiddenFiles(tmp_path, (5, 24, stack.config.hidden_size))
+    first = files.next()
+    inputs = stack.embed(reader, ids, batch_size=2, out=first)
+    assert inputs.hidden is first and torch.equal(first, ref.hidden)
+    layer = stack.build_layer(0, stack.read_layer_state(reader, 0))
+    second = files.next()
+    assert second.data_ptr() != first.data_ptr()
+    out = run_layer(layer, inputs, batch_size=2, out=second)
+    assert out is second and torch.equal(out, run_layer(layer, ref, batch_size=2))
+    assert files.next() is first
+    paths = list(files.paths)
+    assert all(p.exists() for p in paths)
+    del inputs, out, first, second
+    files.close()
+    assert not any(p.exists() for p in paths)
