@@ -62,7 +62,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _open_pair(base, finetuned):
-    base_r, ft_r = CheckpointReader(base), CheckpointReader(finetuned)
+    from .models.lora_source import LoraFinetunedReader, is_lora_adapter
+
+    base_r = CheckpointReader(base)
+    ft_r = LoraFinetunedReader(base_r, finetuned) if is_lora_adapter(finetuned) else CheckpointReader(finetuned)
     return base_r, ft_r, check_compatible(base_r, ft_r)
 
 
@@ -76,7 +79,7 @@ def _load_calibration_ids(ft: CheckpointReader, calib, nsamples, seqlen, seed):
     from .models.calibration import load_calibration
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(ft.path))
+        tok = AutoTokenizer.from_pretrained(str(getattr(ft, "tokenizer_path", ft.path)))
     except Exception as e:  # noqa: BLE001 - transformers raises many types
         raise CheckpointError(f"{ft.path}: cannot load its tokenizer for calibration ({e})") from None
     return load_calibration(calib, tok, nsamples, seqlen, seed)
@@ -84,13 +87,15 @@ def _load_calibration_ids(ft: CheckpointReader, calib, nsamples, seqlen, seed):
 
 def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", calib: str | None = None,
              nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
-             device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True,
+             device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True, offload=None,
              progress=None, config: PrinMixConfig | None = None, on_hessians=None,
              distill_steps: int = 0) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
     on_hessians: None or a callable(layer_index, {weight name: H = XXᵀ}) seeing each layer's Hessians.
+    offload: None or a directory: the calibration hidden states live there in memory-mapped files, not in RAM.
+    FINETUNED may be a PEFT LoRA adapter directory (see models/lora_source.py).
     distill_steps: BitDelta only — Adam steps of scale distillation on the calibration set (0 = off).
     """
     t0 = time.time()
@@ -124,11 +129,16 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     inputs = None
     if method in CALIBRATED:
         ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
-        inputs = stack.embed(ft_r, ids, dev, batch_size)
+        hidden_files = None
+        if offload:
+            from .models.offload import HiddenFiles
+
+            hidden_files = HiddenFiles(offload, (*ids.shape, stack.config.get_text_config().hidden_size))
+        inputs = stack.embed(ft_r, ids, dev, batch_size, out=hidden_files and hidden_files.next())
 
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
                                       "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
-                                      "removed_tensors": compat.only_in_base},
+                                      "removed_tensors": compat.only_in_base, **getattr(ft_r, "delta_params", {})},
                       base_fingerprint=fingerprint, aux_files=ft_r.aux_files())
     n_layers = stack.num_layers
     for i in range(n_layers):
@@ -148,11 +158,15 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
                      for n in names if n in base_r}
             state.update({n[len(prefix):]: layer_delta.dense[n].float() for n in names if n not in base_r})
             layer = stack.build_layer(i, state, dev)
-            inputs = inputs.with_hidden(run_layer(layer, inputs, batch_size))
-            del layer
+            out = hidden_files.next() if hidden_files else None
+            inputs = inputs.with_hidden(run_layer(layer, inputs, batch_size, out=out))
+            del layer, state  # free this layer's weights before the next one is read
         if progress:
             progress(i + 1, n_layers, f"layer {i}")
 
+    if inputs is not None and hidden_files:
+        inputs = None
+        hidden_files.close()
     _add_non_layer_tensors(delta, stack, base_r, ft_r, compat)
     if method == "bitdelta" and distill_steps > 0:
         from .models.bitdelta_distill import distill_bitdelta_scales
@@ -182,8 +196,8 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
         stats = capture_hessians(layer, inputs, batch_size)
         hessians = {prefix + n + ".weight": s.H for n, s in stats.items()}
         if on_hessians:
-            on_hessians(i, hessians)
-        del layer, state
+            on_hessians(i, dict(hessians))  # a copy: entries are popped below as matrices are done
+        del layer, state, stats
     for name in stack.layer_tensor_names(i):
         ft_t = ft_r.get(name, dtype=None)
         if name not in base_r:
@@ -193,12 +207,15 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
         if torch.equal(base_t, ft_t.to(base_t.dtype)) and base_t.dtype == ft_t.dtype:
             continue
         if name in linear_weights:
-            d = ft_t.to(torch.float32) - base_t.to(torch.float32)
+            factors = ft_r.lora_factors(name) if hasattr(ft_r, "lora_factors") else None  # LoRA: ΔW = (s·B)·A
+            d = factors[0] @ factors[1] if factors else ft_t.to(torch.float32) - base_t.to(torch.float32)
+            ft_t = base_t = factors = None  # free before the compressor's own peak
             if not torch.any(d):
                 continue
-            H = hessians.get(name)
+            H = hessians.pop(name, None)  # the last user of a shared H frees it
             out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), alpha, method, cfg)
             out.matrices[name] = _to_cpu(out.matrices[name])
+            d = H = None
         else:
             out.dense[name] = ft_t
     return out
