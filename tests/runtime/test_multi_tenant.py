@@ -117,6 +117,8 @@ def test_lru_swapping_under_a_device_budget(llama):
         assert model.generate([prompt, prompt], [m, None], 3)[0] == _greedy(refs[m], prompt, 3)
         assert model.registry.resident == [m]
     assert model.registry.evictions == 3
+    assert model.tenant_bytes("bitdelta")["resident_bytes"] == model.registry.nbytes("bitdelta")
+    assert model.tenant_bytes("deltacome")["resident_bytes"] == 0                 # swapped out to host memory
     with pytest.raises(PrinmixError, match="device budget"):
         model.generate([prompt, prompt], ["deltacome", "lowrank"], 1)
     for m, info in sizes.items():                                         # resident ≈ the file's linear payload

@@ -296,12 +296,17 @@ class MultiTenantModel:
             self._wrap(path, kind)
         payloads = {path: payload for path, (_, payload) in plan.items()}
         self.registry.register(name, payloads)
-        linear = sum(p.nbytes() for p in payloads.values() if isinstance(p, LinearDelta) and p.packed is not None)
-        linear -= sum(p.bias.numel() * 4 for p in payloads.values() if isinstance(p, LinearDelta) and p.bias is not None)
+        linear = sum(p.packed.resident_bytes for p in payloads.values()
+                     if isinstance(p, LinearDelta) and p.packed is not None)
         info = {"delta": str(delta_path), "method": delta.method, "linear_bytes": linear,
                 "other_bytes": self.registry.nbytes(name) - linear, "file_linear_bytes": delta.linear_bytes()}
         self.tenant_info[name] = info
         return info
+
+    def tenant_bytes(self, name: str) -> dict:
+        """{linear_bytes, other_bytes, file_linear_bytes} as registered, plus resident_bytes now on the device
+        (0 while swapped out to host memory)."""
+        return {**self.tenant_info[name], "resident_bytes": self.registry.resident_bytes(name)}
 
     def remove_tenant(self, name: str) -> None:
         self.registry.unregister(name)
@@ -326,7 +331,7 @@ class MultiTenantModel:
                 raise PrinmixError(f"{delta_path}: {path} is a {type(module).__name__}, not an nn.Linear")
             linear_delta(path).packed = PackedLinear.from_compressed(m)
         for tname, t in delta.dense.items():
-            path, pname = tname.rsplit(".", 1) if "." in tname else ("", tname)
+            pname = tname.rsplit(".", 1)[-1]
             path, module = self._module_of(tname, pname, delta_path)
             base_t = getattr(module, pname)
             if isinstance(module, (nn.Linear, DeltaLinear)) and pname == "bias":
