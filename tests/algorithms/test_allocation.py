@@ -144,6 +144,8 @@ def test_infeasible_budget_raises_with_minimum():
 def test_empty_allocation():
     a = allocate_bits(np.zeros((0, 8)), np.arange(8), 0, 3)
     assert a.choice.shape == (0,) and a.objective == 0.0 and a.cost == 0 and a.certified
+    with pytest.raises(BudgetError):
+        allocate_bits(np.zeros((0, 8)), np.arange(8), -1, 3)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -34,18 +34,19 @@ def solve_allocation_milp(errors, costs, budget, fmax, solver: str = "highs",
 
     certified is True only when the solver proves optimality at zero gap; on a time-out the best
     solution found is returned with certified=False and the solver's dual bound as lower_bound.
-    `stats` (optional dict) receives status, solve_seconds (solver time only), build_seconds.
+    `stats` (optional dict) receives status, solve_seconds (solver wall time only),
+    solve_cpu_seconds (process CPU time of the solve), build_seconds (model building).
     Raises BudgetError when no assignment fits (also when the solver finds none in time).
     """
     E, c, budget, fmax = validate_allocation_inputs(errors, costs, budget, fmax)
     r, nb = E.shape
     stats = stats if stats is not None else {}
-    if r == 0:
-        stats.update(status="optimal", solve_seconds=0.0, build_seconds=0.0)
-        return Allocation(np.zeros(0, np.int64), 0.0, 0, 0.0, True)
     need = min_feasible_budget(r, c)
     if budget < need:
         raise BudgetError(f"budget of {budget} bits is infeasible for {r} ranks: at least {need} bits are needed")
+    if r == 0:
+        stats.update(status="optimal", solve_seconds=0.0, solve_cpu_seconds=0.0, build_seconds=0.0)
+        return Allocation(np.zeros(0, np.int64), 0.0, 0, 0.0, True)
     scale = _objective_scale(E)
     if solver == "highs":
         S, dual, status = _solve_highs(E * scale, c, budget, fmax, time_limit, stats)
@@ -98,12 +99,13 @@ def _solve_highs(Es, c, budget, fmax, time_limit, stats):
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     stats["build_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():          # mip_abs_gap is passed to HiGHS verbatim
         warnings.simplefilter("ignore", RuntimeWarning)
         res = milp(obj, integrality=np.ones(n_s + nb), bounds=(0, 1),
                    constraints=LinearConstraint(A, lo, hi), options=options)
     stats["solve_seconds"] = time.perf_counter() - t0
+    stats["solve_cpu_seconds"] = time.process_time() - c0
     status = {0: "optimal", 1: "timelimit", 2: "infeasible"}.get(res.status, f"status {res.status}")
     if res.x is None:
         return None, getattr(res, "mip_dual_bound", None), status
@@ -132,9 +134,10 @@ def _solve_scip(Es, c, budget, fmax, time_limit, stats):
     cf = [int(x) for x in c]
     m.addCons(quicksum(cf[j] * S[i][j] for i in range(r) for j in range(nb)) <= budget)
     stats["build_seconds"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     m.optimize()
     stats["solve_seconds"] = time.perf_counter() - t0
+    stats["solve_cpu_seconds"] = time.process_time() - c0
     status = m.getStatus()
     dual = m.getDualbound()
     if m.getNSols() == 0:
