@@ -9,11 +9,11 @@ from prinmix.models.checkpoint import CheckpointReader
 from prinmix.models.decoder import DecoderStack, run_layer
 from prinmix.models.offload import HiddenFiles
 
-FAST = dict(nsamples=6, seqlen=48)
+FAST = dict(nsamples=4, seqlen=32)
 
 
 def test_offloaded_compress_is_byte_identical(tiny_pair, tmp_path):
-    base, ft = tiny_pair("qwen2", "fp32")
+    base, ft = tiny_pair("llama", "fp32")
     plain, offloaded = tmp_path / "plain.delta", tmp_path / "offloaded.delta"
     api.compress(base, ft, plain, **FAST)
     api.compress(base, ft, offloaded, offload=tmp_path / "hidden", **FAST)

@@ -215,6 +215,7 @@ class DecoderStack:
         self._layer_names_cache: dict[int, list[str]] = {}
         self._layouts: dict[int, LayerLayout] = {}
         self._outer_names: dict[str, str] | None = None
+        self.layout(0)  # refuse unsupported layer layouts (e.g. fused 3-D experts in the checkpoint) up front
 
     # ------------------------------------------------------------------ structure
     def _meta_model(self) -> nn.Module:

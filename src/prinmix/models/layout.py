@@ -185,8 +185,8 @@ class LayerLayout:
                 if experts_like:
                     raise CheckpointError(
                         f"{self.where}: model_type {self.model_type!r} stores experts as one fused 3-D tensor "
-                        f"{pieces[0].name!r} {list(param.shape)}; prinmix compresses 2-D matrices (unsupported "
-                        "architecture)")
+                        f"{self.prefix + pieces[0].name!r} {list(param.shape)}; prinmix compresses 2-D matrices "
+                        "(unsupported architecture)")
                 continue
             if getattr(owner, "is_transposed", False):
                 raise CheckpointError(f"{self.where}: model_type {self.model_type!r} keeps transposed expert "
