@@ -27,6 +27,8 @@ every sequence right-aligned (left padding) with a 0/1 attention mask [B, L] and
 position ids. Joining left-pads the shorter state's keys/values with zeros (masked out); leaving
 selects the remaining rows and trims columns that are padding for all of them. Sliding-window
 layers are kept full-length (the mask applies the window), so every layer has the same length.
+One step at a time (not thread-safe). The tenants of one running batch must fit the device budget
+together; drop a tenant's sequences before remove_tenant (a later step would name an unknown tenant).
 """
 
 from __future__ import annotations
@@ -314,7 +316,7 @@ class MultiTenantModel:
 
     def _plan(self, delta, delta_path) -> dict[str, tuple[str, object]]:
         """{module path: (wrapper kind, payload)} for every module the delta changes; refuses what the
-        runtime cannot serve."""
+        runtime cannot serve. Modules are looked at through their wrappers (the base module)."""
         if delta.params.get("removed_tensors"):
             raise PrinmixError(f"{delta_path}: the fine-tune removes tensors of the base; serve its merged model")
         plan: dict[str, tuple[str, object]] = {}
@@ -327,16 +329,19 @@ class MultiTenantModel:
 
         for wname, m in delta.matrices.items():
             path, module = self._module_of(wname, "weight", delta_path)
-            if not isinstance(module, (nn.Linear, DeltaLinear)):
+            if not isinstance(module, nn.Linear):
                 raise PrinmixError(f"{delta_path}: {path} is a {type(module).__name__}, not an nn.Linear")
             linear_delta(path).packed = PackedLinear.from_compressed(m)
         for tname, t in delta.dense.items():
             pname = tname.rsplit(".", 1)[-1]
             path, module = self._module_of(tname, pname, delta_path)
             base_t = getattr(module, pname)
-            if isinstance(module, (nn.Linear, DeltaLinear)) and pname == "bias":
+            if base_t is None:
+                raise PrinmixError(f"{delta_path}: the fine-tune adds {tname}, which the base lacks; "
+                                   f"serve its merged model")
+            if isinstance(module, nn.Linear) and pname == "bias":
                 linear_delta(path).bias = (t.float() - base_t.float()).to(self.device)
-            elif isinstance(module, (nn.Linear, DeltaLinear, nn.Embedding)) or t.numel() > 1 << 20:
+            elif isinstance(module, (nn.Linear, nn.Embedding)) or t.numel() > 1 << 20:
                 raise PrinmixError(f"{delta_path}: {tname} is stored as a dense replacement "
                                    f"({t.numel()} values); the multi-tenant runtime serves only compressed "
                                    f"linears, biases, norms and changed rows")
@@ -349,8 +354,6 @@ class MultiTenantModel:
         for rname, (idx, values, shape) in delta.rows.items():
             path, module = self._module_of(rname, "weight", delta_path)
             kind = "embedding" if type(module) is nn.Embedding else "rows" if type(module) is nn.Linear else None
-            if kind is None and isinstance(module, (PerTenantEmbedding, PerTenantRows)):
-                kind = "embedding" if isinstance(module, PerTenantEmbedding) else "rows"
             if kind is None:
                 raise PrinmixError(f"{delta_path}: rows of {rname} change, but {path} is a {type(module).__name__}")
             if shape[0] != module.weight.shape[0]:
