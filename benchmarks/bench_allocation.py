@@ -82,7 +82,8 @@ def run_milp(E, costs, budget, fmax, solver, time_limit):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="q_proj, k_proj, gate_proj at α=1/16, fmax 2 and 4")
-    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per SCIP/HiGHS solve")
+    p.add_argument("--time-limit", type=float, default=120.0,
+                   help="seconds per SCIP solve (CPU time) and HiGHS solve (wall-clock)")
     p.add_argument("--alphas", default="1/16,1/32", help="comma-separated ratios")
     p.add_argument("--fmax", default="2,3,4,5,6", help="comma-separated fmax values")
     p.add_argument("--shapes", default=",".join(QWEN25_7B), help="comma-separated matrix names")

@@ -30,7 +30,8 @@ def _objective_scale(E: np.ndarray) -> float:
 
 def solve_allocation_milp(errors, costs, budget, fmax, solver: str = "highs",
                           time_limit: float | None = None, stats: dict | None = None) -> Allocation:
-    """Eq. 8 as a 0/1 MILP. solver: "highs" or "scip"; time_limit in seconds (None: none).
+    """Eq. 8 as a 0/1 MILP. solver: "highs" or "scip"; time_limit in seconds (None: none; SCIP
+    counts CPU seconds, HiGHS wall-clock seconds).
 
     certified is True only when the solver proves optimality at zero gap; on a time-out the best
     solution found is returned with certified=False and the solver's dual bound as lower_bound.
@@ -123,6 +124,7 @@ def _solve_scip(Es, c, budget, fmax, time_limit, stats):
     m.setParam("limits/gap", 0.0)
     m.setParam("limits/absgap", 0.0)
     if time_limit is not None:
+        m.setParam("timing/clocktype", 1)          # CPU seconds: fair on a shared machine
         m.setParam("limits/time", float(time_limit))
     S = [[m.addVar(vtype="B", obj=float(Es[i, j])) for j in range(nb)] for i in range(r)]
     f = [m.addVar(vtype="B") for _ in range(nb)]
