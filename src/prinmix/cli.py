@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
+    from .evaluate.cli_commands import add_eval_parser, add_report_parser
+    from .export_lora import add_export_lora_parser
+
+    add_eval_parser(sub)
+    add_report_parser(sub)
+    add_export_lora_parser(sub)
+
     d = sub.add_parser("demo", help="build a tiny model pair locally, compress it with every method, report")
     d.add_argument("--workdir", default=None)
     d.set_defaults(fn=cmd_demo)
