@@ -201,3 +201,25 @@ def test_refusals(trained_adapter, tmp_path):
     save_file(tensors, str(biased / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="no bias"):
         LoraFinetunedReader(base_r, biased)
+
+
+def test_adapter_on_a_renamed_tower(tiny_models, tmp_path):
+    """PEFT names modules (model.language_model.layers…); a LLaVA checkpoint stores language_model.model.layers…"""
+    from transformers import AutoModelForImageTextToText
+
+    from fixtures.more_architectures import MoreArchitectures
+
+    base, _ = MoreArchitectures(tiny_models).pair("llava")
+    from peft import LoraConfig, get_peft_model
+
+    with single_thread():
+        model = get_peft_model(AutoModelForImageTextToText.from_pretrained(str(base), dtype=torch.float32),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|down_proj)"))
+        _randomise_lora(model, 2)
+        model.save_pretrained(str(tmp_path / "a"))
+        merged = _merged_state(model)
+    reader = LoraFinetunedReader(CheckpointReader(base), tmp_path / "a")
+    assert reader.lora_targets[0] == "language_model.model.layers.0.mlp.down_proj.weight"
+    for name in reader.lora_targets:
+        module_name = "model.language_model." + name[len("language_model.model."):]
+        assert torch.allclose(reader.get(name), merged[module_name], atol=1e-6), name
