@@ -95,17 +95,17 @@ def load_gguf_base(gguf_path: Path | None = None):
 
 def _save_model(model, tokenizer, out_dir: Path, dtype: torch.dtype) -> None:
     """save_pretrained into a temporary folder, then rename (no half-written checkpoints)."""
+    import copy
     import shutil
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    orig_dtype = next(model.parameters()).dtype
-    model.to(dtype)
+    # cast a copy: casting ``model`` down and back up in place would round its
+    # fp32 master weights to ``dtype``
+    if next(model.parameters()).dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
     model.config.dtype = dtype
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-    finally:
-        model.to(orig_dtype)
+    model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
@@ -287,6 +287,20 @@ def delta_stats(base_dir, ft_dir) -> dict:
 # --------------------------------------------------------------------------- training
 
 
+def answer_loss(model, ids, mask, lab):
+    """Mean next-token cross-entropy over the labelled (answer) positions.
+
+    Same value as ``model(..., labels=lab).loss``, but the tied 49k-row LM head
+    is applied only where there is a label, which saves ~20 % of the compute.
+    """
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = lab[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
 def _lr_lambda(warmup: int, total: int, min_ratio: float = 0.1):
     def f(step: int) -> float:
         if step < warmup:
@@ -359,7 +373,8 @@ def build(
     model, tokenizer = load_model(base_dir, torch.float32)
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
+    # fused=True: ~15x faster than the default foreach AdamW on CPU (same maths)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, steps))
     ckpt_path = out / CKPT_NAME
     step, losses = 0, []
@@ -389,7 +404,7 @@ def build(
     while step < steps:
         rows = [train[i] for i in _batch_indices(len(train), batch, step, seed)]
         ids, mask, lab = _encode_batch(tokenizer, rows)
-        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss = answer_loss(model, ids, mask, lab)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         opt.step()
