@@ -133,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluate.cli_commands import add_eval_parser, add_report_parser
     from .export_lora import add_export_lora_parser
+    from .serve.cli_command import add_serve_parser
 
     add_eval_parser(sub)
     add_report_parser(sub)
     add_export_lora_parser(sub)
+    add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="build a tiny model pair locally, compress it with every method, report")
     d.add_argument("--workdir", default=None)
