@@ -391,11 +391,15 @@ def fig_rank_bytes(stats: list[MatrixStats]) -> bytes | None:
     bottom = np.zeros(len(layers))
     for k, t in enumerate(types):
         sel = {s.layer: s for s in ranked if s.type == t}
-        ax1.plot(layers, [sel[layer].kept_rank if layer in sel else np.nan for layer in layers], marker="o",
+        ax1.plot(layers, [sel[layer].kept_rank if layer in sel and not sel[layer].sign else np.nan
+                          for layer in layers], marker="o",
                  ms=3, label=t, color=tab(k % 10))
         vals = np.array([sel[layer].nbytes / 1024 if layer in sel else 0 for layer in layers])
         ax2.bar(layers, vals, bottom=bottom, label=t, color=tab(k % 10), width=0.85)
         bottom += vals
+    if all(s.sign for s in ranked):
+        ax1.text(0.5, 0.5, "sign matrices (BitDelta): no ranks", ha="center", va="center", fontsize=9,
+                 transform=ax1.transAxes)
     ax1.set_title("kept rank per layer", fontsize=10)
     ax1.set_xlabel("layer", fontsize=8)
     ax1.set_ylabel("ranks stored (width > 0)", fontsize=8)
@@ -694,7 +698,7 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
     rows = []
     for layer in layers:
         sel = {s.type: s for s in stats if s.layer == layer}
-        rows.append([layer] + [sel[t].kept_rank if t in sel else "-" for t in types]
+        rows.append([layer] + [("sign" if sel[t].sign else sel[t].kept_rank) if t in sel else "-" for t in types]
                     + [f"{sum(s.nbytes for s in sel.values()):,}"])
     page.add(_table(["layer"] + [f"{t} rank" for t in types] + ["bytes"], rows))
 
