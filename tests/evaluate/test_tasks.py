@@ -14,7 +14,11 @@ from prinmix.evaluate.perplexity import load_model
 from prinmix.evaluate.tasks import (exact_match, is_task_file, lm_eval_available, normalise_prediction,
                                     read_task_file, require_lm_eval, run_tasks)
 
-PROMPTS = ["12+35=", "7+8=", "Abstract base classes ", "99+1=", "The module", "3+4="]
+# Candidate prompts; the tiny *base* (pretrained on the built-in text) continues about half of them with
+# a non-empty first line (the tiny fine-tune mostly answers newlines, which the runner reads as "").
+CANDIDATES = ["The module", "def", "Return the", "class", "This function", "If the", "The default", "See also",
+              "For example", "Raise", "the", "a", "is", "Create a new", "An object", "Note that", "When", "In",
+              "Use", "It"]
 MAX_NEW = 6
 
 
@@ -26,17 +30,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model_and_answers(tiny_pair):
-    _, ft = tiny_pair("llama")
-    model, tok = load_model(ft, "cpu", "float32")
+    base, _ = tiny_pair("llama")
+    model, tok = load_model(base, "cpu", "float32")
     answers = []
-    for p in PROMPTS:  # greedy continuation of each prompt alone (no padding), first line
+    for p in CANDIDATES:  # greedy continuation of each prompt alone (no padding), first line
         ids = tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         answers.append(normalise_prediction(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
-    assert sum(bool(a) for a in answers) >= 4, answers
-    return model, tok, answers
+    keep = [(p, a) for p, a in zip(CANDIDATES, answers) if a][:6]
+    assert len(keep) >= 4, answers
+    return model, tok, keep
 
 
 def _write(path, prompts, answers):
@@ -46,8 +51,7 @@ def _write(path, prompts, answers):
 
 
 def test_known_answers_score_one_and_wrong_answers_zero(model_and_answers, tmp_path):
-    model, tok, answers = model_and_answers
-    keep = [(p, a) for p, a in zip(PROMPTS, answers) if a]
+    model, tok, keep = model_and_answers
     prompts, good = [p for p, _ in keep], [a for _, a in keep]
     right = _write(tmp_path / "right.jsonl", prompts, [f"  {a} " for a in good])
     # batched with prompts of different token lengths: left padding must not change greedy outputs
