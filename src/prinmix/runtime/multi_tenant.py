@@ -360,7 +360,7 @@ class MultiTenantModel:
                 raise PrinmixError(f"{delta_path}: the fine-tune changes the vocabulary size of {rname} "
                                    f"({module.weight.shape[0]} -> {shape[0]}); serve its merged model")
             order = torch.argsort(idx)
-            payload = RowsPayload(idx[order].to(torch.int64), values[order].to(module.weight.dtype))
+            payload = RowsPayload(idx[order].to(torch.int64), values[order])      # stored dtype; cast at use
             plan[path] = (kind, payload)
             if kind == "embedding" and tied and tied[0] == path and f"{tied[1]}.weight" not in delta.rows:
                 plan[tied[1]] = ("rows", payload)        # a tied lm_head follows the embedding
