@@ -208,7 +208,7 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             continue
         if name in linear_weights:
             factors = ft_r.lora_factors(name) if hasattr(ft_r, "lora_factors") else None  # LoRA: ΔW = (s·B)·A
-            d = factors[0] @ factors[1] if factors else ft_t.to(torch.float32) - base_t.to(torch.float32)
+            d = factors[0] @ factors[1] if factors else ft_t.to(torch.float32, copy=True).sub_(base_t)  # no float32 base copy
             ft_t = base_t = factors = None  # free before the compressor's own peak
             if not torch.any(d):
                 continue

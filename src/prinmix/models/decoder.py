@@ -420,8 +420,9 @@ class DecoderStack:
             if isinstance(module, _LayerRecorder):
                 continue
             module.register_forward_pre_hook(lambda mod, _args, _n=module_name: materialise(_n, mod))
+        model_ref = weakref.ref(model)  # no reference cycle: the model (its float32 embeddings) dies with its last user
         model._prinmix_materialise_all = lambda: [  # used when a module's weights are read without calling it
-            materialise(n, m) for n, m in model.named_modules() if not isinstance(m, _LayerRecorder)
+            materialise(n, m) for n, m in model_ref().named_modules() if not isinstance(m, _LayerRecorder)
         ]
         return model, recorders
 
@@ -452,7 +453,7 @@ class DecoderStack:
             checkpoint_name = self._to_checkpoint_name(module_name)
             if checkpoint_name in reader:
                 with torch.no_grad():
-                    target.copy_(reader.get(checkpoint_name, dtype=torch.float32, device=target.device))
+                    target.copy_(reader.get(checkpoint_name, dtype=None, device=target.device))  # cast in the copy
                 return
         raise CheckpointError(f"{reader.path}: no tensor for {module_names[0]!r} (needed outside the decoder layers)")
 
