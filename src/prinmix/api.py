@@ -27,6 +27,7 @@ from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.delta_file import DeltaFile, load_delta as _load_delta, save_delta
 from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader, check_compatible
+from .models.offload import PackedLinear
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
 CALIBRATED = ("prinmix", "deltacome")
@@ -151,7 +152,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
             layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size,
                                           on_hessians)
             _save_layer_part(layer_delta, part)
-        delta.matrices.update(layer_delta.matrices)
+        delta.matrices.update({n: PackedLinear(m) for n, m in layer_delta.matrices.items()})  # bit-packed in RAM
         delta.dense.update(layer_delta.dense)
         if inputs is not None:  # propagate through base + compressed delta of this layer
             state = {n[len(prefix):]: finetuned_tensor(n, base_r, layer_delta, torch.float32)

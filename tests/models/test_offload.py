@@ -41,3 +41,19 @@ def test_embed_and_run_layer_write_into_given_buffers(tiny_pair, tmp_path):
     del inputs, out, first, second
     files.close()
     assert not any(p.exists() for p in paths)
+
+
+def test_packed_linear_stands_in_for_compressed_linear():
+    from prinmix.algorithms.compress_matrix import compress_matrix
+    from prinmix.models.offload import PackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(48, 4, generator=g) @ torch.randn(4, 40, generator=g)
+    m = compress_matrix(delta, None, 1 / 8)
+    packed = PackedLinear(m)
+    assert torch.equal(packed.to_blob(), m.to_blob()) and packed.nbytes() == m.nbytes() and packed.shape == (48, 40)
+    assert packed._unpacked is None
+    assert torch.equal(packed.reconstruct(torch.float32), m.reconstruct(torch.float32))   # unpacks once
+    signs = PackedLinear(compress_matrix(delta, None, 1 / 16, "bitdelta"))
+    signs.sign.scale = torch.tensor(0.5, dtype=torch.float16)                             # e.g. distilled scales
+    assert signs.to_blob()[1:3].clone().view(torch.float16).item() == 0.5

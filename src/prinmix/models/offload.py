@@ -50,3 +50,38 @@ class HiddenFiles:
         """Drop the mappings and delete the files (the tensors handed out must no longer be used)."""
         self.buffers = []
         self._finalizer()
+
+
+class PackedLinear:
+    """A compressed linear kept as its blob between layers (codes bit-packed) instead of unpacked objects.
+
+    CompressedLinear holds one byte per code (one per entry for BitDelta's signs), up to 8× its stored
+    size; over 80 layers of a 70B model that is tens of GB. shape, method, info, nbytes() and
+    to_blob() come from the blob; any other attribute unpacks it once (and keeps it, so changes to
+    it, e.g. distilled BitDelta scales, are what to_blob() then returns).
+    """
+
+    def __init__(self, m) -> None:
+        self.shape, self.method, self.info = tuple(m.shape), m.method, m.info
+        self._blob, self._nbytes, self._unpacked = m.to_blob(), m.nbytes(), None
+
+    def nbytes(self) -> int:
+        return self._nbytes if self._unpacked is None else self._unpacked.nbytes()
+
+    def to_blob(self) -> torch.Tensor:
+        return self._blob if self._unpacked is None else self._unpacked.to_blob()
+
+    def unpacked(self):
+        """The CompressedLinear (decoded from the blob on first use)."""
+        if self._unpacked is None:
+            from prinmix.algorithms.compressed import CompressedLinear
+
+            self._unpacked = CompressedLinear.from_blob(self._blob, self.shape, self.method)
+            self._unpacked.info = self.info
+            self._blob = None
+        return self._unpacked
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.unpacked(), name)
