@@ -413,15 +413,23 @@ def table(pair: Path, fit_file: Path | None) -> None:
                           for k in ph["compress_start"]))
     if not (fit_file and fit_file.exists()):
         return
-    fit = json.loads(fit_file.read_text())["full"]
-    print("\nPrinMix compress_matrix per matrix at full size (extrapolated, see fit): "
-          + ", ".join(f"{n.split('.')[-1]} +{v['peak_gib']:.1f} GiB / {v['seconds'] / 3600:.1f} h" for n, v in fit.items()))
+    fitted = json.loads(fit_file.read_text())
+    fit = fitted["full"]
+    for name, v in fit.items():  # upper bounds: memory x², time x³ (GPTQ's r·h_in² sweeps) from the largest point
+        big = min((p for p in fitted["points"] if p["full"] == v["shape"]), key=lambda p: p["scale"])
+        v["peak_gib_x2"] = big["extra_gib"] * big["scale"] ** 2
+        v["seconds_x3"] = big["seconds"] * big["scale"] ** 3
+    print("\nPrinMix compress_matrix per matrix, measured at 1/s scale and extrapolated to full size "
+          "(power law through the two largest points .. upper bound x² memory / x³ time):")
+    for n, v in fit.items():
+        print(f"  {n:<18} {v['shape'][0]:>5}x{v['shape'][1]:<5} +{v['peak_gib']:.1f}..{v['peak_gib_x2']:.1f} GiB   "
+              f"{v['seconds'] / 3600:.2f}..{v['seconds_x3'] / 3600:.2f} h")
     ok = [r for r in results.values() if r["returncode"] == 0 and r["compressor"] != "prinmix" and r["events"]]
     if not ok:
         return
     r = min(ok, key=lambda r: r["peak_anon_gib"])
     ph = _phase_peaks(r["events"])
-    compress_peak = max(ph["compress_start"].get("x".join(map(str, v["shape"])), 0.0) + v["peak_gib"]
+    compress_peak = max(ph["compress_start"].get("x".join(map(str, v["shape"])), 0.0) + v["peak_gib_x2"]
                         for v in fit.values())
     delta_gib = FULL_LAYERS * layer_params * 2 / 16 / GiB          # the 1/16 delta, held until written
     pipeline_s = sum(r["layer_seconds"]) / len(r["layer_seconds"])
@@ -429,13 +437,15 @@ def table(pair: Path, fit_file: Path | None) -> None:
         - sum(e["t"] for e in r["events"] if e.get("event") == "compress start")
     pipeline_s -= compress_s / len(r["layer_seconds"])
     hours = FULL_LAYERS * (pipeline_s + sum(v["seconds"] for v in fit.values())) / 3600
+    hours_x3 = FULL_LAYERS * (pipeline_s + sum(v["seconds_x3"] for v in fit.values())) / 3600
     peak = max(ph["embed"], ph["capture"], ph["propagate"], compress_peak)
     print(f"\nPredicted, all 80 layers with PrinMix on this machine ({r['tag']} pipeline): per-layer peak "
           f"max(embed {ph['embed']:.1f}, capture {ph['capture']:.1f}, compress {compress_peak:.1f}) = {peak:.1f} GiB, "
           f"+ the compressed delta held until written ({delta_gib:.1f} GiB at 1/16, about twice that while "
           f"save_delta serialises) -> {peak + delta_gib:.1f} to {peak + 2 * delta_gib:.1f} GiB; "
-          f"time 80 x ({pipeline_s:.0f} s pipeline + {sum(v['seconds'] for v in fit.values()) / 3600:.1f} h PrinMix) "
-          f"= {hours:.0f} h on {os.cpu_count()} CPU cores")
+          f"time 80 x ({pipeline_s:.0f} s pipeline + {sum(v['seconds'] for v in fit.values()) / 3600:.1f}.."
+          f"{sum(v['seconds_x3'] for v in fit.values()) / 3600:.1f} h PrinMix) = {hours:.0f}..{hours_x3:.0f} h "
+          f"on {os.cpu_count()} CPU cores")
 
 
 def main(argv=None) -> None:

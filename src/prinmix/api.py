@@ -162,6 +162,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
             out = hidden_files.next() if hidden_files else None
             inputs = inputs.with_hidden(run_layer(layer, inputs, batch_size, out=out))
             del layer, state  # free this layer's weights before the next one is read
+        layer_delta = None  # its unpacked codes (1 byte each) must not live through the next layer
         if progress:
             progress(i + 1, n_layers, f"layer {i}")
 

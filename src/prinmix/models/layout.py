@@ -86,9 +86,13 @@ def revert_names(model: nn.Module, shapes: dict[str, tuple[int, ...]], where: st
         names.append(name)
         offsets.append(total)
         total += count
-    reverted = revert_weight_conversion(model, dict(probes))
-    result: dict[str, list[Piece]] = {n: [] for n in names}
     model_type = getattr(getattr(model, "config", None), "model_type", "?")
+    try:
+        reverted = revert_weight_conversion(model, dict(probes))
+    except Exception as exc:  # a conversion op transformers cannot run on probes: no way to map names
+        raise CheckpointError(f"{where}: model_type {model_type!r}: cannot map module names to checkpoint names "
+                              f"({type(exc).__name__}: {exc}); unsupported architecture") from exc
+    result: dict[str, list[Piece]] = {n: [] for n in names}
     for ckpt_name, tensor in reverted.items():
         values = tensor.reshape(-1).to(torch.int64)
         if values.numel() == 0:
