@@ -77,6 +77,9 @@ def cmd_info(a) -> int:
     print(f"method         {d['method']}")
     print(f"ratio          requested {d['ratio_requested']:.6g}, achieved {d['ratio_achieved']:.6g} "
           f"(all stored bytes of the linear deltas / their 16-bit size)")
+    if d["ratio_vs_adapter"] is not None:
+        print(f"vs LoRA        {d['ratio_vs_adapter']:.4g} of the source adapter's 16-bit factors "
+              f"({_fmt_bytes(d['linear_bytes'])} / {_fmt_bytes(d['lora_adapter_bytes'])})")
     print(f"file           {_fmt_bytes(d['file_bytes'])}  (linear {_fmt_bytes(d['linear_bytes'])}, "
           f"other tensors {_fmt_bytes(d['other_bytes'])}, config/tokenizer {_fmt_bytes(d['aux_bytes'])})")
     print(f"base           {d['base'].get('model_type')} content hash {d['base'].get('content_hash', '')[:16]}…")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from fixtures.tiny_models import arithmetic_lines, single_thread, token_windows, train_steps
 from prinmix import api
+from prinmix.cli import main as cli_main
 from prinmix.errors import CheckpointError
 from prinmix.models.checkpoint import CheckpointReader
 from prinmix.models.lora_source import LoraFinetunedReader, is_lora_adapter
@@ -85,7 +86,7 @@ def test_reader_equals_peft_merge(trained_adapter):
 
 
 @pytest.mark.parametrize("ratio,closeness", [("1/16", 0.2), ("1/64", 0.6)])  # measured: 0.08, 0.35
-def test_prinmix_lora_end_to_end(trained_adapter, tmp_path, ratio, closeness):
+def test_prinmix_lora_end_to_end(trained_adapter, tmp_path, capsys, ratio, closeness):
     base, adapter, model = trained_adapter
     delta = tmp_path / "lora.delta"
     summary = api.compress(base, adapter, delta, ratio=ratio, **FAST)
@@ -94,6 +95,13 @@ def test_prinmix_lora_end_to_end(trained_adapter, tmp_path, ratio, closeness):
     reader = LoraFinetunedReader(CheckpointReader(base), adapter)
     assert params["lora_adapter_bytes"] == reader.delta_params["lora_adapter_bytes"]
     assert summary.linear_bytes < params["lora_adapter_bytes"]          # smaller than the adapter itself
+    described = api.info(delta)
+    assert described["ratio_vs_adapter"] == pytest.approx(summary.linear_bytes / params["lora_adapter_bytes"])
+    # dense 16-bit ΔW is h_out·h_in per target; the adapter r·(h_out+h_in): the two ratios differ by exactly that
+    assert described["ratio_vs_adapter"] == pytest.approx(
+        described["ratio_achieved"] * 2 * described["dense_delta_params"] / params["lora_adapter_bytes"])
+    assert cli_main(["info", str(delta)]) == 0
+    assert f"vs LoRA        {described['ratio_vs_adapter']:.4g}" in capsys.readouterr().out
     merged = api.merge(base, delta, tmp_path / "merged")
 
     from transformers import AutoModelForCausalLM
