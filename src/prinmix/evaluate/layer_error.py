@@ -221,7 +221,7 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def _label_deltas(deltas) -> dict[str, Path]:
+def label_deltas(deltas) -> dict[str, Path]:
     """{label: path}: a dict is kept; a list gets the file stems as labels (made unique)."""
     if isinstance(deltas, dict):
         return {str(k): Path(v) for k, v in deltas.items()}
@@ -255,7 +255,7 @@ def layer_errors(base, finetuned, deltas, calib: str | None = None, nsamples: in
 
     if not 0 < outlier_fraction <= 1:
         raise PrinmixError(f"outlier fraction must lie in (0, 1], got {outlier_fraction}")
-    labelled = _label_deltas(deltas)
+    labelled = label_deltas(deltas)
     if not labelled:
         raise PrinmixError("no delta file given")
     dev = resolve_device(device)

@@ -31,6 +31,7 @@ from typing import Iterator
 import torch
 
 from ..errors import CheckpointError, PrinmixError
+from .layer_error import label_deltas
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 DEFAULT_MAX_TOKENS = 16384
@@ -85,10 +86,9 @@ class ModelEntry:
 def delta_entries(deltas) -> list[ModelEntry]:
     """ModelEntry of each delta file (labelled by file stem, made unique), from its metadata only."""
     from ..api import info
-    from .layer_error import _label_deltas
 
     out = []
-    for label, path in _label_deltas(deltas).items():
+    for label, path in label_deltas(deltas).items():
         d = info(path)
         out.append(ModelEntry(label, "delta", str(path), d["method"], d["ratio_requested"], d["ratio_achieved"],
                               d["linear_bytes"]))
@@ -129,7 +129,7 @@ def reference_tokenizer(base, deltas, finetuned=None):
     if finetuned is not None:
         src = Path(finetuned)
         return AutoTokenizer.from_pretrained(str(src))
-    for _label, path in _labelled(deltas).items():
+    for _label, path in label_deltas(deltas).items():
         aux = load_delta(path).aux_files
         if aux:
             with tempfile.TemporaryDirectory(prefix="prinmix-tok-") as tmp:
@@ -143,21 +143,18 @@ def reference_tokenizer(base, deltas, finetuned=None):
     return AutoTokenizer.from_pretrained(str(base))
 
 
-def _labelled(deltas):
-    from .layer_error import _label_deltas
-
-    return _label_deltas(deltas)
-
 
 # --------------------------------------------------------------------------- text
 def text_token_ids(source: str | None, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS) -> torch.Tensor:
     """LongTensor [n] of the first `max_tokens` tokens of the source's text stream (see module docstring)."""
-    from ..models.calibration import BUILTIN_NAMES, CHARS_PER_NEEDED_TOKEN, MIN_CHARS, _documents, _tokenise
+    from ..models.calibration import (BUILTIN_NAMES, CHARS_PER_NEEDED_TOKEN, MIN_CHARS, read_documents,
+                                      tokenise_documents)
 
     if max_tokens < 2:
         raise PrinmixError(f"perplexity needs at least 2 tokens, got max_tokens={max_tokens}")
     label = "builtin text" if source in BUILTIN_NAMES else str(source)
-    ids = _tokenise(_documents(source, max(MIN_CHARS, CHARS_PER_NEEDED_TOKEN * max_tokens)), tokenizer, label)
+    documents = read_documents(source, max(MIN_CHARS, CHARS_PER_NEEDED_TOKEN * max_tokens))
+    ids = tokenise_documents(documents, tokenizer, label)
     if ids.numel() < 2:
         raise PrinmixError(f"{label}: only {ids.numel()} token(s), too few for a perplexity")
     return ids[:max_tokens]

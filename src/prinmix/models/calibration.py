@@ -65,7 +65,7 @@ def load_calibration(
         raise ValueError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
     label = "builtin calibration text" if source in BUILTIN_NAMES else str(source)
     max_chars = max(MIN_CHARS, CHARS_PER_NEEDED_TOKEN * nsamples * seqlen)
-    tokens = _tokenise(_documents(source, max_chars), tokenizer, label)
+    tokens = tokenise_documents(read_documents(source, max_chars), tokenizer, label)
     if tokens.numel() < seqlen:
         raise PrinmixError(f"{label}: only {tokens.numel()} tokens, fewer than seqlen={seqlen}")
     generator = torch.Generator().manual_seed(seed)
@@ -74,7 +74,7 @@ def load_calibration(
 
 
 # --------------------------------------------------------------------------- text sources
-def _documents(source: str | None, max_chars: int) -> Iterator[str]:
+def read_documents(source: str | None, max_chars: int) -> Iterator[str]:
     if source in BUILTIN_NAMES:
         yield builtin_text()
         return
@@ -214,7 +214,7 @@ def _pieces(text: str) -> Iterator[str]:
         start = end
 
 
-def _tokenise(documents: Iterable[str], tokenizer, label: str) -> torch.Tensor:
+def tokenise_documents(documents: Iterable[str], tokenizer, label: str) -> torch.Tensor:
     """Concatenated token ids (LongTensor [n_tokens]) of the documents, separated by blank lines."""
     ids: list[int] = []
     batch: list[str] = []
