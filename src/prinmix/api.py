@@ -111,7 +111,10 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     dev = resolve_device(device)
     base_r, ft_r, compat = _open_pair(base, finetuned)
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise BudgetError(f"invalid bit-width settings (--bits/--fmax): {e}") from None
     output = Path(output)
 
     from .models.decoder import DecoderStack, run_layer

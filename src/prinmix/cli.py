@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .errors import PrinmixError
+from .errors import BudgetError, PrinmixError
 
 
 class LayerProgress:
@@ -38,11 +38,14 @@ def _fmt_bytes(n: int) -> str:
 def cmd_compress(a) -> int:
     from . import api
 
-    widths = tuple(int(b) for b in a.bits.split(","))
+    try:
+        widths = tuple(int(b) for b in a.bits.split(","))
+    except ValueError:
+        raise BudgetError(f"--bits {a.bits!r}: expected comma-separated integers such as 0,2,3,4,8") from None
     s = api.compress(a.base, a.finetuned, a.output, ratio=a.ratio, method=a.method, calib=a.calib,
                      nsamples=a.nsamples, seqlen=a.seqlen, widths=widths, fmax=a.fmax, device=a.device,
                      batch_size=a.batch_size, resume=not a.no_resume, progress=LayerProgress("compress"),
-                     distill_steps=a.distill_steps)
+                     distill_steps=a.distill_steps, offload=a.offload)
     rows = [("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"),
             ("ratio achieved (linear deltas, all stored bytes)",
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", help="auto, cpu or cuda")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--no-resume", action="store_true", help="ignore the partial results of an interrupted run")
+    c.add_argument("--offload", metavar="DIR", default=None,
+                   help="keep the calibration hidden states in memory-mapped files in DIR instead of RAM "
+                        "(for models whose calibration activations do not fit in memory)")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="bitdelta: Adam steps of scale distillation against the fine-tune's logits (0 = off)")
     c.set_defaults(fn=cmd_compress)

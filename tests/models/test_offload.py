@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from prinmix import api
+from prinmix.cli import main as cli_main
 from prinmix.models.checkpoint import CheckpointReader
 from prinmix.models.decoder import DecoderStack, run_layer
 from prinmix.models.offload import HiddenFiles
@@ -16,7 +17,8 @@ def test_offloaded_compress_is_byte_identical(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama", "fp32")
     plain, offloaded = tmp_path / "plain.delta", tmp_path / "offloaded.delta"
     api.compress(base, ft, plain, **FAST)
-    api.compress(base, ft, offloaded, offload=tmp_path / "hidden", **FAST)
+    assert cli_main(["compress", str(base), str(ft), "-o", str(offloaded), "--nsamples", "4", "--seqlen", "32",
+                     "--offload", str(tmp_path / "hidden")]) == 0
     assert plain.read_bytes() == offloaded.read_bytes()
     assert list((tmp_path / "hidden").iterdir()) == []          # the memory-mapped files are gone
 

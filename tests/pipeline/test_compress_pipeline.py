@@ -82,6 +82,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 
 def _fails(capsys, argv, *needles):
+    capsys.readouterr()  # drop what fixtures wrote (e.g. transformers' shard progress while building models)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("prinmix: error:") and "\n" not in err, err
@@ -105,6 +106,9 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
            "bitdelta")
     if not torch.cuda.is_available():
         _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--device", "cuda"], "CUDA")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--bits", "2,three"], "--bits")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--bits", "2,9", *opts], "widths")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--fmax", "0", *opts], "fmax")
 
     nan_ft = _copy(ft, tmp_path / "nan_ft")
     weights = load_file(str(nan_ft / "model.safetensors"))
