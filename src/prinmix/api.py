@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
+from .format.atomic_dir import atomic_directory
 from .format.delta_file import DeltaFile, load_delta as _load_delta, save_delta
 from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader, check_compatible
@@ -308,8 +309,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
-    try:
+    with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
         shard, shard_bytes, shards, index = {}, 0, [], {}
         limit = 2 * 1024 ** 3
@@ -340,12 +340,6 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
         for fname, data in delta.aux_files.items():
             (tmp / fname).write_bytes(data)
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
 
 

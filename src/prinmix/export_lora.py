@@ -21,8 +21,6 @@ outside the linears (norms, biases, embedding / lm_head rows), which a LoRA adap
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from safetensors.torch import save_file
 
 from .algorithms.lowrank_svd import svd_of_product
 from .errors import PrinmixError
+from .format.atomic_dir import atomic_directory
 from .format.delta_file import load_delta
 from .models.apply_delta import check_base
 from .models.checkpoint import CheckpointReader
@@ -129,17 +128,9 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
               "modules_to_save": None, "use_rslora": False, "use_dora": False, "inference_mode": True,
               "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
               "base_model_name_or_path": str(Path(base_dir).resolve())}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out_dir": str(out_dir), "r": r, "lora_alpha": r, "target_modules": targets,
             "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None),
             "truncated": any(m["exported_rank"] < m["rank"] for m in modules.values()),

@@ -80,6 +80,12 @@ def test_task_file_errors(tmp_path):
     bad.write_text('{"prompt": "a"}\n')
     with pytest.raises(PrinmixError, match=r"bad.jsonl:1: expected an object"):
         read_task_file(bad)
+    bad.write_text('[1, 2]\n')
+    with pytest.raises(PrinmixError, match=r"bad.jsonl:1: expected a JSON object"):
+        read_task_file(bad)
+    bad.write_bytes(b'{"prompt": "\xff\xfe", "answer": "1"}\n')
+    with pytest.raises(PrinmixError, match=r"bad.jsonl: not UTF-8"):
+        read_task_file(bad)
     with pytest.raises(PrinmixError, match="no such task file"):
         read_task_file(tmp_path / "missing.jsonl")
     assert is_task_file(str(tmp_path / "missing.jsonl")) and not is_task_file("gsm8k")

@@ -19,13 +19,13 @@ without lm-eval installed this raises a PrinmixError saying how to install it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import PrinmixError
+from ..models.calibration import iter_jsonl_objects
 
 INSTALL_HINT = "pip install 'prinmix[eval]' (or pip install lm-eval)"
 
@@ -43,24 +43,12 @@ def read_task_file(path, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise PrinmixError(f"{path}: no such task file")
     rows = []
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as e:
-        raise PrinmixError(f"{path}: cannot read ({e.strerror or e})") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PrinmixError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) \
-                    or not isinstance(rec.get("answer"), (str, int, float)):
-                raise PrinmixError(f"{path}:{line_number}: expected an object with string \"prompt\" and \"answer\"")
-            rows.append({"prompt": rec["prompt"], "answer": str(rec["answer"])})
-            if limit is not None and len(rows) >= limit:
-                break
+    for line_number, rec in iter_jsonl_objects(path):
+        if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("answer"), (str, int, float)):
+            raise PrinmixError(f"{path}:{line_number}: expected an object with string \"prompt\" and \"answer\"")
+        rows.append({"prompt": rec["prompt"], "answer": str(rec["answer"])})
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise PrinmixError(f"{path}: no task items")
     return rows

@@ -139,24 +139,34 @@ def record_text(record: dict) -> str:
     return "\n".join(v for v in record.values() if isinstance(v, str))
 
 
-def _jsonl_documents(path: Path) -> Iterator[str]:
+def iter_jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; one-line PrinmixError naming the file
+    (and line) when it cannot be read, a line is not JSON, or a line is not a JSON object."""
     try:
         handle = open(path, encoding="utf-8")
     except OSError as exc:
-        raise PrinmixError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+        raise PrinmixError(f"{path}: cannot read ({exc.strerror or exc})") from None
     with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PrinmixError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise PrinmixError(f"{path}:{line_number}: expected a JSON object per line")
-            text = record_text(record)
-            if text:
-                yield text
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PrinmixError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict):
+                    raise PrinmixError(f"{path}:{line_number}: expected a JSON object per line")
+                yield line_number, record
+        except UnicodeDecodeError as exc:
+            raise PrinmixError(f"{path}: not UTF-8 text ({exc.reason})") from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for _, record in iter_jsonl_objects(path):
+        text = record_text(record)
+        if text:
+            yield text
 
 
 def _parquet_documents(path: Path) -> Iterator[str]:

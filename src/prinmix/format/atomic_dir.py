@@ -1,0 +1,42 @@
+"""Write a whole output directory atomically: build it in a temporary sibling, then rename it into place."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_directory(output) -> Iterator[Path]:
+    """Yield an empty temporary directory beside OUTPUT; when the block succeeds it becomes OUTPUT.
+
+    The temporary directory is a sibling (same filesystem, so the final rename is atomic). An existing
+    OUTPUT (callers decide whether replacing it is allowed) is first renamed aside and deleted only after
+    the new directory is in place, so a failure at any point leaves either the old or the new directory.
+    On an exception the temporary directory is removed and the exception propagates.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.replaced-{uuid.uuid4().hex[:8]}")
+        output.rename(old)
+    try:
+        tmp.rename(output)
+    except BaseException:
+        if old is not None:
+            old.rename(output)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
