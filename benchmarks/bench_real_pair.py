@@ -47,6 +47,31 @@ def compress_measured(base, ft, out, ratio, method, nsamples, seqlen) -> dict:
     return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 1024 ** 2}
 
 
+def lowest_error_counts(records, runs) -> list[str]:
+    """Per ratio: how many linears, and how many decoder layers (sum of the layer's Eq. 1 SSE), each
+    method has the lowest error on. records: LinearError (or their dicts); runs: the benchmark's runs."""
+    get = (lambda r, k: r[k]) if records and isinstance(records[0], dict) else getattr
+    lines = []
+    for ratio in dict.fromkeys(r["ratio"] for r in runs):
+        labels = {r["label"]: r["method"] for r in runs if r["ratio"] == ratio}
+        sse: dict[str, dict[str, float]] = {}
+        layer_sse: dict[int, dict[str, float]] = {}
+        for rec in records:
+            label = get(rec, "delta")
+            if label in labels:
+                sse.setdefault(get(rec, "name"), {})[label] = get(rec, "sse")
+                per_layer = layer_sse.setdefault(get(rec, "layer"), {})
+                per_layer[label] = per_layer.get(label, 0.0) + get(rec, "sse")
+        wins = {m: [0, 0] for m in labels.values()}
+        for by_label in sse.values():
+            wins[labels[min(by_label, key=by_label.get)]][0] += 1
+        for by_label in layer_sse.values():
+            wins[labels[min(by_label, key=by_label.get)]][1] += 1
+        lines.append(f"α={ratio}: lowest Eq. 1 error in " + ", ".join(
+            f"{m} {w[0]}/{len(sse)} linears {w[1]}/{len(layer_sse)} layers" for m, w in wins.items()))
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", required=True, help="directory with base/, finetuned/ and task_test.jsonl")
@@ -110,6 +135,9 @@ def main(argv=None) -> int:
         print(f"{r['method']:<10} {r['ratio']:>5} {r['file_mib']:>8.2f} {r['linear_ratio']:>9.5f} "
               f"{fmt(r['seconds'], 7)} {fmt(r['peak_rss_gib'], 7)} {errs} {fmt(s['all']['rel'], 8)} "
               f"{r['accuracy']:>6.3f}")
+    print()
+    for line in lowest_error_counts(errors.records, runs):
+        print(line)
     (out / "results.json").write_text(json.dumps({"runs": runs, "accuracy": acc, "layer_errors": errors.to_dict()},
                                                  indent=1, default=float))
     print(f"\nwrote {out / 'results.json'}")

@@ -25,7 +25,7 @@ from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory
-from .format.delta_file import DeltaFile, load_delta as _load_delta, save_delta
+from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
 from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader, check_compatible
 from .models.offload import PackedLinear
@@ -46,10 +46,18 @@ class CompressSummary:
     file_bytes: int            # the whole file on disk
     seconds: float
     layers: int
+    linear_header_bytes: int = 0  # the linear deltas' entries in the file header (upper bound)
 
     @property
     def ratio_achieved(self) -> float:
+        """Blob bytes / 16-bit size of the linear deltas (the paper's ratio, with every stored byte counted)."""
         return 8 * self.linear_bytes / (16 * self.dense_params) if self.dense_params else 0.0
+
+    @property
+    def ratio_on_disk(self) -> float:
+        """As ratio_achieved, with the linear deltas' header entries (names, offsets, checksums) counted too."""
+        return 8 * (self.linear_bytes + self.linear_header_bytes) / (16 * self.dense_params) \
+            if self.dense_params else 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,7 +130,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
 
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
-    params = {"method": method, "ratio": alpha, "config": asdict(cfg), "calib": calib, "nsamples": nsamples,
+    params = {"method": method, "ratio": alpha, "budget": "blob+header", "config": asdict(cfg), "calib": calib, "nsamples": nsamples,
               "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
               "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
     key = _run_key(params)
@@ -185,7 +193,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     file_bytes = save_delta(delta, output)
     shutil.rmtree(work, ignore_errors=True)
     return CompressSummary(str(output), method, alpha, delta.linear_bytes(), delta.dense_delta_params(),
-                           delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers)
+                           delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
+                           delta.linear_header_bytes())
 
 
 def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size, on_hessians) -> DeltaFile:
@@ -219,7 +228,9 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             if not torch.any(d):
                 continue
             H = hessians.pop(name, None)  # the last user of a shared H frees it
-            out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), alpha, method, cfg)
+            # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)
+            ratio = alpha if method == "bitdelta" else ratio_within_file(alpha, name, d.shape)
+            out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
             out.matrices[name] = _to_cpu(out.matrices[name])
             d = H = None
         else:
@@ -362,6 +373,8 @@ def info(delta_path) -> dict:
             "lora_adapter_bytes": adapter_bytes,
             "ratio_vs_adapter": delta.linear_bytes() / adapter_bytes if adapter_bytes else None,
             "ratio_achieved": 8 * delta.linear_bytes() / (16 * params) if params else 0.0,
+            "linear_header_bytes": delta.linear_header_bytes(),
+            "ratio_on_disk": 8 * (delta.linear_bytes() + delta.linear_header_bytes()) / (16 * params) if params else 0.0,
             "file_bytes": path.stat().st_size, "linear_bytes": delta.linear_bytes(),
             "other_bytes": delta.dense_bytes(), "aux_bytes": delta.aux_bytes(),
             "dense_delta_params": params, "base": delta.base_fingerprint, "matrices": per_matrix,

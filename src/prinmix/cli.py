@@ -49,6 +49,8 @@ def cmd_compress(a) -> int:
     rows = [("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"),
             ("ratio achieved (linear deltas, all stored bytes)",
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
+            ("ratio on disk (+ their header entries)",
+             f"{s.ratio_on_disk:.6g} (1/{1 / s.ratio_on_disk:.4g})" if s.ratio_on_disk else "-"),
             ("compressed linear deltas", _fmt_bytes(s.linear_bytes)),
             ("exact other tensors (norms, biases, embedding rows)", _fmt_bytes(s.other_bytes)),
             ("config/tokenizer files", _fmt_bytes(s.aux_bytes)),
@@ -80,6 +82,8 @@ def cmd_info(a) -> int:
     print(f"method         {d['method']}")
     print(f"ratio          requested {d['ratio_requested']:.6g}, achieved {d['ratio_achieved']:.6g} "
           f"(all stored bytes of the linear deltas / their 16-bit size)")
+    print(f"ratio on disk  {d['ratio_on_disk']:.6g} (the same, with their {_fmt_bytes(d['linear_header_bytes'])} of "
+          f"header entries counted)")
     if d["ratio_vs_adapter"] is not None:
         print(f"vs LoRA        {d['ratio_vs_adapter']:.4g} of the source adapter's 16-bit factors "
               f"({_fmt_bytes(d['linear_bytes'])} / {_fmt_bytes(d['lora_adapter_bytes'])})")

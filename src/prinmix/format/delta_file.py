@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..algorithms.budget import budget_bits
 from ..algorithms.compressed import CompressedLinear
 from ..errors import DeltaFormatError
 
@@ -51,6 +52,10 @@ class DeltaFile:
     def linear_bytes(self) -> int:
         return sum(m.nbytes() for m in self.matrices.values())
 
+    def linear_header_bytes(self) -> int:
+        """Upper bound of the header bytes the linear deltas add to the file (see matrix_header_bytes)."""
+        return sum(matrix_header_bytes(n, m.shape) for n, m in self.matrices.items())
+
     def dense_bytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.dense.values())
         return n + sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v, _ in self.rows.values())
@@ -61,6 +66,39 @@ class DeltaFile:
     def dense_delta_params(self) -> int:
         """Number of 16-bit delta parameters the compressed linears stand for."""
         return sum(m.shape[0] * m.shape[1] for m in self.matrices.values())
+
+
+def matrix_header_bytes(name: str, shape) -> int:
+    """Upper bound (bytes) of what linear delta NAME of `shape` adds to the file's header.
+
+    Its safetensors entry (dtype, shape, offsets: 20 digits allowed per number) and its entries in the
+    metadata JSON (sha256 in "checksums", shape in "matrices", objective in "stats"), measured on their
+    serialised, string-escaped form plus the separators between entries. compress() takes this from the
+    matrix's bit budget, so the linear deltas' bytes *on disk* (blobs + their header entries) meet α.
+    """
+    key = f"linear/{name}"
+    big = 10 ** 20 - 1
+    entry = json.dumps({key: {"dtype": "U8", "shape": [big], "data_offsets": [big, big]}}, separators=(",", ":"))
+    meta = json.dumps({"checksums": {key: "0" * 64}, "matrices": {name: [int(v) for v in shape]},
+                       "stats": {"objective": {name: -1.2345678901234567e-300}}}, sort_keys=True)
+    skeleton = json.dumps({"checksums": {}, "matrices": {}, "stats": {"objective": {}}}, sort_keys=True)
+    return (len(entry) - 2 + 1) + (len(json.dumps(meta)) - len(json.dumps(skeleton))) + 3 * 2
+
+
+def ratio_within_file(alpha: float, name: str, shape) -> float:
+    """The ratio to compress matrix NAME at so that its blob plus its header entries fit α's budget.
+
+    Budget floor(α·16·h_out·h_in) bits less 8·matrix_header_bytes. Decision: a matrix whose header entries
+    would take more than half its budget (tiny test models: a 32×64 matrix has 256 B at α = 1/16, its name
+    ~400 B of metadata) keeps the whole budget for its blob, as its name outweighs it anyway; from about
+    90×90 at 1/16 on (every real LLM matrix), the on-disk bytes meet α.
+    """
+    h_out, h_in = int(shape[0]), int(shape[1])
+    budget = budget_bits(alpha, h_out, h_in)
+    reserve = 8 * matrix_header_bytes(name, shape)
+    if 2 * reserve > budget:
+        return alpha
+    return (budget - reserve) / (16 * h_out * h_in)
 
 
 def _sha256(t: torch.Tensor) -> str:
