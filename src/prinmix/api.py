@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
+from .algorithms.lowrank_svd import FactoredDelta
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
@@ -223,9 +224,10 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             continue
         if name in linear_weights:
             factors = ft_r.lora_factors(name) if hasattr(ft_r, "lora_factors") else None  # LoRA: ΔW = (s·B)·A
-            d = factors[0] @ factors[1] if factors else ft_t.to(torch.float32, copy=True).sub_(base_t)  # no float32 base copy
+            # LoRA: kept factored (its SVD comes from the factors); else ΔW without a float32 copy of the base
+            d = FactoredDelta(*factors) if factors else ft_t.to(torch.float32, copy=True).sub_(base_t)
             ft_t = base_t = factors = None  # free before the compressor's own peak
-            if not torch.any(d):
+            if not (d.any() if isinstance(d, FactoredDelta) else torch.any(d)):
                 continue
             H = hessians.pop(name, None)  # the last user of a shared H frees it
             # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)

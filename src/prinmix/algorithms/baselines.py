@@ -15,6 +15,7 @@ from .budget import budget_bits
 from .compressed import (BLOB_HEADER_BYTES, FLOAT_BITS, CompressedLinear, QuantizedMatrix, RankBlock,
                          SignDelta, block_nbytes)
 from .gptq import gptq_quantize
+from .lowrank_svd import FactoredDelta, thin_svd
 
 DELTACOME_GROUP = 128
 
@@ -30,7 +31,8 @@ def compress_lowrank(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None) -
     k = min(k, min(h_out, h_in))
     blocks = []
     if k:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = thin_svd(W)
+        k = min(k, S.numel())  # a factored delta has no more ranks than its factors
         blocks.append(RankBlock(FLOAT_BITS, Vh[:k].half(), (U[:, :k] * S[:k]).half()))
     return CompressedLinear((h_out, h_in), "lowrank", blocks, info={"rank_index": list(range(k))})
 
@@ -45,8 +47,20 @@ def compress_bitdelta(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None) 
     h_out, h_in = W.shape
     if budget_bits(ratio, h_out, h_in) < h_out * h_in:
         raise BudgetError(f"BitDelta stores 1 bit per delta entry (ratio 1/16); ratio {ratio:g} is below it")
+    if isinstance(W, FactoredDelta):  # signs need every entry
+        W = W.dense()
     scale = W.abs().mean().half()
     return CompressedLinear((h_out, h_in), "bitdelta", sign=SignDelta(W >= 0, scale))
+
+
+def _truncate_plan(plan: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+    """The first k ranks of a [(bits, count), ...] plan."""
+    out = []
+    for bits, n in plan:
+        take = min(n, k - sum(c for _, c in out))
+        if take > 0:
+            out.append((bits, take))
+    return out
 
 
 def deltacome_rank_plan(budget_bytes: int, h_out: int, h_in: int) -> list[tuple[int, int]]:
@@ -95,7 +109,10 @@ def compress_deltacome(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None)
     k = sum(n for _, n in plan)
     if k == 0:
         return CompressedLinear((h_out, h_in), "deltacome", [], info={"rank_index": []})
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = thin_svd(W)
+    if S.numel() < k:  # a factored delta of rank < k: the plan stops at its last rank
+        plan = _truncate_plan(plan, S.numel())
+        k = S.numel()
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     bits = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in plan]).to(W.device)
     vq = gptq_quantize(Vh, H, bits, bits_axis="row", scale_axis="row", group_size=DELTACOME_GROUP,

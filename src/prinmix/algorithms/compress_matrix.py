@@ -16,6 +16,7 @@ from .allocation import allocate_bits
 from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
 from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
 from .gptq import gptq_quantize
+from .lowrank_svd import FactoredDelta, thin_svd
 from .rtc import correct_reconstruction_target
 
 DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
@@ -43,11 +44,12 @@ class PrinMixConfig:
             raise ValueError(f"fmax must be ≥ 1, got {self.fmax}")
 
 
-def _prepare(delta: torch.Tensor, H: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(delta, H: torch.Tensor | None):
+    """(ΔW float32 — a tensor, or a FactoredDelta kept factored —, H float32 on its device), validated."""
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
     W = delta.to(torch.float32)
-    if not torch.isfinite(W).all():
+    if not (W.is_finite() if isinstance(W, FactoredDelta) else torch.isfinite(W).all()):
         raise ValueError("delta holds NaN or Inf")
     h_in = W.shape[1]
     if H is None:  # data-free: plain Frobenius error
@@ -86,12 +88,13 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     return E.clamp_min(0.0), result, nonzero
 
 
-def compress_prinmix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float,
+def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
                      config: PrinMixConfig | None = None) -> CompressedLinear:
     """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
     RTC (Eq. 7) → Û by column-wise GPTQ at the same widths. Σ is folded into U's per-column scales.
 
-    delta ΔW [h_out, h_in]; H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta.
+    delta ΔW [h_out, h_in] (a tensor, or a FactoredDelta: its SVD then comes from the factors);
+    H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta.
     """
     cfg = config or PrinMixConfig()
     cfg.validate()
@@ -105,7 +108,7 @@ def compress_prinmix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float,
     n_blocks = min(cfg.fmax, sum(b > 0 for b in widths))
     budget = total - prinmix_fixed_overhead_bits(n_blocks)
 
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = thin_svd(W)
     E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg)
     costs = np.array([prinmix_rank_cost_bits(b, h_out, h_in, cfg.v_group) for b in widths], dtype=np.int64)
     alloc = allocate_bits(E.numpy(), costs, max(budget, 0), cfg.fmax)
@@ -150,9 +153,12 @@ def compress_prinmix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float,
     return out
 
 
-def compress_matrix(delta: torch.Tensor, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
+def compress_matrix(delta, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
                     config: PrinMixConfig | None = None) -> CompressedLinear:
-    """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α."""
+    """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α.
+
+    delta: a dense tensor, or a FactoredDelta (LoRA: ΔW = s·B·A), which the SVD-based methods never
+    expand (BitDelta, which needs every entry's sign, expands it)."""
     from . import baselines
 
     if method == "prinmix":

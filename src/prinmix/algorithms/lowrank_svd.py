@@ -30,3 +30,50 @@ def svd_of_product(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype = torch.
     U, s, Vh = U[:, :k], s[:k], Vh[:k]
     out = out_dtype or dtype
     return U.to(out), s.to(out), Vh.to(out)
+
+
+class FactoredDelta:
+    """ΔW = left·right kept as its factors (a LoRA delta: left = s·B [h_out, r], right = A [r, h_in]).
+
+    Offers what the compressors use of a dense ΔW: `shape`, `device`, `ΔW @ M` (as left·(right·M)),
+    a thin SVD from the factors (`thin_svd`), and `dense()` where a method needs every entry (BitDelta).
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+            raise ValueError(f"need left [m, r] and right [r, n], got {list(left.shape)} and {list(right.shape)}")
+        self.left, self.right = left, right
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.left.shape[0], self.right.shape[1]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.left.device
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def to(self, *args, **kwargs) -> "FactoredDelta":
+        return FactoredDelta(self.left.to(*args, **kwargs), self.right.to(*args, **kwargs))
+
+    def __matmul__(self, other: torch.Tensor) -> torch.Tensor:
+        return self.left @ (self.right @ other)
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.left).all() and torch.isfinite(self.right).all())
+
+    def any(self) -> bool:
+        return bool(torch.any(self.left) and torch.any(self.right))
+
+
+def thin_svd(delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) float32 of a dense ΔW [m, n] (k = min(m, n) ranks) or of a FactoredDelta (k ≤ its rank)."""
+    if isinstance(delta, FactoredDelta):
+        return svd_of_product(delta.left, delta.right, out_dtype=torch.float32)
+    return torch.linalg.svd(delta, full_matrices=False)
