@@ -25,7 +25,7 @@ from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
 from .algorithms.lowrank_svd import FactoredDelta
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
-from .format.atomic_dir import atomic_directory
+from .format.atomic_dir import atomic_directory, check_output_directory
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
 from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader, check_compatible
@@ -118,6 +118,13 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         raise BudgetError(str(e)) from None
     if method == "bitdelta" and alpha < 1 / 16:
         raise BudgetError(f"bitdelta stores 1 bit per delta entry (ratio 1/16); ratio {ratio} is below it")
+    for flag, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size)):
+        if not isinstance(value, int) or value < 1:
+            raise PrinmixError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
+    if distill_steps < 0:
+        raise PrinmixError(f"--distill-steps must be ≥ 0, got {distill_steps}")
+    if Path(output).is_dir():
+        raise PrinmixError(f"{output}: is a directory; give the delta file's path (e.g. {Path(output) / 'model.delta'})")
     dev = resolve_device(device)
     base_r, ft_r, compat = _open_pair(base, finetuned)
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
@@ -131,14 +138,13 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
 
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
-    params = {"method": method, "ratio": alpha, "budget": "blob+header", "config": asdict(cfg), "calib": calib, "nsamples": nsamples,
-              "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
+    params = {"method": method, "ratio": alpha, "budget": "blob+header", "config": asdict(cfg), "calib": calib,
+              "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
               "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
     if not resume and work.exists():
         shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
 
     inputs = None
     if method in CALIBRATED:
@@ -164,6 +170,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         else:
             layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size,
                                           on_hessians)
+            work.mkdir(parents=True, exist_ok=True)  # made only now: a run failing on its inputs leaves nothing
             _save_layer_part(layer_delta, part)
         delta.matrices.update({n: PackedLinear(m) for n, m in layer_delta.matrices.items()})  # bit-packed in RAM
         delta.dense.update(layer_delta.dense)
@@ -320,8 +327,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
+    check_output_directory(output, overwrite)
     with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
         shard, shard_bytes, shards, index = {}, 0, [], {}

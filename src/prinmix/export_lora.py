@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from .algorithms.lowrank_svd import svd_of_product
 from .errors import PrinmixError
-from .format.atomic_dir import atomic_directory
+from .format.atomic_dir import atomic_directory, check_output_directory
 from .format.delta_file import load_delta
 from .models.apply_delta import check_base
 from .models.checkpoint import CheckpointReader
@@ -84,8 +84,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
                            f"{', …' if len(left_out) > 3 else ''}); a LoRA adapter cannot carry them "
                            f"(allow_lossy / --allow-lossy exports without them)")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PrinmixError(f"{out_dir}: exists and is not empty (pass overwrite / --force to replace it)")
+    check_output_directory(out_dir, overwrite)
 
     factors, modules = {}, {}
     trunc2 = total2 = ref2 = 0.0

@@ -104,3 +104,5 @@ def test_run_eval_side_by_side(tiny_pair, tmp_path):
     assert json.loads(files[0].read_text())["prinmix_eval"] == 1
     with pytest.raises(PrinmixError, match="needs --finetuned"):
         run_eval(base, [delta], metrics="error", device="cpu")
+    with pytest.raises(PrinmixError, match="--ppl-seqlen must be a positive integer"):
+        run_eval(base, [delta], metrics="ppl", ppl_seqlen=0, device="cpu")

@@ -107,6 +107,11 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
     if not torch.cuda.is_available():
         _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--device", "cuda"], "CUDA")
     _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--bits", "2,three"], "--bits")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--nsamples", "0"], "--nsamples")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(tmp_path), *opts], "is a directory")
+    _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--calib", str(tmp_path / "no.txt"), *opts],
+           "no.txt")
+    assert not list(tmp_path.glob(".x.delta.partial-*"))          # a run failing on its inputs leaves no litter
     _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--bits", "2,9", *opts], "widths")
     _fails(capsys, ["compress", str(base), str(ft), "-o", str(out), "--fmax", "0", *opts], "fmax")
 
@@ -128,6 +133,8 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
     capsys.readouterr()
     _fails(capsys, ["merge", str(qbase), str(delta), "-o", str(tmp_path / "m1")], "llama")
     _fails(capsys, ["merge", str(ft), str(delta), "-o", str(tmp_path / "m2")], "another base")
+    _fails(capsys, ["merge", str(base), str(delta), "-o", str(delta)], "not a directory")
+    assert delta.is_file()
     assert not (tmp_path / "m2").exists()
 
     data = delta.read_bytes()

@@ -66,6 +66,11 @@ def run_eval(base, deltas, finetuned=None, metrics: list[str] | str | None = Non
     chosen = parse_metrics(metrics, finetuned, tasks)
     if not deltas:
         raise PrinmixError("no delta file given")
+    for flag, value in (("nsamples", nsamples), ("seqlen", seqlen), ("ppl-seqlen", ppl_seqlen),
+                        ("ppl-stride", ppl_stride), ("ppl-tokens", ppl_tokens), ("limit", limit),
+                        ("batch-size", batch_size), ("max-new-tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise PrinmixError(f"--{flag} must be a positive integer, got {value!r}")
     seed = le.HELD_OUT_SEED if seed is None else seed
     ppl_tokens = ppl_tokens or pp.DEFAULT_MAX_TOKENS
     CheckpointReader(base)  # validate early: one-line errors before any work

@@ -9,6 +9,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import PrinmixError
+
+
+def check_output_directory(output, overwrite: bool) -> None:
+    """Refuse an OUTPUT that is a file, or a non-empty directory unless overwrite (one-line PrinmixError)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise PrinmixError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
+
 
 @contextmanager
 def atomic_directory(output) -> Iterator[Path]:
