@@ -26,7 +26,7 @@ width simulations of V [r, h_in] and GPTQ's H [h_in, h_in] chain and column swee
 
 table: one layer's and the 80-layer model's size, the measured peaks and per-layer times, and the
 predicted peak and time of PrinMix on all 80 layers (pipeline peak + the largest per-matrix PrinMix
-peak + the compressed delta held until it is written; time 80 × (pipeline + Σ PrinMix matrices)).
+peak (the compressed delta is memory-mapped from the per-layer part files, file-backed); time 80 × (pipeline + Σ PrinMix matrices)).
 """
 
 from __future__ import annotations
@@ -431,7 +431,7 @@ def table(pair: Path, fit_file: Path | None) -> None:
     ph = _phase_peaks(r["events"])
     compress_peak = max(ph["compress_start"].get("x".join(map(str, v["shape"])), 0.0) + v["peak_gib_x2"]
                         for v in fit.values())
-    delta_gib = FULL_LAYERS * layer_params * 2 / 16 / GiB          # the 1/16 delta, held until written
+    delta_gib = FULL_LAYERS * layer_params * 2 / 16 / GiB          # the 1/16 delta, memory-mapped until written
     pipeline_s = sum(r["layer_seconds"]) / len(r["layer_seconds"])
     compress_s = sum(e["t"] for e in r["events"] if e.get("event") == "compress done") \
         - sum(e["t"] for e in r["events"] if e.get("event") == "compress start")
@@ -441,8 +441,8 @@ def table(pair: Path, fit_file: Path | None) -> None:
     peak = max(ph["embed"], ph["capture"], ph["propagate"], compress_peak)
     print(f"\nPredicted, all 80 layers with PrinMix on this machine ({r['tag']} pipeline): per-layer peak "
           f"max(embed {ph['embed']:.1f}, capture {ph['capture']:.1f}, compress {compress_peak:.1f}) = {peak:.1f} GiB, "
-          f"+ the compressed delta held until written ({delta_gib:.1f} GiB at 1/16, about twice that while "
-          f"save_delta serialises) -> {peak + delta_gib:.1f} to {peak + 2 * delta_gib:.1f} GiB; "
+          f"anonymous memory; the compressed delta ({delta_gib:.1f} GiB at 1/16) is memory-mapped from its "
+          f"per-layer part files until written (file-backed, reclaimable page cache, not RssAnon); "
           f"time 80 x ({pipeline_s:.0f} s pipeline + {sum(v['seconds'] for v in fit.values()) / 3600:.1f}.."
           f"{sum(v['seconds_x3'] for v in fit.values()) / 3600:.1f} h PrinMix) = {hours:.0f}..{hours_x3:.0f} h "
           f"on {os.cpu_count()} CPU cores")

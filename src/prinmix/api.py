@@ -172,7 +172,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
                                           on_hessians)
             work.mkdir(parents=True, exist_ok=True)  # made only now: a run failing on its inputs leaves nothing
             _save_layer_part(layer_delta, part)
-        delta.matrices.update({n: PackedLinear(m) for n, m in layer_delta.matrices.items()})  # bit-packed in RAM
+        delta.matrices.update(_mapped_blobs(part))  # bit-packed, memory-mapped from the part: not process RAM
         delta.dense.update(layer_delta.dense)
         if inputs is not None:  # propagate through base + compressed delta of this layer
             state = {n[len(prefix):]: finetuned_tensor(n, base_r, layer_delta, torch.float32)
@@ -270,6 +270,21 @@ def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
     os.close(fd)
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
+
+
+def _mapped_blobs(path: Path) -> dict[str, PackedLinear]:
+    """The linear blobs of a layer part, as PackedLinear over memory-mapped tensors (safetensors maps the
+    file: its pages are file-backed and reclaimable, so 80 layers of compressed blobs cost no anonymous RAM;
+    they stay valid after the part file is deleted)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        shapes, objective = json.loads(meta["shapes"]), json.loads(meta["objective"])
+        return {name: PackedLinear.from_blob(f.get_tensor(f"linear/{name}"), shape, meta["method"],
+                                             {"objective": objective[name]} if objective.get(name) is not None
+                                             else {})
+                for name, shape in shapes.items()}
 
 
 def _load_layer_part(path: Path) -> DeltaFile:

@@ -102,7 +102,9 @@ def ratio_within_file(alpha: float, name: str, shape) -> float:
 
 
 def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    """sha256 of the tensor's bytes, read in place (no copy of a multi-GB embedding)."""
+    flat = t.reshape(-1).contiguous().view(torch.uint8)
+    return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
 
 
 def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:

@@ -65,6 +65,14 @@ class PackedLinear:
         self.shape, self.method, self.info = tuple(m.shape), m.method, m.info
         self._blob, self._nbytes, self._unpacked = m.to_blob(), m.nbytes(), None
 
+    @classmethod
+    def from_blob(cls, blob: torch.Tensor, shape, method: str, info: dict | None = None) -> "PackedLinear":
+        """Wrap a stored blob (uint8 [nbytes], e.g. memory-mapped from a file) without decoding it."""
+        self = cls.__new__(cls)
+        self.shape, self.method, self.info = tuple(int(v) for v in shape), method, dict(info or {})
+        self._blob, self._nbytes, self._unpacked = blob, int(blob.numel()), None
+        return self
+
     def nbytes(self) -> int:
         return self._nbytes if self._unpacked is None else self._unpacked.nbytes()
 
