@@ -11,10 +11,10 @@ from prinmix.algorithms.compress_matrix import compress_matrix
 from prinmix.format.delta_file import (DeltaFile, load_delta, matrix_header_bytes, ratio_within_file,
                                        save_delta)
 
-SHAPES = {"model.layers.0.self_attn.q_proj.weight": (256, 256),   # at 1/32: 2048 B budget, ~400 B header
-          "model.layers.0.self_attn.k_proj.weight": (128, 256),
-          "model.layers.0.mlp.down_proj.weight": (256, 640),
-          "model.layers.10.mlp.experts.7.up_proj.weight": (640, 256)}
+SHAPES = {"model.layers.0.self_attn.q_proj.weight": (384, 384),   # at 1/32: 4.5 KiB budget, ~400 B header
+          "model.layers.0.self_attn.k_proj.weight": (128, 512),
+          "model.layers.0.mlp.down_proj.weight": (256, 768),
+          "model.layers.10.mlp.experts.7.up_proj.weight": (768, 256)}
 
 
 def _delta_file(method: str, alpha: float) -> DeltaFile:
@@ -54,7 +54,7 @@ def test_linear_bytes_on_disk_meet_the_ratio(tmp_path, method, alpha):
 
 def test_tiny_matrices_keep_their_whole_budget():
     name = "model.layers.0.self_attn.k_proj.weight"
-    assert ratio_within_file(1 / 16, name, (32, 64)) == 1 / 16          # 256 B budget < 2 × its header entries
+    assert ratio_within_file(1 / 16, name, (128, 64)) == 1 / 16         # 1 KiB budget < 4 × its header entries
     big = ratio_within_file(1 / 16, name, (4096, 4096))
     reserve_bits = budget_bits(1 / 16, 4096, 4096) - budget_bits(big, 4096, 4096)
     assert reserve_bits == 8 * matrix_header_bytes(name, (4096, 4096))
