@@ -15,8 +15,9 @@ from ..errors import BudgetError
 from .allocation import allocate_bits
 from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
 from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
-from .gptq import gptq_quantize
+from .gptq import gptq_quantize, prepare_hessian
 from .lowrank_svd import FactoredDelta, thin_svd
+from .quantize import dequantize_codes
 from .rtc import correct_reconstruction_target
 
 DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
@@ -62,30 +63,62 @@ def _prepare(delta, H: torch.Tensor | None):
     return W, H
 
 
-def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig):
+SIM_CHUNK_BYTES = 1 << 30  # float32 rows of stacked V per GPTQ call in the width simulation
+
+
+@dataclass
+class WidthSimulation:
+    """GPTQ of V at every non-zero candidate width: codes uint8 [nb·r, h_in] (width k's rows at k·r..),
+    scale/zero [nb·r, n_groups], column groups; dequantised rows are rebuilt on demand (rows())."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group_bounds: list[tuple[int, int]]
+
+    def rows(self, index: torch.Tensor):
+        """(dequant float32, codes, scale, zero) of the given stacked rows; dequant is bit-identical to
+        GPTQ's own (dequantize_codes of the same codes and params)."""
+        codes, scale, zero = self.codes[index], self.scale[index], self.zero[index]
+        sizes = torch.tensor([e - s for s, e in self.group_bounds], device=codes.device)
+        dequant = dequantize_codes(codes, scale.repeat_interleave(sizes, dim=1), zero.repeat_interleave(sizes, dim=1))
+        return dequant, codes, scale, zero
+
+
+def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig,
+                          chunk_bytes: int = SIM_CHUNK_BYTES):
     """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
 
-    One GPTQ pass quantises V stacked once per non-zero width (rows are independent under a
-    shared H, so this equals one run per width). Returns (E float64 [r, nb], result, nonzero widths).
+    GPTQ quantises V stacked once per non-zero width (rows are independent under a shared H, so this
+    equals one run per width), in as few calls as fit `chunk_bytes` of float32 rows each, all sharing
+    one factorisation of H; only codes and scales are kept (a 70B down_proj: 7 × 8192 × 28672 rows
+    would be 6.6 GB of float32 per copy). Returns (E float64 [r, nb], WidthSimulation, nonzero widths).
     """
     r, h_in = Vh.shape
     nonzero = [b for b in widths if b > 0]
-    result = None
     E = torch.zeros(r, len(widths), dtype=torch.float64)
     sigma2 = S.double() ** 2
+    if 0 in widths:  # a dropped rank's error is all of it: ΔV = V
+        E[:, list(widths).index(0)] = sigma2 * ((Vh @ H) * Vh).sum(1).double().cpu()
+    sim = None
     if nonzero and r:
-        row_bits = torch.tensor(nonzero, device=Vh.device).repeat_interleave(r)
-        result = gptq_quantize(Vh.repeat(len(nonzero), 1), H, row_bits, bits_axis="row", scale_axis="row",
-                               group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                               clip_search=cfg.clip_search)
-    for j, b in enumerate(widths):
-        if b == 0:
-            dV = Vh
-        else:
-            k = nonzero.index(b)
-            dV = Vh - result.dequant[k * r:(k + 1) * r]
-        E[:, j] = sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
-    return E.clamp_min(0.0), result, nonzero
+        prepared = prepare_hessian(H, cfg.percdamp)
+        per_call = max(1, chunk_bytes // max(1, 4 * r * h_in))
+        parts = []
+        for c in range(0, len(nonzero), per_call):
+            chunk = nonzero[c:c + per_call]
+            row_bits = torch.tensor(chunk, device=Vh.device).repeat_interleave(r)
+            res = gptq_quantize(Vh.repeat(len(chunk), 1), H, row_bits, bits_axis="row", scale_axis="row",
+                                group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                clip_search=cfg.clip_search, prepared=prepared)
+            for k, b in enumerate(chunk):
+                dV = Vh - res.dequant[k * r:(k + 1) * r]
+                E[:, list(widths).index(b)] = sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+            parts.append((res.codes, res.scale, res.zero))
+            bounds = res.group_bounds
+            del res, dV
+        sim = WidthSimulation(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                              torch.cat([p[2] for p in parts]), bounds)
+    return E.clamp_min(0.0), sim, nonzero
 
 
 def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
@@ -121,8 +154,7 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
     r = S.numel()
     if kept:
         sim_rows = torch.tensor([nonzero.index(int(rank_bits[i])) * r + i for i in kept], device=W.device)
-        v_hat = sim.dequant[sim_rows]
-        v_codes, v_scale, v_zero = sim.codes[sim_rows], sim.scale[sim_rows], sim.zero[sim_rows]
+        v_hat, v_codes, v_scale, v_zero = sim.rows(sim_rows)
     else:
         v_hat = torch.zeros(0, h_in, device=W.device)
 

@@ -67,6 +67,12 @@ def _column_groups(cols: int, group_size: int | None, groups) -> list[tuple[int,
     return bounds
 
 
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01, device=None):
+    """H's factorisation as gptq_quantize uses it (pass it as `prepared=` to reuse it across calls that
+    share H and percdamp): (upper Cholesky factor of (H + damp·I)⁻¹, diag H, dead mask)."""
+    return _inverse_hessian_cholesky(H, H.shape[0], percdamp, device if device is not None else H.device)
+
+
 def _inverse_hessian_cholesky(H: torch.Tensor, cols: int, percdamp: float, device):
     """Upper Cholesky factor of (H + damp·I)⁻¹ [cols, cols], diag(H) with dead entries set to 1, dead mask.
 
@@ -100,7 +106,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, cols: int, percdamp: float, devic
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, bits_axis: str = "row", scale_axis: str = "row",
                   group_size: int | None = None, groups=None, blocksize: int = 128, percdamp: float = 0.01,
-                  clip_search: bool = False) -> GPTQResult:
+                  clip_search: bool = False, prepared=None) -> GPTQResult:
     """GPTQ-quantise w [rows, cols] under H = XXᵀ [cols, cols] (symmetric PSD, not modified).
 
     bits: int, or int tensor [rows] (bits_axis "row") / [cols] (bits_axis "col"); 0 = the row or
@@ -115,6 +121,7 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, bits_axis: str = "r
     blocksize: lazy-batch block; percdamp: damping as a fraction of mean(diag H); clip_search: the
         quantiser's range-shrink search (row scales: squared error weighted by diag H).
     Dead inputs (H_jj == 0) have their weights set to 0 (no information about them).
+    prepared: prepare_hessian(H, percdamp, device) computed once for several calls sharing H.
     """
     if w.ndim != 2:
         raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
@@ -142,7 +149,11 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, bits_axis: str = "r
                 raise ValueError(f"columns {s}..{e - 1} form one scale group but have different widths "
                                  f"{sorted(set(bits[s:e].tolist()))}")
 
-    Hinv, H_diag, dead = _inverse_hessian_cholesky(H, cols, percdamp, device)
+    if prepared is None:
+        prepared = _inverse_hessian_cholesky(H, cols, percdamp, device)
+    Hinv, H_diag, dead = prepared
+    if tuple(Hinv.shape) != (cols, cols):
+        raise ValueError(f"prepared Hessian is [{Hinv.shape[0]}, {Hinv.shape[1]}], w has {cols} columns")
     W = w.to(device=device, dtype=torch.float32, copy=True)
     W[:, dead] = 0.0
 
