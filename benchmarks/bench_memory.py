@@ -216,8 +216,11 @@ def _child_compress(args) -> None:
 
     phases = _Phases()
     compressor = args.compressor
-    api.compress_matrix = phases.wrap(lambda d, H, alpha, method, cfg: compress_matrix(d, H, alpha, compressor, cfg),
-                                      "compress", lambda d, *rest: {"shape": list(d.shape)})
+    def per_matrix(d, H, ratio, method, cfg):
+        # api passes PrinMix's ratio less the matrix's header reserve; BitDelta's size is fixed at 1/16
+        return compress_matrix(d, H, max(ratio, 1 / 16) if compressor == "bitdelta" else ratio, compressor, cfg)
+
+    api.compress_matrix = phases.wrap(per_matrix, "compress", lambda d, *rest: {"shape": list(d.shape)})
     decoder.capture_hessians = phases.wrap(decoder.capture_hessians, "capture")
     decoder.run_layer = phases.wrap(decoder.run_layer, "propagate")
     decoder.DecoderStack.embed = phases.wrap(decoder.DecoderStack.embed, "embed")
