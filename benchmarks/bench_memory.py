@@ -308,8 +308,12 @@ def run(args) -> dict:
 # ----------------------------------------------------------------------------------------------- fit
 def _child_matrix(args) -> None:
     """In the child: PrinMix compress_matrix on one random low-rank-plus-noise matrix; peak RSS increase, seconds."""
+    from prinmix.algorithms import compress_matrix as cm
     from prinmix.algorithms.compress_matrix import compress_matrix
 
+    # the width simulation's memory cap scales with the matrix (÷ s²), so chunking splits the stacked rows at
+    # 1/s scale exactly as it will at full size
+    cm.SIM_CHUNK_BYTES = max(1, cm.SIM_CHUNK_BYTES // args.scale ** 2)
     torch.manual_seed(0)
     h_out, h_in = args.shape
     delta = torch.randn(h_out, 64) @ torch.randn(64, h_in) * 1e-4 + 1e-5 * torch.randn(h_out, h_in)
@@ -345,7 +349,7 @@ def fit(args) -> dict:
     for s in sorted(args.scales, reverse=True):
         for h_out, h_in in shapes:
             shape = (h_out // s, h_in // s)
-            cmd = [sys.executable, __file__, "_matrix", "--shape", str(shape[0]), str(shape[1])]
+            cmd = [sys.executable, __file__, "_matrix", "--shape", str(shape[0]), str(shape[1]), "--scale", str(s)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             point = json.loads(res.stdout.strip().splitlines()[-1])
             point.update(scale=s, full=[h_out, h_in])
@@ -474,6 +478,7 @@ def main(argv=None) -> None:
     f.add_argument("--out", type=Path)
     m = sub.add_parser("_matrix")
     m.add_argument("--shape", type=int, nargs=2)
+    m.add_argument("--scale", type=int, default=1, help="the 1/s scale of this shape (sizes the simulation chunks)")
     t = sub.add_parser("table")
     t.add_argument("--pair", type=Path, required=True)
     t.add_argument("--fit", type=Path)

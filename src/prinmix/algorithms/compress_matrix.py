@@ -85,14 +85,16 @@ class WidthSimulation:
 
 
 def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig,
-                          chunk_bytes: int = SIM_CHUNK_BYTES):
+                          chunk_bytes: int | None = None):
     """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
 
     GPTQ quantises V stacked once per non-zero width (rows are independent under a shared H, so this
     equals one run per width), in as few calls as fit `chunk_bytes` of float32 rows each, all sharing
     one factorisation of H; only codes and scales are kept (a 70B down_proj: 7 × 8192 × 28672 rows
-    would be 6.6 GB of float32 per copy). Returns (E float64 [r, nb], WidthSimulation, nonzero widths).
+    would be 6.6 GB of float32 per copy). chunk_bytes None: the module's SIM_CHUNK_BYTES.
+    Returns (E float64 [r, nb], WidthSimulation, nonzero widths).
     """
+    chunk_bytes = SIM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     r, h_in = Vh.shape
     nonzero = [b for b in widths if b > 0]
     E = torch.zeros(r, len(widths), dtype=torch.float64)
