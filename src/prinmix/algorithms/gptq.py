@@ -78,20 +78,27 @@ def _inverse_hessian_cholesky(H: torch.Tensor, cols: int, percdamp: float, devic
 
     Dead inputs (H_jj == 0) get H_jj = 1 (their weights are zeroed by the caller). damp =
     percdamp · mean(diag H). If float32 Cholesky still fails, damping grows tenfold (with a warning).
+    Memory: at most two [cols, cols] float32 matrices besides H itself (3.3 GB each at cols = 28672),
+    each intermediate is released as soon as the next one exists.
     """
     if tuple(H.shape) != (cols, cols):
         raise ValueError(f"H must be [{cols}, {cols}], got {tuple(H.shape)}")
-    H = H.to(device=device, dtype=torch.float32, copy=True)
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0
-    H_diag = H.diagonal().clone()
+    H_diag = H.diagonal().to(device=device, dtype=torch.float32, copy=True)
+    dead = H_diag == 0
+    H_diag[dead] = 1.0
     mean_diag = H_diag.mean()
     damp = percdamp * mean_diag
-    H.diagonal().add_(damp)
     for attempt in range(4):
-        L, info = torch.linalg.cholesky_ex(H)
+        damped = H.to(device=device, dtype=torch.float32, copy=True)
+        damped.diagonal()[dead] = 1.0
+        damped.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0:
                 return U, H_diag, dead
         if attempt == 3:
@@ -99,7 +106,6 @@ def _inverse_hessian_cholesky(H: torch.Tensor, cols: int, percdamp: float, devic
         new_damp = 10 * damp if damp > 0 else 0.01 * mean_diag
         warnings.warn(f"GPTQ: damped H is not positive definite in float32; damping raised to "
                       f"{float(new_damp / mean_diag):g} x mean(diag H)", RuntimeWarning, stacklevel=3)
-        H.diagonal().add_(new_damp - damp)
         damp = new_damp
     raise ValueError("GPTQ: H is not positive definite even with 1000x more damping (does it hold NaN/Inf?)")
 
