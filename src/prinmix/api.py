@@ -15,6 +15,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,10 +151,17 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     if method in CALIBRATED:
         ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
         hidden_files = None
+        hidden_shape = (*ids.shape, stack.config.get_text_config().hidden_size)
         if offload:
             from .models.offload import HiddenFiles
 
-            hidden_files = HiddenFiles(offload, (*ids.shape, stack.config.get_text_config().hidden_size))
+            hidden_files = HiddenFiles(offload, hidden_shape)
+        elif dev.type == "cpu":
+            from .models.offload import offload_advice
+
+            advice = offload_advice(hidden_shape)
+            if advice:
+                warnings.warn(advice, stacklevel=2)  # a UserWarning: shown by default
         inputs = stack.embed(ft_r, ids, dev, batch_size, out=hidden_files and hidden_files.next())
 
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},

@@ -59,3 +59,12 @@ def test_packed_linear_stands_in_for_compressed_linear():
     signs = PackedLinear(compress_matrix(delta, None, 1 / 16, "bitdelta"))
     signs.sign.scale = torch.tensor(0.5, dtype=torch.float16)                             # e.g. distilled scales
     assert signs.to_blob()[1:3].clone().view(torch.float16).item() == 0.5
+
+
+def test_offload_advice_only_when_hidden_states_crowd_memory():
+    from prinmix.models.offload import offload_advice
+
+    shape = (128, 2048, 8192)                                  # 70B calibration: 2 × 8.6 GB of float32
+    assert "--offload" in offload_advice(shape, available=24 * 2 ** 30)
+    assert offload_advice(shape, available=256 * 2 ** 30) is None
+    assert offload_advice((8, 64, 64), available=24 * 2 ** 30) is None

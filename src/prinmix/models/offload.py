@@ -26,6 +26,30 @@ def _unlink(paths: list[Path]) -> None:
             pass
 
 
+def memory_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where it cannot be read, e.g. not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def offload_advice(shape: tuple[int, ...], available: int | None = None) -> str | None:
+    """A one-line suggestion to pass --offload when the two float32 hidden-state buffers of `shape`
+    ([n, seq, d]: each layer's input and output) would take over half the available memory, else None."""
+    need = 2 * 4 * int(np.prod(shape))
+    available = memory_available_bytes() if available is None else available
+    if available is None or need <= available // 2:
+        return None
+    return (f"the calibration hidden states take {need / 2 ** 30:.1f} GiB in RAM (2 × {list(shape)} float32) of "
+            f"{available / 2 ** 30:.1f} GiB available; pass --offload DIR to keep them in memory-mapped files "
+            f"(or lower --nsamples/--seqlen)")
+
+
 class HiddenFiles:
     """Two float32 memory-mapped buffers of `shape` in `directory` (created if needed), used in turn."""
 
