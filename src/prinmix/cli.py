@@ -169,6 +169,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("prinmix: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `prinmix info x.delta | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -73,3 +73,17 @@ def test_merge_refuses_non_empty_output(tiny_pair, tmp_path, capsys):
     assert main(["merge", str(base), str(delta), "-o", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_info_into_a_closed_pipe_exits_quietly(tiny_pair, tmp_path, monkeypatch):
+    """`prinmix info x.delta | head -1`: the reader is gone; exit 141 without a traceback."""
+    import os
+
+    base, ft = tiny_pair("llama", "fp32")
+    delta = tmp_path / "l.delta"
+    assert main(["compress", str(base), str(ft), "-o", str(delta), "--method", "lowrank"]) == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                   # nobody reads: every write fails with EPIPE
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr("sys.stdout", closed)
+    assert main(["info", str(delta)]) == 141
