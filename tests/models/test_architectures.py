@@ -1,5 +1,6 @@
-"""More architectures end to end: Gemma-3, Phi-3 (fused qkv / gate_up), Mixtral and Qwen2-MoE (fused 3-D
-experts, per-expert Hessians), LLaVA (vision tower carried as other tensors); clear refusals otherwise."""
+"""More architectures end to end: Gemma-2, Gemma-3, Phi-3 (fused qkv / gate_up), Mixtral and Qwen2-MoE (fused
+3-D experts, per-expert Hessians), LLaVA and Qwen2-VL (vision towers carried / left as they are); clear
+refusals otherwise."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ EXPECTED = {
     "qwen2_moe": [f"mlp.experts.{e}.{w}_proj" for e in range(4) for w in ("gate", "up", "down")]
     + ["mlp.shared_expert.gate_proj", "mlp.shared_expert.down_proj"],
     "llava": ["mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj"],
+    "gemma2": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    "qwen2_vl": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
 }
 
 
