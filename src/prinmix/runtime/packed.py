@@ -23,34 +23,51 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-_SHIFTS: dict = {}
+_TABLES: dict = {}
 
 
-def _shifts(step: int, count: int, device) -> torch.Tensor:
-    key = (step, count, str(device))
-    if key not in _SHIFTS:
-        _SHIFTS[key] = torch.arange(count, dtype=torch.int64, device=device) * step
-    return _SHIFTS[key]
+def _byte_table(bits: int, device) -> torch.Tensor:
+    """uint8 [256, 8 // bits]: the codes held by each byte value (1, 2, 4 bits: codes never straddle bytes)."""
+    key = (bits, str(device))
+    if key not in _TABLES:
+        per = 8 // bits
+        values = torch.arange(256, dtype=torch.int32)[:, None] >> (torch.arange(per, dtype=torch.int32) * bits)
+        _TABLES[key] = (values & ((1 << bits) - 1)).to(torch.uint8).to(device)
+    return _TABLES[key]
 
 
 def unpack_fast(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Same result as packing.unpack_codes (uint8 [numel]) in a handful of tensor ops (the hot path
-    of the torch runtime): 8 codes of `bits` bits fill `bits` bytes, read as one int64 word."""
+    """Same result as packing.unpack_codes (uint8 [numel]), in few tensor ops (the hot path of the torch
+    runtime). 1/2/4 bits: one table lookup per byte; 3 bits: each 3-byte word read as an int32; 5/6/7
+    bits: each `bits`-byte word read as an int64. Measured on 2 CPU threads, 230k codes, against int64
+    words for every width: 1-bit 187 → 92 µs, 2-bit ~380 → ~120 µs, 3-bit 448 → 192 µs."""
     if bits == 8:
         return data[:numel]
-    if 8 % bits == 0:                                   # 1, 2, 4 bits: codes never straddle bytes
+    if 8 % bits == 0:
         per = 8 // bits
         n_bytes = -(-numel // per)
-        codes = (data[:n_bytes, None].to(torch.int64) >> _shifts(bits, per, data.device)) & ((1 << bits) - 1)
-        return codes.reshape(-1)[:numel].to(torch.uint8)
+        return torch.index_select(_byte_table(bits, data.device), 0, data[:n_bytes].int()).reshape(-1)[:numel]
     n_words = -(-numel // 8)
     need = n_words * bits
     raw = data[:need]
     if raw.numel() < need:
         raw = torch.cat([raw, raw.new_zeros(need - raw.numel())])
-    words = (raw.view(n_words, bits).to(torch.int64) << _shifts(8, bits, data.device)).sum(1)
-    codes = (words[:, None] >> _shifts(bits, 8, data.device)) & ((1 << bits) - 1)
+    mask = (1 << bits) - 1
+    if bits == 3:
+        raw = raw.view(n_words, 3)
+        word = raw[:, 0].int() | (raw[:, 1].int() << 8) | (raw[:, 2].int() << 16)
+        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=data.device)
+        return ((word[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)[:numel]
+    words = (raw.view(n_words, bits).to(torch.int64) << _int64_shifts(8, bits, data.device)).sum(1)
+    codes = (words[:, None] >> _int64_shifts(bits, 8, data.device)) & mask
     return codes.reshape(-1)[:numel].to(torch.uint8)
+
+
+def _int64_shifts(step: int, count: int, device) -> torch.Tensor:
+    key = ("shifts", step, count, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = torch.arange(count, dtype=torch.int64, device=device) * step
+    return _TABLES[key]
 
 
 @dataclass
@@ -69,6 +86,9 @@ class PackedMatrix:
     data: torch.Tensor
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
+    # float32 copies of per-row scale / zero (8 B a row, negligible next to the codes), made on first use so
+    # the hot path does not convert them at every step; not copied by replace()/to()
+    _params_f32: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_stored(cls, m: QuantizedMatrix | torch.Tensor, bits: int) -> "PackedMatrix":
@@ -100,7 +120,12 @@ class PackedMatrix:
         if self.rows * self.cols == 0:
             return torch.zeros(self.rows, self.cols, dtype=dtype, device=self.data.device)
         codes = unpack_fast(self.data, self.bits, self.rows * self.cols).view(self.rows, self.cols).to(torch.float32)
-        scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
+        if self._params_f32 is not None:
+            scale, zero = self._params_f32
+        else:
+            scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
+            if self.n_groups == 1:  # one pair per row: 8 B/row against rows·cols·bits/8 B of codes
+                self._params_f32 = (scale, zero)
         if self.n_groups == 1:
             return (scale * (codes - zero)).to(dtype)
         if self.cols % self.group == 0:
