@@ -139,8 +139,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
 
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
-    params = {"method": method, "ratio": alpha, "budget": "blob+header", "config": asdict(cfg), "calib": calib,
-              "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
+    params = {"method": method, "ratio": alpha, "budget": "blob+header", "exact": "base-dtype", "config": asdict(cfg),
+              "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
               "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
@@ -251,8 +251,21 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             out.matrices[name] = _to_cpu(out.matrices[name])
             d = H = None
         else:
-            out.dense[name] = ft_t
+            stored = _stored_form(ft_t, base_t)
+            if not (stored.dtype == base_t.dtype and torch.equal(stored, base_t)):
+                out.dense[name] = stored
     return out
+
+
+def _stored_form(ft_t: torch.Tensor, base_t: torch.Tensor) -> torch.Tensor:
+    """A fine-tune tensor kept exactly (norm, bias, embedding rows) as the delta stores it: in its own dtype,
+    except that a wider float over a 16-bit base (an fp32 fine-tune of a bf16 model) is stored in the base's
+    dtype. merge writes every tensor in the base's dtype (base + ΔŴ for linears, rows into the base), so the
+    extra bits would be bytes without effect: SmolLM2's fp32 fine-tune stored 108 MiB of embedding rows."""
+    if base_t.dtype in (torch.bfloat16, torch.float16) and ft_t.is_floating_point() \
+            and ft_t.element_size() > base_t.element_size():
+        return ft_t.to(base_t.dtype)
+    return ft_t
 
 
 def _to_cpu(m):
@@ -326,6 +339,7 @@ def _add_non_layer_tensors(delta: DeltaFile, stack, base_r, ft_r, compat) -> Non
             delta.dense[name] = ft_t
             continue
         base_t = base_r.get(name, dtype=None)
+        ft_t = _stored_form(ft_t, base_t)
         if ft_t.ndim == 2 and (name in compat.resized_vocab or ft_t.shape[0] == vocab):
             n = min(base_t.shape[0], ft_t.shape[0])
             same = (base_t[:n] == ft_t[:n].to(base_t.dtype)).all(dim=1) & (base_t.dtype == ft_t.dtype)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -169,3 +168,26 @@ def test_bitdelta_scale_distillation_brings_logits_closer(tiny_pair, tmp_path):
     assert err["distilled.delta"] < err["plain.delta"]
     scales = [m.sign.scale for m in api.load_delta(distilled).matrices.values()]
     assert scales != [m.sign.scale for m in api.load_delta(plain).matrices.values()]
+
+
+def test_fp32_finetune_of_a_bf16_base_stores_exact_tensors_in_bf16(tiny_pair, tmp_path):
+    """Norms and embedding rows of a wider fine-tune are stored in the 16-bit base's dtype: merge writes the
+    base's dtype, so the merged checkpoint is the same as with fp32 storage, at half the bytes."""
+    from prinmix.models.checkpoint import CheckpointReader
+
+    base32, ft = tiny_pair("llama", "fp32")
+    base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(str(base32), dtype=torch.bfloat16).save_pretrained(str(base))
+    for f in base32.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, base / f.name)
+    delta_path = tmp_path / "d.delta"
+    api.compress(base, ft, delta_path, method="lowrank", nsamples=4, seqlen=32)
+    delta = api.load_delta(delta_path)
+    assert delta.dense and delta.rows
+    assert {t.dtype for t in delta.dense.values()} == {torch.bfloat16}
+    assert {v.dtype for _, v, _ in delta.rows.values()} == {torch.bfloat16}
+    merged = CheckpointReader(api.merge(base, delta_path, tmp_path / "merged"))
+    ft_r = CheckpointReader(ft)
+    for name in list(delta.dense)[:3] + list(delta.rows):
+        assert torch.equal(merged.get(name, dtype=None), ft_r.get(name, dtype=None).to(torch.bfloat16)), name

@@ -3,7 +3,8 @@
 Tensors
     linear/<weight name>   uint8 blob of a CompressedLinear (codes, scales, zeros, widths, Σ)
     dense/<tensor name>    the fine-tune's tensor (norms, biases…) where it differs from the base, in the
-                           fine-tune's own dtype, so the merge reproduces it bit for bit
+                           fine-tune's own dtype (the base's 16-bit dtype for a wider fine-tune: merge
+                           writes the base's dtype), so the merge reproduces it bit for bit
     rows/<name>/index      int64 [n] rows of an embedding / lm_head that differ from the base (or are new)
     rows/<name>/values     [n, d] those rows, exactly
     aux/<file name>        uint8 bytes of config.json, tokenizer files, generation_config.json of the fine-tune
