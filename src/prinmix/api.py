@@ -28,7 +28,8 @@ from .algorithms.lowrank_svd import FactoredDelta
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory, check_output_directory
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
-from .models.apply_delta import base_fingerprint, check_base, finetuned_tensor, output_tensor_names
+from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
+                                 output_tensor_names, split_aux_files)
 from .models.checkpoint import CheckpointReader, check_compatible
 from .models.offload import PackedLinear
 
@@ -164,10 +165,12 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
                 warnings.warn(advice, stacklevel=2)  # a UserWarning: shown by default
         inputs = stack.embed(ft_r, ids, dev, batch_size, out=hidden_files and hidden_files.next())
 
+    aux_files, aux_from_base = split_aux_files(base_r, ft_r)  # files identical to the base's are not stored
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
                                       "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
-                                      "removed_tensors": compat.only_in_base, **getattr(ft_r, "delta_params", {})},
-                      base_fingerprint=fingerprint, aux_files=ft_r.aux_files())
+                                      "removed_tensors": compat.only_in_base, "aux_from_base": aux_from_base,
+                                      **getattr(ft_r, "delta_params", {})},
+                      base_fingerprint=fingerprint, aux_files=aux_files)
     n_layers = stack.num_layers
     for i in range(n_layers):
         part = work / f"layer_{i:05d}.safetensors"
@@ -365,6 +368,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
     check_base(base_r, delta, delta_path)
     output = Path(output)
     check_output_directory(output, overwrite)
+    aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
         shard, shard_bytes, shards, index = {}, 0, [], {}
@@ -394,7 +398,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
             total = sum((tmp / s).stat().st_size for s in shards)
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
-        for fname, data in delta.aux_files.items():
+        for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
     return output
 

@@ -191,3 +191,22 @@ def test_fp32_finetune_of_a_bf16_base_stores_exact_tensors_in_bf16(tiny_pair, tm
     ft_r = CheckpointReader(ft)
     for name in list(delta.dense)[:3] + list(delta.rows):
         assert torch.equal(merged.get(name, dtype=None), ft_r.get(name, dtype=None).to(torch.bfloat16)), name
+
+
+def test_tokenizer_files_identical_to_the_base_are_taken_from_it(tiny_pair, tmp_path, capsys):
+    base, ft = tiny_pair("llama", "fp32")
+    assert (base / "tokenizer.json").read_bytes() == (ft / "tokenizer.json").read_bytes()
+    delta_path = tmp_path / "d.delta"
+    api.compress(base, ft, delta_path, method="lowrank", nsamples=4, seqlen=32)
+    delta = api.load_delta(delta_path)
+    assert "tokenizer.json" not in delta.aux_files and "tokenizer.json" in delta.params["aux_from_base"]
+    merged = api.merge(base, delta_path, tmp_path / "merged")
+    for f in ft.iterdir():                     # every config/tokenizer file of the fine-tune is in the merge
+        if f.suffix in (".json", ".jinja", ".txt", ".model") and not f.name.endswith(".index.json"):
+            assert (merged / f.name).read_bytes() == f.read_bytes(), f.name
+    AutoTokenizer.from_pretrained(str(merged))
+
+    other = _copy(base, tmp_path / "base-other-tokenizer")   # same weights, edited tokenizer
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text() + "\n")
+    _fails(capsys, ["merge", str(other), str(delta_path), "-o", str(tmp_path / "m")], "tokenizer.json", "differs")
+    assert not (tmp_path / "m").exists()

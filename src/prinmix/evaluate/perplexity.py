@@ -130,7 +130,10 @@ def reference_tokenizer(base, deltas, finetuned=None):
         src = Path(finetuned)
         return AutoTokenizer.from_pretrained(str(src))
     for _label, path in label_deltas(deltas).items():
-        aux = load_delta(path).aux_files
+        from ..models.apply_delta import merged_aux_files
+        from ..models.checkpoint import CheckpointReader
+
+        aux = merged_aux_files(CheckpointReader(base), load_delta(path), path)
         if aux:
             with tempfile.TemporaryDirectory(prefix="prinmix-tok-") as tmp:
                 for name, data in aux.items():

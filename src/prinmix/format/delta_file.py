@@ -8,6 +8,7 @@ Tensors
     rows/<name>/index      int64 [n] rows of an embedding / lm_head that differ from the base (or are new)
     rows/<name>/values     [n, d] those rows, exactly
     aux/<file name>        uint8 bytes of config.json, tokenizer files, generation_config.json of the fine-tune
+                           (those identical to the base's are in params["aux_from_base"] instead)
 Metadata (the safetensors header's string map)
     "prinmix"              JSON: format_version, method, ratio, params, matrices {name: [h_out, h_in]},
                            rows {name: [n_rows_final, d]}, base fingerprint, stats, and a sha256 per tensor.

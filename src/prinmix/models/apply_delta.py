@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from ..errors import BaseMismatchError
@@ -61,3 +63,33 @@ def finetuned_tensor(name: str, base: CheckpointReader | None, delta: DeltaFile,
         out[idx] = values
         return out.to(out_dtype)
     return w.to(out_dtype)
+
+
+def split_aux_files(base: CheckpointReader, finetuned) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The fine-tune's config/tokenizer files as (stored in the delta, taken from the base at merge).
+
+    A file byte-identical to the base's file of the same name (usually the tokenizer: 2–9 MB for
+    Llama-3/Qwen2, as much as the whole 1/16 delta of a small model) is not stored; the delta
+    records its sha256 (`aux_from_base`) and merge copies it from the base, checked."""
+    ft_files, base_files = finetuned.aux_files(), base.aux_files()
+    stored = {n: b for n, b in ft_files.items() if base_files.get(n) != b}
+    from_base = {n: hashlib.sha256(b).hexdigest() for n, b in ft_files.items() if n not in stored}
+    return stored, from_base
+
+
+def merged_aux_files(base: CheckpointReader, delta: DeltaFile, delta_path) -> dict[str, bytes]:
+    """Every config/tokenizer file of the fine-tune: those stored in the delta, plus those it takes from
+    the base (verified against their recorded sha256; BaseMismatchError naming the file otherwise)."""
+    files = dict(delta.aux_files)
+    for name, digest in sorted(delta.params.get("aux_from_base", {}).items()):
+        path = base.path / name
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BaseMismatchError(f"{delta_path}: needs the base's {name}, but {path} cannot be read "
+                                    f"({e.strerror or e})") from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BaseMismatchError(f"{delta_path}: the fine-tune's {name} was the base's, but {path} differs "
+                                    f"from it (sha256 mismatch)")
+        files[name] = data
+    return files
