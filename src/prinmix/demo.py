@@ -72,5 +72,5 @@ def run_demo(workdir: str | None = None, ratios=("1/16", "1/32")) -> list[dict]:
               f"{r['rel_logit_error']:>12.4f} {r['perplexity']:>11.3f} {r['seconds']:>7.1f}")
     print("\nlogit error = ‖logits(merged) − logits(fine-tune)‖ / ‖logits(base) − logits(fine-tune)‖ on held-out "
           "arithmetic text (perplexity on the same text); linear ratio = all stored bytes of the compressed linears / their 16-bit size; "
-          "file KiB includes exact embedding/norm rows and the tokenizer files.")
+          "file KiB includes exact embedding/norm rows (config/tokenizer files identical to the base's are taken from it).")
     return rows
