@@ -195,3 +195,28 @@ def test_fast_unpack_equals_packing_module():
             codes = torch.randint(0, 2 ** bits, (n,), generator=g, dtype=torch.uint8)
             packed = pack_codes(codes, bits)
             assert torch.equal(unpack_fast(packed, bits, n), unpack_codes(packed, bits, n))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_fused_products_equal_dequantised_ones(bits):
+    """PackedMatrix.matmul_t / matmul (scales and zero points folded around the code product) = the same
+    products with the dequantised matrix, in float64 as the reference."""
+    from prinmix.algorithms.compressed import QuantizedMatrix
+    from prinmix.runtime.packed import PackedMatrix
+
+    g = torch.Generator().manual_seed(bits)
+    rows, cols = 24, 40
+    q = QuantizedMatrix(torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.uint8),
+                        (torch.rand(rows, 1, generator=g) * 0.1 + 0.01).half(),
+                        torch.randint(0, 2 ** bits, (rows, 1), generator=g, dtype=torch.uint8), bits, cols)
+    m = PackedMatrix.from_stored(q, bits)
+    assert m.fused_rows()
+    value = (q.scale.double() * (q.codes.double() - q.zero.double()))
+    assert torch.allclose(m.dequantize().double(), value, atol=1e-6)
+    x = torch.randn(3, cols, generator=g)
+    assert torch.allclose(m.matmul_t(x).double(), x.double() @ value.T, rtol=1e-4, atol=1e-4)
+    t = torch.randn(3, rows, generator=g)
+    assert torch.allclose(m.matmul(t).double(), t.double() @ value, rtol=1e-4, atol=1e-4)
+    grouped = PackedMatrix.from_stored(QuantizedMatrix(q.codes, q.scale.repeat(1, 2), q.zero.repeat(1, 2), bits, 20),
+                                       bits)
+    assert not grouped.fused_rows()                 # group scales: the dequantising path is used

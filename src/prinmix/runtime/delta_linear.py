@@ -257,10 +257,15 @@ class DeltaLinear(nn.Module):
                 out[:, r0:r1] = xs @ p.sign.signs(r0, r1, h_in).T
             return out * p.sign.scale.float()
         for b in p.blocks:
-            t = xs @ b.v_matrix().T                        # shrink [n, k]
+            # per-row-quantised factors (PrinMix's V̂ and stored-transposed Û) are applied to the codes with
+            # the scales and zero points folded around the product: no dequantised copy of the factor
+            t = b.v.matmul_t(xs) if b.v.fused_rows() else xs @ b.v_matrix().T           # shrink [n, k]
             if b.sigma is not None:
                 t = t * b.sigma.float()
-            out += t @ b.u_matrix().T                       # expand [n, h_out]
+            if b.u_transposed and b.u.fused_rows():
+                out += b.u.matmul(t)                                                    # expand [n, h_out]
+            else:
+                out += t @ b.u_matrix().T
         return out
 
 

@@ -113,21 +113,44 @@ class PackedMatrix:
         return replace(self, data=self.data.to(device), scale=None if self.scale is None else self.scale.to(device),
                        zero=None if self.zero is None else self.zero.to(device))
 
+    def row_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (scale [rows, 1], zero [rows, 1]) of a per-row-quantised matrix (n_groups == 1), cached."""
+        if self._params_f32 is None:
+            self._params_f32 = (self.scale.to(torch.float32), self.zero.to(torch.float32))
+        return self._params_f32
+
+    def codes_f32(self) -> torch.Tensor:
+        """The unpacked codes [rows, cols] as float32 (a transient)."""
+        return unpack_fast(self.data, self.bits, self.rows * self.cols).view(self.rows, self.cols).to(torch.float32)
+
+    def fused_rows(self) -> bool:
+        """Whether matmul_t / matmul may skip dequantisation: codes with one (scale, zero) per row."""
+        return self.bits != FLOAT_BITS and self.n_groups == 1 and self.rows * self.cols > 0
+
+    def matmul_t(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, cols] @ valueᵀ → [n, rows] float32 without dequantising: with value = s_r·(C − z_r),
+        x·valueᵀ = s_r·(x·Cᵀ − z_r·Σx). Needs fused_rows()."""
+        scale, zero = self.row_params()
+        return (x @ self.codes_f32().T - x.sum(-1, keepdim=True) * zero.T) * scale.T
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, rows] @ value → [n, cols] float32 without dequantising: Σ_r x_r·s_r·(C_r − z_r) =
+        (x·s)·C − (x·s)·z. Needs fused_rows()."""
+        scale, zero = self.row_params()
+        xs = x * scale.T
+        return xs @ self.codes_f32() - xs @ zero
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         """[rows, cols] in `dtype` (a transient of the torch reference path)."""
         if self.bits == FLOAT_BITS:
             return self.data.to(dtype)
         if self.rows * self.cols == 0:
             return torch.zeros(self.rows, self.cols, dtype=dtype, device=self.data.device)
-        codes = unpack_fast(self.data, self.bits, self.rows * self.cols).view(self.rows, self.cols).to(torch.float32)
-        if self._params_f32 is not None:
-            scale, zero = self._params_f32
-        else:
-            scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
-            if self.n_groups == 1:  # one pair per row: 8 B/row against rows·cols·bits/8 B of codes
-                self._params_f32 = (scale, zero)
-        if self.n_groups == 1:
+        codes = self.codes_f32()
+        if self.n_groups == 1:  # one pair per row, cached: 8 B/row against rows·cols·bits/8 B of codes
+            scale, zero = self.row_params()
             return (scale * (codes - zero)).to(dtype)
+        scale, zero = self.scale.to(torch.float32), self.zero.to(torch.float32)
         if self.cols % self.group == 0:
             g = codes.view(self.rows, self.n_groups, self.group)
             return (scale[..., None] * (g - zero[..., None])).view(self.rows, self.cols).to(dtype)
