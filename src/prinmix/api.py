@@ -50,6 +50,7 @@ class CompressSummary:
     seconds: float
     layers: int
     linear_header_bytes: int = 0  # the linear deltas' entries in the file header (upper bound)
+    lora_adapter_bytes: int | None = None  # FINETUNED was a LoRA adapter: its factors' 16-bit size
 
     @property
     def ratio_achieved(self) -> float:
@@ -213,7 +214,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     shutil.rmtree(work, ignore_errors=True)
     return CompressSummary(str(output), method, alpha, delta.linear_bytes(), delta.dense_delta_params(),
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
-                           delta.linear_header_bytes())
+                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"))
 
 
 def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size, on_hessians) -> DeltaFile:

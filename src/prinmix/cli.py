@@ -51,7 +51,9 @@ def cmd_compress(a) -> int:
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
             ("ratio on disk (+ their header entries)",
              f"{s.ratio_on_disk:.6g} (1/{1 / s.ratio_on_disk:.4g})" if s.ratio_on_disk else "-"),
-            ("compressed linear deltas", _fmt_bytes(s.linear_bytes)),
+            ("compressed linear deltas", _fmt_bytes(s.linear_bytes)
+             + (f" ({s.linear_bytes / s.lora_adapter_bytes:.3g} of the LoRA adapter's "
+                f"{_fmt_bytes(s.lora_adapter_bytes)})" if s.lora_adapter_bytes else "")),
             ("exact other tensors (norms, biases, embedding rows)", _fmt_bytes(s.other_bytes)),
             ("config/tokenizer files", _fmt_bytes(s.aux_bytes)),
             ("file on disk", _fmt_bytes(s.file_bytes)), ("layers", str(s.layers)), ("time", f"{s.seconds:.1f} s"),

@@ -95,6 +95,7 @@ def test_prinmix_lora_end_to_end(trained_adapter, tmp_path, capsys, ratio, close
     reader = LoraFinetunedReader(CheckpointReader(base), adapter)
     assert params["lora_adapter_bytes"] == reader.delta_params["lora_adapter_bytes"]
     assert summary.linear_bytes < params["lora_adapter_bytes"]          # smaller than the adapter itself
+    assert summary.lora_adapter_bytes == params["lora_adapter_bytes"]
     described = api.info(delta)
     assert described["ratio_vs_adapter"] == pytest.approx(summary.linear_bytes / params["lora_adapter_bytes"])
     # dense 16-bit ΔW is h_out·h_in per target; the adapter r·(h_out+h_in): the two ratios differ by exactly that
@@ -102,6 +103,9 @@ def test_prinmix_lora_end_to_end(trained_adapter, tmp_path, capsys, ratio, close
         described["ratio_achieved"] * 2 * described["dense_delta_params"] / params["lora_adapter_bytes"])
     assert cli_main(["info", str(delta)]) == 0
     assert f"vs LoRA        {described['ratio_vs_adapter']:.4g}" in capsys.readouterr().out
+    assert cli_main(["compress", str(base), str(adapter), "-o", str(tmp_path / "cli.delta"), "--ratio", ratio,
+                     "--nsamples", "8", "--seqlen", "48"]) == 0
+    assert f"{summary.linear_bytes / summary.lora_adapter_bytes:.3g} of the LoRA adapter's" in capsys.readouterr().out
     merged = api.merge(base, delta, tmp_path / "merged")
 
     from transformers import AutoModelForCausalLM
