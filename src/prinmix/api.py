@@ -418,14 +418,15 @@ def info(delta_path) -> dict:
                             "widths": {str(k): v for k, v in sorted(counts.items(), reverse=True)},
                             "ratio": 8 * m.nbytes() / (16 * m.shape[0] * m.shape[1])}
     params = delta.dense_delta_params()
+    linear, header = delta.linear_bytes(), delta.linear_header_bytes()
     adapter_bytes = delta.params.get("lora_adapter_bytes")  # set when FINETUNED was a LoRA adapter
     return {"path": str(path), "method": delta.method, "ratio_requested": delta.ratio,
             "lora_adapter_bytes": adapter_bytes,
-            "ratio_vs_adapter": delta.linear_bytes() / adapter_bytes if adapter_bytes else None,
-            "ratio_achieved": 8 * delta.linear_bytes() / (16 * params) if params else 0.0,
-            "linear_header_bytes": delta.linear_header_bytes(),
-            "ratio_on_disk": 8 * (delta.linear_bytes() + delta.linear_header_bytes()) / (16 * params) if params else 0.0,
-            "file_bytes": path.stat().st_size, "linear_bytes": delta.linear_bytes(),
+            "ratio_vs_adapter": linear / adapter_bytes if adapter_bytes else None,
+            "ratio_achieved": 8 * linear / (16 * params) if params else 0.0,
+            "linear_header_bytes": header,
+            "ratio_on_disk": 8 * (linear + header) / (16 * params) if params else 0.0,
+            "file_bytes": path.stat().st_size, "linear_bytes": linear,
             "other_bytes": delta.dense_bytes(), "aux_bytes": delta.aux_bytes(),
             "dense_delta_params": params, "base": delta.base_fingerprint, "matrices": per_matrix,
             "other_tensors": sorted(delta.dense) + sorted(delta.rows)}

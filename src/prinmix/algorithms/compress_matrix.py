@@ -97,10 +97,15 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     chunk_bytes = SIM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     r, h_in = Vh.shape
     nonzero = [b for b in widths if b > 0]
+    column = {b: j for j, b in enumerate(widths)}
     E = torch.zeros(r, len(widths), dtype=torch.float64)
     sigma2 = S.double() ** 2
-    if 0 in widths:  # a dropped rank's error is all of it: ΔV = V
-        E[:, list(widths).index(0)] = sigma2 * ((Vh @ H) * Vh).sum(1).double().cpu()
+
+    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ H ΔVᵢᵀ per rank
+        return sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+
+    if 0 in column:  # a dropped rank's error is all of it: ΔV = V
+        E[:, column[0]] = weighted(Vh)
     sim = None
     if nonzero and r:
         prepared = prepare_hessian(H, cfg.percdamp)
@@ -113,11 +118,10 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
                                 group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                 clip_search=cfg.clip_search, prepared=prepared)
             for k, b in enumerate(chunk):
-                dV = Vh - res.dequant[k * r:(k + 1) * r]
-                E[:, list(widths).index(b)] = sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+                E[:, column[b]] = weighted(Vh - res.dequant[k * r:(k + 1) * r])
             parts.append((res.codes, res.scale, res.zero))
             bounds = res.group_bounds
-            del res, dV
+            del res
         sim = WidthSimulation(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                               torch.cat([p[2] for p in parts]), bounds)
     return E.clamp_min(0.0), sim, nonzero

@@ -125,14 +125,13 @@ def reference_tokenizer(base, deltas, finetuned=None):
     from transformers import AutoTokenizer
 
     from ..format.delta_file import load_delta
+    from ..models.apply_delta import merged_aux_files
+    from ..models.checkpoint import CheckpointReader
 
     if finetuned is not None:
         src = Path(finetuned)
         return AutoTokenizer.from_pretrained(str(src))
     for _label, path in label_deltas(deltas).items():
-        from ..models.apply_delta import merged_aux_files
-        from ..models.checkpoint import CheckpointReader
-
         aux = merged_aux_files(CheckpointReader(base), load_delta(path), path)
         if aux:
             with tempfile.TemporaryDirectory(prefix="prinmix-tok-") as tmp:

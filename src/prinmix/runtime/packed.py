@@ -56,17 +56,17 @@ def unpack_fast(data: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 3:
         raw = raw.view(n_words, 3)
         word = raw[:, 0].int() | (raw[:, 1].int() << 8) | (raw[:, 2].int() << 16)
-        shifts = torch.arange(0, 24, 3, dtype=torch.int32, device=data.device)
-        return ((word[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)[:numel]
-    words = (raw.view(n_words, bits).to(torch.int64) << _int64_shifts(8, bits, data.device)).sum(1)
-    codes = (words[:, None] >> _int64_shifts(bits, 8, data.device)) & mask
+        return ((word[:, None] >> _shifts(3, 8, torch.int32, data.device)) & mask).to(torch.uint8).reshape(-1)[:numel]
+    words = (raw.view(n_words, bits).to(torch.int64) << _shifts(8, bits, torch.int64, data.device)).sum(1)
+    codes = (words[:, None] >> _shifts(bits, 8, torch.int64, data.device)) & mask
     return codes.reshape(-1)[:numel].to(torch.uint8)
 
 
-def _int64_shifts(step: int, count: int, device) -> torch.Tensor:
-    key = ("shifts", step, count, str(device))
+def _shifts(step: int, count: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[0, step, 2·step, …] (count values) in dtype on device, cached: the hot path builds none."""
+    key = ("shifts", step, count, dtype, str(device))
     if key not in _TABLES:
-        _TABLES[key] = torch.arange(count, dtype=torch.int64, device=device) * step
+        _TABLES[key] = torch.arange(count, dtype=dtype, device=device) * step
     return _TABLES[key]
 
 
