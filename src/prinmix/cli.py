@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_info)
 
+    from .compress_many import add_compress_many_parser
     from .evaluate.cli_commands import add_eval_parser, add_report_parser
     from .export_lora import add_export_lora_parser
     from .serve.cli_command import add_serve_parser
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_report_parser(sub)
     add_export_lora_parser(sub)
+    add_compress_many_parser(sub)
     add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="build a tiny model pair locally, compress it with every method, report")
