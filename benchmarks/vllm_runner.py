@@ -4,10 +4,12 @@ vllm installed (prinmix does not depend on vllm; see tests/test_vllm_integration
     python vllm_runner.py REQUEST.json RESULT.json
 
 REQUEST: {"model": base dir, "adapters": {name: adapter dir}, "max_lora_rank": int,
-          "prompts": [[token ids]…], "lora": [adapter name or null per prompt], "max_tokens": int,
-          "dtype": "float32", "max_model_len": int, "repeat": int (timed runs after one warm-up)}
-RESULT:  {"outputs": [{"token_ids": [...], "logprobs": [logprob of each generated token]}…],
-          "seconds": [wall seconds of each timed run], "generated_tokens": int, "load_seconds": float}
+          "prompts": [[token ids]…], "max_tokens": int, "dtype": "float32", "max_model_len": int,
+          "runs": [{"name": str, "lora": [adapter name or null per prompt], "repeat": int}…]}
+          (or one run given by top-level "lora" / "repeat")
+RESULT:  {"load_seconds": float, "runs": {name: {"outputs": [{"token_ids": [...], "logprobs": [logprob of
+          each generated token]}…], "seconds": [wall seconds of each timed run after one warm-up run],
+          "generated_tokens": int}}, and the first run's "outputs" at the top level
 Greedy (temperature 0), fp32, enforce_eager (no CUDA graphs / torch.compile warm-up); the CPU KV cache
 size comes from VLLM_CPU_KVCACHE_SPACE (GiB) in the environment.
 """
@@ -36,24 +38,24 @@ def main(request_path: str, result_path: str) -> None:
     load_seconds = time.perf_counter() - t0
     lora_requests = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(sorted(adapters.items()))}
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in req["prompts"]]
-    per_prompt = [lora_requests[n] if n is not None else None for n in req.get("lora", [None] * len(prompts))]
     params = SamplingParams(temperature=0.0, max_tokens=req["max_tokens"], logprobs=0, ignore_eos=True)
-
-    def run():
-        return llm.generate(prompts, params, lora_request=per_prompt if adapters else None, use_tqdm=False)
-
-    outputs = run()                                                    # warm-up, and the checked outputs
-    seconds = []
-    for _ in range(req.get("repeat", 0)):
-        t = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - t)
-    result = {"outputs": [], "seconds": seconds, "load_seconds": load_seconds,
-              "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
-    for o in outputs:
-        c = o.outputs[0]
-        result["outputs"].append({"token_ids": list(c.token_ids),
-                                  "logprobs": [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]})
+    runs = req.get("runs") or [{"name": "run", "lora": req.get("lora"), "repeat": req.get("repeat", 0)}]
+    result = {"load_seconds": load_seconds, "runs": {}}
+    for spec in runs:
+        names = spec.get("lora") or [None] * len(prompts)
+        per_prompt = [lora_requests[n] if n is not None else None for n in names] if adapters else None
+        outputs = llm.generate(prompts, params, lora_request=per_prompt, use_tqdm=False)   # warm-up, and checked
+        seconds = []
+        for _ in range(spec.get("repeat", 0)):
+            t = time.perf_counter()
+            llm.generate(prompts, params, lora_request=per_prompt, use_tqdm=False)
+            seconds.append(time.perf_counter() - t)
+        result["runs"][spec["name"]] = {
+            "seconds": seconds, "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+            "outputs": [{"token_ids": list(o.outputs[0].token_ids),
+                         "logprobs": [step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]}
+                        for o in outputs]}
+    result["outputs"] = result["runs"][runs[0]["name"]]["outputs"]
     with open(result_path, "w") as f:
         json.dump(result, f)
 

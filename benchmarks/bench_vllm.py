@@ -1,0 +1,188 @@
+"""A whole fine-tune exported as a LoRA adapter, served by a real vLLM, against `prinmix merge` and `prinmix serve`.
+
+Part 1 — agreement (issue 14's done-when check). The delta is exported (`prinmix export-lora`, float32,
+norms folded, embedding / lm_head deltas, --max-rank R) and served by vLLM (Python API, fp32, greedy);
+the same held-out prompts (task JSONL) are decoded greedily by `prinmix merge` of the delta in
+transformers. Reported: the fraction of greedy tokens that agree (position by position, all generated
+tokens, EOS ignored) and the exact-match task accuracy of both (prinmix.evaluate.tasks' rule).
+
+Part 2 — throughput. R requests (the first R task prompts, D greedy tokens each, EOS ignored), served
+    vLLM base       the base alone in vLLM (no LoRA): the reference of the ratios
+    vLLM + N LoRA   N exported adapters (copies of one under N names) in one vLLM engine, requests
+                    spread round-robin over them, all R in one generate call
+    prinmix + N     MultiTenantModel (what `prinmix serve` runs): the base + N packed deltas (copies of
+                    the delta), the same R requests round-robin, one batch per step
+    prinmix base    MultiTenantModel with no tenant
+tok/s = R·D / wall time of the whole batch (prefill + decode), fastest of --repeat runs after a warm-up.
+vLLM runs in its own interpreter (--vllm-python; prinmix does not depend on vllm) via vllm_runner.py.
+
+    python benchmarks/bench_vllm.py --base /work/pairs/smollm2-arith/base \\
+        --finetuned /work/pairs/smollm2-arith/finetuned --delta ft.delta \\
+        --tasks /work/pairs/smollm2-arith/task_test.jsonl --vllm-python /work/vllm-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from prinmix import api
+from prinmix.evaluate.tasks import normalise_prediction, read_task_file
+from prinmix.export_lora import export_lora
+from prinmix.runtime.multi_tenant import MultiTenantModel
+
+RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"
+
+
+def run_vllm(python: str, request: dict, workdir: Path) -> dict:
+    """vllm_runner.py on `request` in the vLLM interpreter; its RESULT dict."""
+    (workdir / "request.json").write_text(json.dumps(request))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    run = subprocess.run([python, str(RUNNER), str(workdir / "request.json"), str(workdir / "result.json")],
+                         capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"vLLM run failed:\n{run.stderr[-4000:]}")
+    return json.loads((workdir / "result.json").read_text())
+
+
+@torch.no_grad()
+def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens of `prompt` (EOS ignored) with the KV cache."""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    for _ in range(n - 1):
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def accuracy(tokenizer, rows: list[dict], outputs: list[list[int]], eos: int | None) -> float:
+    """Exact-match accuracy of greedy token outputs, cut at EOS, decoded and normalised as tasks.py does."""
+    correct = 0
+    for row, tokens in zip(rows, outputs):
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos)]
+        correct += normalise_prediction(tokenizer.decode(tokens, skip_special_tokens=True)) == row["answer"].strip()
+    return correct / len(rows)
+
+
+def prinmix_tok_s(base: str, delta: str, n: int, prompts: list[list[int]], max_tokens: int, repeat: int) -> float:
+    """MultiTenantModel tokens/s on `prompts` spread over n copies of `delta` (n = 0: the base alone)."""
+    model = MultiTenantModel(base, dtype=torch.float32)
+    tenants = [f"t{i}" for i in range(n)]
+    for t in tenants:
+        model.add_tenant(t, delta)
+    per_prompt = [tenants[i % n] if n else None for i in range(len(prompts))]
+    model.generate(prompts[:1], per_prompt[:1], 2)                                   # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        state = model.prefill(prompts, per_prompt)
+        for _ in range(max_tokens - 1):
+            model.decode_step(state)
+        best = min(best, time.perf_counter() - t0)
+    return len(prompts) * max_tokens / best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True)
+    p.add_argument("--finetuned", default=None, help="compared in the export's whole-model check")
+    p.add_argument("--delta", required=True)
+    p.add_argument("--tasks", required=True, help="held-out {prompt, answer} JSONL")
+    p.add_argument("--vllm-python", required=True)
+    p.add_argument("--max-rank", type=int, default=128)
+    p.add_argument("--agreement-prompts", type=int, default=100)
+    p.add_argument("--answer-tokens", type=int, default=8)
+    p.add_argument("--n", default="1,4,8,16")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: agreement, throughput")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    work = Path(a.workdir or tempfile.mkdtemp(prefix="bench-vllm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ns = [int(x) for x in a.n.split(",")]
+    tokenizer = AutoTokenizer.from_pretrained(a.base)
+    rows = read_task_file(a.tasks)
+    prompts_all = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+
+    t0 = time.time()
+    adapter = work / "adapter"
+    report = export_lora(a.base, a.delta, adapter, max_rank=a.max_rank, dtype=torch.float32, overwrite=True,
+                         finetuned=a.finetuned, check_text=a.tasks)
+    whole = report["whole_model"]
+    print(f"export: r = {report['r']}, {len(report['modules'])} modules, {report['adapter_bytes'] / 2**20:.1f} MiB, "
+          f"truncation error {report['truncation_rel_error']:.3g} (per-module Frobenius), {time.time() - t0:.0f} s")
+    print(f"export whole-model check ({whole['tokens']} tokens of {whole['text']}): adapter vs merge "
+          f"{json.dumps(whole['adapter_vs_merge'])}")
+    if "adapter_vs_finetuned" in whole:
+        print(f"  adapter vs fine-tune {json.dumps(whole['adapter_vs_finetuned'])}")
+        print(f"  merge vs fine-tune   {json.dumps(whole['merge_vs_finetuned'])}")
+    rank = report["vllm_max_lora_rank"]
+    skip = set(filter(None, a.skip.split(",")))
+
+    if "agreement" not in skip:
+        prompts = prompts_all[: a.agreement_prompts]
+        sub = rows[: len(prompts)]
+        t0 = time.time()
+        result = run_vllm(a.vllm_python, {"model": a.base, "adapters": {"ft": str(adapter)}, "max_lora_rank": rank,
+                                          "prompts": prompts, "max_tokens": a.answer_tokens, "max_model_len": 256,
+                                          "runs": [{"name": "ft", "lora": ["ft"] * len(prompts)}]}, work)
+        vllm_out = [o["token_ids"] for o in result["outputs"]]
+        merged_dir = api.merge(a.base, a.delta, work / "merged", overwrite=True)
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        merge_out = [greedy_tokens(merged, q, a.answer_tokens) for q in prompts]
+        del merged
+        same = sum(x == y for v, m in zip(vllm_out, merge_out) for x, y in zip(v, m))
+        total = sum(len(m) for m in merge_out)
+        eos = tokenizer.eos_token_id
+        print(f"\nagreement, {len(prompts)} held-out prompts x {a.answer_tokens} greedy tokens ({time.time() - t0:.0f} s):")
+        print(f"  vLLM + exported adapter vs prinmix merge (transformers): {same}/{total} tokens = {100 * same / total:.2f} %")
+        print(f"  task accuracy: vLLM + adapter {100 * accuracy(tokenizer, sub, vllm_out, eos):.1f} %, "
+              f"prinmix merge {100 * accuracy(tokenizer, sub, merge_out, eos):.1f} %")
+
+    if "throughput" not in skip:
+        prompts = prompts_all[: a.requests]
+        for n in ns:
+            target = work / f"adapter{n - 1}"
+            if n > 1 and not target.exists():
+                shutil.copytree(adapter, target)
+        adapters = {f"a{i}": str(adapter if i == 0 else work / f"adapter{i}") for i in range(max(ns))}
+        runs = [{"name": f"n{n}", "lora": [f"a{i % n}" for i in range(len(prompts))], "repeat": a.repeat} for n in ns]
+        lora = run_vllm(a.vllm_python, {"model": a.base, "adapters": adapters, "max_lora_rank": rank, "prompts": prompts,
+                                        "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work)
+        plain = run_vllm(a.vllm_python, {"model": a.base, "prompts": prompts, "max_tokens": a.max_tokens,
+                                         "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat}]}, work)
+        tokens = len(prompts) * a.max_tokens
+        ref = tokens / min(plain["runs"]["base"]["seconds"])
+        table = [("vLLM", "base alone", ref)]
+        table += [("vLLM", f"{n} LoRA adapters", tokens / min(lora["runs"][f"n{n}"]["seconds"])) for n in ns]
+        table.append(("prinmix serve", "base alone", prinmix_tok_s(a.base, a.delta, 0, prompts, a.max_tokens, a.repeat)))
+        table += [("prinmix serve", f"{n} packed deltas", prinmix_tok_s(a.base, a.delta, n, prompts, a.max_tokens,
+                                                                       a.repeat)) for n in ns]
+        print(f"\nthroughput: {len(prompts)} requests x {a.max_tokens} greedy tokens, fp32, CPU "
+              f"({a.threads} threads for prinmix; vLLM's own), adapter r = {report['r']} "
+              f"(--max-lora-rank {rank}), fastest of {a.repeat}")
+        print(f"{'engine':<14} {'serving':<20} {'tok/s':>8} {'vs vLLM base':>13}")
+        for engine, what, tok_s in table:
+            print(f"{engine:<14} {what:<20} {tok_s:>8.1f} {tok_s / ref:>12.2f}x")
+        print(f"(vLLM engine load: {lora['load_seconds']:.0f} s with LoRA, {plain['load_seconds']:.0f} s without)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
