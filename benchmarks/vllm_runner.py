@@ -26,11 +26,12 @@ def main(request_path: str, result_path: str) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    req = json.loads(open(request_path).read())
+    with open(request_path) as f:
+        req = json.load(f)
     adapters = req.get("adapters") or {}
     t0 = time.perf_counter()
-    kwargs = dict(model=req["model"], dtype=req.get("dtype", "float32"), enforce_eager=True,
-                  max_model_len=req.get("max_model_len", 256), seed=0)
+    kwargs = {"model": req["model"], "dtype": req.get("dtype", "float32"), "enforce_eager": True,
+              "max_model_len": req.get("max_model_len", 256), "seed": 0}
     if adapters:
         kwargs.update(enable_lora=True, max_lora_rank=req["max_lora_rank"], max_loras=len(adapters),
                       max_cpu_loras=len(adapters))

@@ -10,6 +10,7 @@ import pytest
 from prinmix import api
 from prinmix.cli import main
 from prinmix.compress_many import FleetJob, ManifestError, compress_job, read_manifest
+from prinmix.errors import PrinmixError
 
 FAST = {"nsamples": 2, "seqlen": 32, "device": "cpu"}
 
@@ -17,11 +18,11 @@ FAST = {"nsamples": 2, "seqlen": 32, "device": "cpu"}
 def test_manifest_jsonl_csv_and_errors(tmp_path):
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_text('{"base": "b", "finetuned": "f", "output": "o1.delta", "ratio": "1/16", "method": "prinmix",'
-                     ' "nsamples": "4", "bits": "0,2,4"}\n\n# a comment\n'
+                     ' "nsamples": "4", "bits": "0,2,4"}\n\n'
                      '{"base": "b", "finetuned": "a", "output": "s3://bucket/o2.delta", "ratio": "1/8", "method": "lowrank"}\n')
     jobs = read_manifest(jsonl)
     assert [j.output for j in jobs] == ["o1.delta", "s3://bucket/o2.delta"]
-    assert jobs[0].options == {"nsamples": 4, "widths": (0, 2, 4)} and jobs[1].where.endswith("m.jsonl:4")
+    assert jobs[0].options == {"nsamples": 4, "widths": (0, 2, 4)} and jobs[1].where.endswith("m.jsonl:3")
     csv = tmp_path / "m.csv"
     csv.write_text("base,finetuned,output,ratio,method,seqlen\nb,f,o.delta,1/16,deltacome,128\nb,g,p.delta,1/16,prinmix,\n")
     jobs = read_manifest(csv)
@@ -31,9 +32,9 @@ def test_manifest_jsonl_csv_and_errors(tmp_path):
                            "unknown field"),
                           ('{"base": "b", "finetuned": "f", "output": "o", "ratio": "1", "method": "x", "nsamples": "many"}',
                            "nsamples = 'many' is not int"),
-                          ("[1, 2]", "not a JSON object"), ("", "no jobs")):
+                          ("[1, 2]", "expected a JSON object"), ("{oops", "not valid JSON"), ("", "no jobs")):
         jsonl.write_text(text + "\n")
-        with pytest.raises(ManifestError, match=message):
+        with pytest.raises(PrinmixError, match=message):
             read_manifest(jsonl)
     line = '{"base": "b", "finetuned": "f", "output": "o", "ratio": "1", "method": "x"}\n'
     jsonl.write_text(line * 2)

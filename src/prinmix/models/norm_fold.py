@@ -24,7 +24,7 @@ import torch
 
 from ..errors import PrinmixError
 
-__all__ = ["NormFoldError", "NormLayout", "NORM_LAYOUTS", "fold_targets", "norm_ratio"]
+__all__ = ["NORM_LAYOUTS", "NormFoldError", "NormLayout", "fold_targets", "norm_ratio"]
 
 
 class NormFoldError(PrinmixError):
