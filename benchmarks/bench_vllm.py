@@ -24,6 +24,7 @@ vLLM runs in its own interpreter (--vllm-python; prinmix does not depend on vllm
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from prinmix import api
 from prinmix.evaluate.tasks import normalise_prediction, read_task_file
@@ -58,11 +59,13 @@ def run_vllm(python: str, request: dict, workdir: Path) -> dict:
 @torch.no_grad()
 def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
     """n greedy tokens of `prompt` (EOS ignored) with the KV cache."""
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache()
+    logits = model(input_ids=torch.tensor([prompt]), use_cache=True, **{key: cache}).logits
+    tokens = [int(logits[0, -1].argmax())]
     for _ in range(n - 1):
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
+        logits = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{key: cache}).logits
+        tokens.append(int(logits[0, -1].argmax()))
     return tokens
 
 
