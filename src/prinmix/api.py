@@ -23,17 +23,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .algorithms.budget import parse_ratio
-from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
+from .algorithms.compress_matrix import DEFAULT_WIDTHS, METHODS, PrinMixConfig, compress_matrix
 from .algorithms.lowrank_svd import FactoredDelta
-from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
-from .format.atomic_dir import atomic_directory, check_output_directory
+from .errors import BudgetError, CheckpointError, DeltaFormatError, DeviceError, PrinmixError
+from .format.atomic_dir import atomic_directory
+from .format.output_safety import MERGED_CHECKPOINT, check_output_directory, refuse_input_overlap, write_marker
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
                                  output_tensor_names, split_aux_files)
 from .models.checkpoint import CheckpointReader, check_compatible
 from .models.offload import PackedLinear
 
-METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
 CALIBRATED = ("prinmix", "deltacome")
 
 
@@ -128,6 +128,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         raise PrinmixError(f"--distill-steps must be ≥ 0, got {distill_steps}")
     if Path(output).is_dir():
         raise PrinmixError(f"{output}: is a directory; give the delta file's path (e.g. {Path(output) / 'model.delta'})")
+    refuse_input_overlap([output], [base, finetuned], "compress")
     dev = resolve_device(device)
     base_r, ft_r, compat = _open_pair(base, finetuned)
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
@@ -364,11 +365,12 @@ def load_delta(path):
 def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> Path:
     """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
     config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed."""
+    refuse_input_overlap([output], [base, delta_path], "merge")
     base_r = CheckpointReader(base)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
-    check_output_directory(output, overwrite)
+    check_output_directory(output, overwrite, MERGED_CHECKPOINT)
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
@@ -386,6 +388,8 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
 
         for j, name in enumerate(names):
             t = finetuned_tensor(name, base_r, delta).contiguous()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # e.g. a delta overflowing fp16
+                raise DeltaFormatError(f"{delta_path}: base + delta of {name!r} is not finite in {t.dtype}")
             shard[name] = t
             shard_bytes += t.numel() * t.element_size()
             if shard_bytes >= limit:
@@ -401,6 +405,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
+        write_marker(tmp, MERGED_CHECKPOINT)
     return output
 
 

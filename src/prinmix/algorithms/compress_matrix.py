@@ -21,6 +21,7 @@ from .quantize import dequantize_codes
 from .rtc import correct_reconstruction_target
 
 DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
+METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")  # every method a delta file may name
 
 
 @dataclass

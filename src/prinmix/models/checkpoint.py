@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from prinmix.errors import ArchitectureMismatchError, CheckpointError
+from prinmix.format.file_names import AUX_SUFFIXES, aux_name_problem
 
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -45,7 +46,6 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 
 # Files copied next to merged weights: everything small that describes the model or its tokenizer.
-AUX_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 AUX_EXCLUDED = {
     WEIGHTS_INDEX_FILE,
     "pytorch_model.bin.index.json",
@@ -334,6 +334,8 @@ class CheckpointReader:
             if not item.is_file() or item.name.startswith("."):
                 continue
             if not item.name.endswith(AUX_SUFFIXES) or item.name in AUX_EXCLUDED:
+                continue
+            if aux_name_problem(item.name):  # a name a delta file may not carry (e.g. with spaces)
                 continue
             if item.stat().st_size > AUX_MAX_BYTES:
                 continue
