@@ -25,10 +25,11 @@ from safetensors.torch import load_file, save_file
 from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, METHODS, PrinMixConfig, compress_matrix
 from .algorithms.lowrank_svd import FactoredDelta
-from .errors import BudgetError, CheckpointError, DeltaFormatError, DeviceError, PrinmixError
+from .errors import BudgetError, CheckpointError, DeltaFormatError, DeltaRangeError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory
 from .format.output_safety import MERGED_CHECKPOINT, check_output_directory, refuse_input_overlap, write_marker
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
+from .format.resume_part import CHECKSUMS_KEY, part_checksums, part_problem
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
                                  output_tensor_names, split_aux_files)
 from .models.checkpoint import CheckpointReader, check_compatible
@@ -131,6 +132,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     refuse_input_overlap([output], [base, finetuned], "compress")
     dev = resolve_device(device)
     base_r, ft_r, compat = _open_pair(base, finetuned)
+    check_inputs_finite(base_r, ft_r)  # an Inf in model.norm is found now, not after every layer
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
     try:
         cfg.validate()
@@ -143,8 +145,12 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
     params = {"method": method, "ratio": alpha, "budget": "blob+header", "exact": "base-dtype", "config": asdict(cfg),
-              "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
-              "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
+              "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+              # every byte of both models (content_hash(full=True)), not the sampled fingerprint: a model edited
+              # only in unsampled bytes must not reuse stale parts. Cost: one extra read of both models, 0.4 s
+              # for the SmolLM2-135M pair (benchmarks/bench_resume_key.py), against minutes of compression.
+              "base": base_r.content_hash(full=True), "finetuned": ft_r.content_hash(full=True),
+              "distill_steps": distill_steps}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
     if not resume and work.exists():
@@ -178,6 +184,10 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         part = work / f"layer_{i:05d}.safetensors"
         prefix = stack.layer_prefix(i)
         names = stack.layer_tensor_names(i)
+        problem = part_problem(part) if part.exists() else None
+        if problem:  # damaged since it was written: compress this layer again
+            warnings.warn(f"{part}: {problem}; compressing layer {i} again", stacklevel=2)
+            part.unlink()
         if part.exists():
             layer_delta = _load_layer_part(part)
         else:
@@ -252,14 +262,38 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             H = hessians.pop(name, None)  # the last user of a shared H frees it
             # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)
             ratio = alpha if method == "bitdelta" else ratio_within_file(alpha, name, d.shape)
-            out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
-            out.matrices[name] = _to_cpu(out.matrices[name])
+            try:
+                m = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
+            except ValueError as e:  # e.g. a 3e38 entry: its SVD or the layer's activations overflow float32
+                if H is not None and not bool(torch.isfinite(H).all()):
+                    peak = max(float(ft_r.get(n, torch.float32).abs().max()) for n in stack.layer_tensor_names(i))
+                    raise DeltaRangeError(f"{ft_r.path}: layer {i}'s calibration activations overflow float32 at "
+                                          f"{name!r} (the fine-tune's weights in this layer reach {peak:.3g})") from None
+                raise DeltaRangeError(f"{ft_r.path}: cannot compress the delta of {name!r} ({e}); its largest "
+                                      f"entry is {_max_abs(d):.3g}") from None
+            bad = m.nonfinite_field()
+            if bad is not None:
+                raise DeltaRangeError(f"{ft_r.path}: the delta of {name!r} (largest entry {_max_abs(d):.3g}) does not "
+                                      f"fit {method}'s float16 fields ({bad} overflows)")
+            out.matrices[name] = _to_cpu(m)
             d = H = None
         else:
             stored = _stored_form(ft_t, base_t)
             if not (stored.dtype == base_t.dtype and torch.equal(stored, base_t)):
                 out.dense[name] = stored
     return out
+
+
+def _max_abs(d) -> float:
+    return float(d.dense().abs().max() if isinstance(d, FactoredDelta) else d.abs().max())
+
+
+def check_inputs_finite(base_r, ft_r) -> None:
+    """Read every tensor of both models once and raise CheckpointError (naming the file and tensor) for a
+    NaN/Inf, before the long per-layer work. Costs one read of each model (the resume key reads them too)."""
+    for reader in (base_r, ft_r):
+        for name in reader.tensor_names:
+            reader.get(name, dtype=None)  # check_finite: raises CheckpointError
 
 
 def _stored_form(ft_t: torch.Tensor, base_t: torch.Tensor) -> torch.Tensor:
@@ -289,7 +323,8 @@ def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
     tensors.update({f"dense/{n}": t.contiguous() for n, t in part_delta.dense.items()})
     meta = {"shapes": json.dumps({n: list(m.shape) for n, m in part_delta.matrices.items()}),
             "method": part_delta.method,
-            "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()})}
+            "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()}),
+            CHECKSUMS_KEY: part_checksums(tensors)}  # verified before reuse (format/resume_part.py)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     import os
 

@@ -116,7 +116,7 @@ def ratio_within_file(alpha: float, name: str, shape) -> float:
     return (budget - reserve) / (16 * h_out * h_in)
 
 
-def _sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of the tensor's bytes, read in place (no copy of a multi-GB embedding)."""
     flat = t.reshape(-1).contiguous().view(torch.uint8)
     return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
@@ -143,7 +143,7 @@ def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:
         "rows": {n: list(shape) for n, (_, _, shape) in delta.rows.items()},
         "base_fingerprint": delta.base_fingerprint,
         "stats": delta.stats,
-        "checksums": {n: _sha256(t) for n, t in tensors.items()},
+        "checksums": {n: tensor_sha256(t) for n, t in tensors.items()},
     }
     return tensors, meta
 
@@ -323,7 +323,7 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
                     raise DeltaFormatError(f"{path}: {problem}")
             for k in sorted(keys):
                 t = f.get_tensor(k)
-                if verify and _sha256(t) != checksums[k]:
+                if verify and tensor_sha256(t) != checksums[k]:
                     raise DeltaFormatError(f"{path}: checksum mismatch in tensor '{k}' (corrupted file)")
                 tensors[k] = t
     except (SafetensorError, OSError, RuntimeError) as e:

@@ -77,6 +77,7 @@ STRUCTURAL_CONFIG_FIELDS = (
 SAMPLE_FULL_BYTES = 4096
 SAMPLE_CHUNKS = 64
 SAMPLE_CHUNK_BYTES = 64
+FULL_HASH_READ_BYTES = 16 * 1024 * 1024  # content_hash(full=True) reads tensors in pieces of this size
 
 
 @dataclass(frozen=True)
@@ -342,14 +343,20 @@ class CheckpointReader:
             files[item.name] = item.read_bytes()
         return files
 
-    def content_hash(self, names: list[str] | None = None) -> str:
+    def content_hash(self, names: list[str] | None = None, full: bool = False) -> str:
         """Hex sha256 fingerprint of the weights (all tensors, or `names`), stable across runs.
 
         Hashed, for each tensor in sorted name order: the UTF-8 name, the safetensors dtype code,
         the shape, the byte length, then its raw stored bytes: all of them for tensors of at most
-        4096 bytes, otherwise 64 chunks of 64 bytes at offsets k*(len-64)//63, k = 0..63 (so the
-        first and last bytes are always included). Fields are separated by NUL/newline bytes. The
-        file layout (sharding, header order) does not matter; config files are not hashed.
+        4096 bytes (or for every tensor with `full`), otherwise 64 chunks of 64 bytes at offsets
+        k*(len-64)//63, k = 0..63 (so the first and last bytes are always included). Fields are
+        separated by NUL/newline bytes. The file layout (sharding, header order) does not matter;
+        config files are not hashed.
+
+        Sampled (the default) is the base fingerprint a delta records: it tells bases apart, reads
+        ~4 KiB per tensor, and is no defence against a deliberately edited base. `full` reads every
+        byte (compress's resume key: a fine-tune edited only in unsampled bytes must not reuse stale
+        resume parts; its cost is measured in benchmarks/bench_resume_key.py).
         """
         selected = sorted(self._entries) if names is None else sorted(names)
         digest = hashlib.sha256()
@@ -363,9 +370,10 @@ class CheckpointReader:
                 handle = handles.get(entry.file)
                 if handle is None:
                     handle = handles[entry.file] = open(entry.file, "rb")
-                if length <= SAMPLE_FULL_BYTES:
+                if full or length <= SAMPLE_FULL_BYTES:
                     handle.seek(entry.start)
-                    digest.update(handle.read(length))
+                    for offset in range(0, length, FULL_HASH_READ_BYTES):
+                        digest.update(handle.read(min(FULL_HASH_READ_BYTES, length - offset)))
                     continue
                 span = length - SAMPLE_CHUNK_BYTES
                 for k in range(SAMPLE_CHUNKS):
