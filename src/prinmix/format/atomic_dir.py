@@ -29,6 +29,9 @@ def atomic_directory(output) -> Iterator[Path]:
     try:
         apply_umask(tmp, directory=True)  # mkdtemp makes 0700; the output gets the mode mkdir would give
         yield tmp
+        for path in tmp.rglob("*"):  # safetensors' save_file (0.8) creates 0600 files, whatever the umask
+            if not path.is_symlink():
+                apply_umask(path, directory=path.is_dir())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

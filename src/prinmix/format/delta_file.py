@@ -182,8 +182,8 @@ def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        apply_umask(tmp)  # mkstemp makes 0600; the delta gets the mode open() would give
         save_file(tensors, tmp, metadata={METADATA_KEY: raw})  # one key: safetensors orders keys at random
+        apply_umask(tmp)  # mkstemp made 0600; the delta gets the mode open() would give
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -77,8 +77,8 @@ def check_output_directory(output, overwrite: bool, kind: str | None = None) -> 
     if not overwrite:
         raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
     if kind is not None and _marker_kind(output) != kind:
-        raise PrinmixError(f"{output}: --force replaces only a previous prinmix {kind} output, and this directory "
-                           f"holds other files ({_contents(output)}); remove them yourself or choose another output")
+        raise PrinmixError(f"{output}: holds other files than an earlier prinmix {kind} ({_contents(output)}); "
+                           f"prinmix replaces only its own outputs: remove them yourself or choose another output")
 
 
 def write_marker(directory, kind: str) -> None:
