@@ -80,6 +80,16 @@ SAMPLE_CHUNK_BYTES = 64
 FULL_HASH_READ_BYTES = 16 * 1024 * 1024  # content_hash(full=True) reads tensors in pieces of this size
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry of a floating tensor is finite. A float32 sum is NaN/Inf when any entry is, and
+    finite otherwise unless it overflows (entries near 1e38): only then the exact per-entry test runs.
+    ~5× faster than torch.isfinite(t).all() on bf16 (benchmarks/bench_resume_key.py)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) \
+            and bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     """Where one tensor lives: its shard file, dtype code, shape and absolute byte range in the file."""
@@ -307,7 +317,7 @@ class CheckpointReader:
             tensor = self._handle(entry.file).get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"{entry.file}: cannot read tensor {name!r} ({exc})") from exc
-        if check_finite and tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if check_finite and tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{entry.file}: tensor {name!r} holds {bad} NaN/Inf values")
         return tensor.to(device=device, dtype=dtype if dtype is not None else tensor.dtype)
