@@ -269,7 +269,8 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
                 if H is not None and not bool(torch.isfinite(H).all()):
                     peak = max(float(ft_r.get(n, torch.float32).abs().max()) for n in stack.layer_tensor_names(i))
                     raise DeltaRangeError(f"{ft_r.path}: layer {i}'s calibration activations overflow float32 at "
-                                          f"{name!r} (the fine-tune's weights in this layer reach {peak:.3g})") from None
+                                          f"{name!r} (the fine-tune's weights in this layer reach {peak:.3g})"
+                                          ) from None
                 raise DeltaRangeError(f"{ft_r.path}: cannot compress the delta of {name!r} ({e}); its largest "
                                       f"entry is {_max_abs(d):.3g}") from None
             bad = m.nonfinite_field()
