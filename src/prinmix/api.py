@@ -325,8 +325,8 @@ def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
     tensors.update({f"dense/{n}": t.contiguous() for n, t in part_delta.dense.items()})
     meta = {"shapes": json.dumps({n: list(m.shape) for n, m in part_delta.matrices.items()}),
             "method": part_delta.method,
-            "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()}),
-            CHECKSUMS_KEY: part_checksums(tensors)}  # verified before reuse (format/resume_part.py)
+            "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()})}
+    meta[CHECKSUMS_KEY] = part_checksums(tensors, meta)  # verified before reuse (format/resume_part.py)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     import os
 

@@ -119,7 +119,7 @@ def _compress_interrupted(base, ft, out, monkeypatch):
     return parts
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "metadata"])
 def test_damaged_resume_part_is_recomputed(pair, tmp_path, monkeypatch, damage):
     base, ft = pair
     reference = tmp_path / "ref.delta"
@@ -130,8 +130,13 @@ def test_damaged_resume_part_is_recomputed(pair, tmp_path, monkeypatch, damage):
     if damage == "flip":
         data[-3] ^= 0x40  # inside the last linear blob: a float16 factor entry
         part.write_bytes(bytes(data))
-    else:
+    elif damage == "truncate":
         part.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # a shape in the part's metadata, same length so the header stays valid
+        at = data.index(b'"shapes"')
+        at = data.index(b"64", at)
+        data[at:at + 2] = b"46"
+        part.write_bytes(bytes(data))
     with pytest.warns(UserWarning, match="compressing layer 0 again"):
         api.compress(base, ft, out, method="lowrank")
     assert out.read_bytes() == reference.read_bytes()
