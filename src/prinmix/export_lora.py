@@ -45,8 +45,9 @@ from safetensors.torch import save_file
 from .algorithms.lowrank_svd import svd_of_product
 from .errors import PrinmixError
 from .evaluate.adapter_check import whole_model_check
-from .format.atomic_dir import atomic_directory, check_output_directory
+from .format.atomic_dir import atomic_directory
 from .format.delta_file import DeltaFile, load_delta
+from .format.output_safety import LORA_ADAPTER, check_output_directory, refuse_input_overlap, write_marker
 from .models.apply_delta import check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader
 from .models.norm_fold import NormFoldError, fold_targets, norm_ratio
@@ -216,6 +217,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
                            f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))})")
     if dtype not in DTYPES.values():
         raise PrinmixError(f"dtype {dtype} not supported: use float16, bfloat16 or float32")
+    refuse_input_overlap([out_dir], [base_dir, delta_path], "export-lora")
     base = CheckpointReader(base_dir)
     delta = load_delta(delta_path)
     check_base(base, delta, delta_path)
@@ -223,7 +225,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
         raise PrinmixError(f"{delta_path}: a BitDelta delta is a full-rank sign matrix and has no LoRA form; "
                            f"serve it with prinmix or merge it")
     out_dir = Path(out_dir)
-    check_output_directory(out_dir, overwrite)
+    check_output_directory(out_dir, overwrite, LORA_ADAPTER)
     deltas, left_out = collect_module_deltas(base, delta, delta_path, allow_lossy)
     if not deltas:
         raise PrinmixError(f"{delta_path}: nothing a LoRA adapter can carry differs from the base")
@@ -264,6 +266,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_marker(tmp, LORA_ADAPTER)
     report = {"out_dir": str(out_dir), "r": r, "lora_alpha": r, "target_modules": targets,
               "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None),
               "truncated": any(m["exported_rank"] < m["rank"] for m in modules.values()),
