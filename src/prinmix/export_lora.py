@@ -47,7 +47,12 @@ from .errors import PrinmixError
 from .evaluate.adapter_check import whole_model_check
 from .format.atomic_dir import atomic_directory
 from .format.delta_file import DeltaFile, load_delta
-from .format.output_safety import LORA_ADAPTER, check_output_directory, refuse_input_overlap, write_marker
+from .format.output_safety import (
+    LORA_ADAPTER,
+    check_output_directory,
+    refuse_input_overlap,
+    write_marker,
+)
 from .models.apply_delta import check_base, finetuned_tensor, output_tensor_names
 from .models.checkpoint import CheckpointReader
 from .models.norm_fold import NormFoldError, fold_targets, norm_ratio
