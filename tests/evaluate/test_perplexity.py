@@ -11,7 +11,8 @@ from fixtures.tiny_models import single_thread
 
 from prinmix import api
 from prinmix.errors import PrinmixError
-from prinmix.evaluate.cli_commands import format_results, load_eval_json, run_eval, write_results
+from prinmix.evaluate.cli_commands import format_results, run_eval
+from prinmix.evaluate.eval_results import load_eval_json, write_results
 from prinmix.evaluate.perplexity import load_model, perplexity, strided_windows, text_token_ids
 
 
