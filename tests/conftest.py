@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests never download: a name that is not a directory resolves through the local Hub cache only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from prinmix.models.tiny_models import TinyModelFactory  # noqa: E402
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .algorithms.budget import parse_ratio
 from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
 from .algorithms.lowrank_svd import FactoredDelta
@@ -31,6 +32,8 @@ from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_withi
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
                                  output_tensor_names, split_aux_files)
 from .models.checkpoint import CheckpointReader, check_compatible
+from .models.calibration import clamp_seqlen
+from .models.hub import resolve_model_dir
 from .models.offload import PackedLinear
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
@@ -75,11 +78,13 @@ def resolve_device(device: str) -> torch.device:
         raise DeviceError(f"unknown device {device!r}") from None
 
 
-def _open_pair(base, finetuned):
+def _open_pair(base, finetuned, base_revision=None, finetuned_revision=None):
     from .models.lora_source import LoraFinetunedReader, is_lora_adapter
 
-    base_r = CheckpointReader(base)
-    ft_r = LoraFinetunedReader(base_r, finetuned) if is_lora_adapter(finetuned) else CheckpointReader(finetuned)
+    base_r = CheckpointReader(base, base_revision)
+    ft_source = resolve_model_dir(finetuned, finetuned_revision)  # a Hub id may name an adapter too
+    ft_r = LoraFinetunedReader(base_r, ft_source.path) if is_lora_adapter(ft_source.path) \
+        else CheckpointReader(finetuned, finetuned_revision)
     return base_r, ft_r, check_compatible(base_r, ft_r)
 
 
@@ -103,7 +108,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
              nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
              device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True, offload=None,
              progress=None, config: PrinMixConfig | None = None, on_hessians=None,
-             distill_steps: int = 0) -> CompressSummary:
+             distill_steps: int = 0, base_revision: str | None = None,
+             finetuned_revision: str | None = None) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
@@ -111,6 +117,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     offload: None or a directory: the calibration hidden states live there in memory-mapped files, not in RAM.
     FINETUNED may be a PEFT LoRA adapter directory (see models/lora_source.py).
     distill_steps: BitDelta only — Adam steps of scale distillation on the calibration set (0 = off).
+    BASE and FINETUNED may be Hugging Face Hub ids (models/hub.py); base_revision / finetuned_revision pick
+    a branch, tag or commit. The delta records the base's id (or path), revision and commit.
     """
     t0 = time.time()
     if method not in METHODS:
@@ -129,7 +137,9 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     if Path(output).is_dir():
         raise PrinmixError(f"{output}: is a directory; give the delta file's path (e.g. {Path(output) / 'model.delta'})")
     dev = resolve_device(device)
-    base_r, ft_r, compat = _open_pair(base, finetuned)
+    base_r, ft_r, compat = _open_pair(base, finetuned, base_revision, finetuned_revision)
+    if method in CALIBRATED or distill_steps:
+        seqlen = clamp_seqlen(seqlen, ft_r.config)
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
     try:
         cfg.validate()
@@ -168,7 +178,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
 
     aux_files, aux_from_base = split_aux_files(base_r, ft_r)  # files identical to the base's are not stored
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
-                                      "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
+                                      "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                      "prinmix_version": __version__,
                                       "removed_tensors": compat.only_in_base, "aux_from_base": aux_from_base,
                                       **getattr(ft_r, "delta_params", {})},
                       base_fingerprint=fingerprint, aux_files=aux_files)
@@ -361,10 +372,11 @@ def load_delta(path):
     return _load_delta(path)
 
 
-def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> Path:
+def merge(base, delta_path, output, overwrite: bool = False, progress=None, revision: str | None = None) -> Path:
     """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
-    config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed."""
-    base_r = CheckpointReader(base)
+    config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed.
+    base: a directory or a Hugging Face Hub id (revision: its branch, tag or commit)."""
+    base_r = CheckpointReader(base, revision)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)

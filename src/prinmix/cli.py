@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 
 from .errors import BudgetError, PrinmixError
 
 
 class LayerProgress:
-    """A per-layer progress bar with ETA on stderr (tqdm)."""
+    """A progress bar with ETA on stderr (tqdm), counting `unit`s (decoder layers by default)."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
+    def __init__(self, desc: str, unit: str = "layer"):
+        self.desc, self.unit, self.bar = desc, unit, None
 
     def __call__(self, done: int, total: int, message: str) -> None:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=total, desc=self.desc, unit="layer", file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
         self.bar.set_postfix_str(message)
         self.bar.update(done - self.bar.n)
         if done >= total:
@@ -68,7 +70,7 @@ def cmd_merge(a) -> int:
     from . import api
 
     t0 = time.time()
-    out = api.merge(a.base, a.delta, a.output, overwrite=a.force, progress=LayerProgress("merge"))
+    out = api.merge(a.base, a.delta, a.output, overwrite=a.force, progress=LayerProgress("merge", unit="tensor"))
     print(f"wrote {out} in {time.time() - t0:.1f} s")
     return 0
 
@@ -92,6 +94,11 @@ def cmd_info(a) -> int:
     print(f"file           {_fmt_bytes(d['file_bytes'])}  (linear {_fmt_bytes(d['linear_bytes'])}, "
           f"other tensors {_fmt_bytes(d['other_bytes'])}, config/tokenizer {_fmt_bytes(d['aux_bytes'])})")
     print(f"base           {d['base'].get('model_type')} content hash {d['base'].get('content_hash', '')[:16]}…")
+    if d["base"].get("source"):
+        rev = d["base"].get("revision")
+        commit = d["base"].get("commit")
+        print(f"base model     {d['base']['source']}" + (f" @ {rev}" if rev else "")
+              + (f" (commit {commit})" if commit else ""))
     print(f"{'matrix':<48} {'shape':>12} {'rank':>5} {'bytes':>9} {'ratio':>8}  widths (bits: ranks)")
     for name, m in d["matrices"].items():
         widths = " ".join(f"{b}:{k}" for b, k in m["widths"].items())
@@ -161,8 +168,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """prinmix's own warnings as one line ("prinmix: warning: …"); other libraries' in Python's format."""
+    if "prinmix" in str(filename):
+        print(f"prinmix: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), end="", file=sys.stderr)
+
+
+# Commands that only read delta metadata: they must not pay for importing transformers (or torch).
+METADATA_COMMANDS = ("info",)
+
+
+def quiet_model_loading() -> None:
+    """No library chatter around loading models: transformers logs errors only (no "Token indices
+    sequence length …" warnings) and shows no per-model "Loading weights" bars; prinmix's own bars
+    say what they count. TRANSFORMERS_VERBOSITY set by the user wins."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging  # the CLI's lazy import: not needed by `info`
+
+    if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        hf_logging.set_verbosity_error()  # transformers may have been imported before the variable was set
+    hf_logging.disable_progress_bar()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
+    if args.command not in METADATA_COMMANDS:
+        quiet_model_loading()
     try:
         return args.fn(args)
     except PrinmixError as e:
@@ -172,8 +206,6 @@ def main(argv=None) -> int:
         print("prinmix: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `prinmix info x.delta | head`: the reader left; stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 

@@ -20,7 +20,7 @@ def _held_out_ids(tokenizer, n: int = 8, seqlen: int = 48) -> torch.Tensor:
     from .models.tiny_models import arithmetic_lines
 
     text = " ".join(arithmetic_lines(400, seed=999))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # cut into windows below
     return ids[: n * seqlen].reshape(n, seqlen)
 
 

@@ -52,6 +52,7 @@ def run_eval(base, deltas, finetuned=None, metrics: list[str] | str | None = Non
              dtype: str = "float32", progress=None, log=None) -> dict:
     """Evaluate deltas against BASE (and FT): Eq. 1 layer errors, perplexity, task accuracy (see module doc)."""
     from ..api import resolve_device
+    from ..models.calibration import clamp_seqlen
     from ..models.checkpoint import CheckpointReader
     from . import layer_error as le
     from . import perplexity as pp
@@ -71,7 +72,10 @@ def run_eval(base, deltas, finetuned=None, metrics: list[str] | str | None = Non
             raise PrinmixError(f"--{flag} must be a positive integer, got {value!r}")
     seed = le.HELD_OUT_SEED if seed is None else seed
     ppl_tokens = ppl_tokens or pp.DEFAULT_MAX_TOKENS
-    CheckpointReader(base)  # validate early: one-line errors before any work
+    base_config = CheckpointReader(base).config  # validate early: one-line errors before any work
+    seqlen = clamp_seqlen(seqlen, base_config, "--seqlen")
+    ppl_seqlen = clamp_seqlen(ppl_seqlen, base_config, "--ppl-seqlen")
+    ppl_stride = min(ppl_stride, ppl_seqlen) if ppl_stride else None
     if finetuned is not None:
         CheckpointReader(finetuned)
     if "tasks" in chosen:

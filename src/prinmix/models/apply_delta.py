@@ -13,9 +13,11 @@ from .checkpoint import CheckpointReader
 
 def base_fingerprint(base: CheckpointReader) -> dict:
     """What a delta records of its base: model type, tensor count and a content hash (names,
-    shapes, dtypes and sampled bytes of every tensor; see CheckpointReader.content_hash)."""
+    shapes, dtypes and sampled bytes of every tensor; see CheckpointReader.content_hash), plus where
+    the base came from so a receiver knows what to fetch: source (Hub id or the path given), and for
+    the Hub the revision asked for and the commit read. Only the hash decides a match (check_base)."""
     return {"model_type": base.model_type, "n_tensors": len(base.tensor_names),
-            "content_hash": base.content_hash()}
+            "content_hash": base.content_hash(), **base.source.record()}
 
 
 def check_base(base: CheckpointReader, delta: DeltaFile, delta_path) -> None:

@@ -12,6 +12,7 @@ Sources: None / "builtin" (the package's docstring text, src/prinmix/data/calibr
 from __future__ import annotations
 
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -46,6 +47,27 @@ def builtin_text() -> str:
     while start < len(lines) and (lines[start].startswith("#") or not lines[start].strip()):
         start += 1
     return "".join(lines[start:])
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model takes (its text config's max_position_embeddings), None when unset."""
+    n = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config,
+                "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def clamp_seqlen(seqlen: int, config, flag: str = "--seqlen") -> int:
+    """seqlen, or the model's context length when seqlen exceeds it (saying so once, as a UserWarning).
+
+    The defaults (compress 2048, eval 512) suit real LLMs; a window longer than the model's positions
+    would run it past what it was trained on (or fail), so the window is shortened rather than refused.
+    """
+    ctx = context_length(config)
+    if ctx is not None and seqlen > ctx:
+        warnings.warn(f"{flag} {seqlen} exceeds the model's context length of {ctx} tokens; using {ctx}",
+                      UserWarning, stacklevel=3)
+        return ctx
+    return seqlen
 
 
 def load_calibration(
@@ -231,7 +253,7 @@ def tokenise_documents(documents: Iterable[str], tokenizer, label: str) -> torch
 
     def flush() -> None:
         if batch:
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]  # a stream, cut later
             for piece_ids in encoded:
                 ids.extend(piece_ids)
             batch.clear()

@@ -1,9 +1,12 @@
 """Read a Hugging Face causal-LM checkpoint directory tensor by tensor, without loading the model.
 
-`CheckpointReader` validates the directory up front (config, model type, safetensors weights, shard
+`CheckpointReader` takes a directory or a Hugging Face Hub id (resolved by models/hub.py to a
+snapshot in the Hub cache), validates the directory up front (config, model type, safetensors weights, shard
 index) and then serves single tensors streamed from the safetensors files. Tensor metadata (dtype,
 shape, byte offsets) comes from the safetensors headers, parsed here directly, so asking for a
-shape or a fingerprint never reads tensor data beyond what is needed.
+shape or a fingerprint never reads tensor data beyond what is needed. (The header is parsed with
+`struct` rather than through `safe_open` because content_hash needs each tensor's byte offsets in the
+file, which safe_open does not expose; tensor data itself is read through safe_open.)
 
 `check_compatible(base, finetuned)` decides whether two checkpoints can be diffed tensor by tensor.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 import torch
 
 from prinmix.errors import ArchitectureMismatchError, CheckpointError
+from prinmix.models.hub import ModelSource, resolve_model_dir
 
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -133,8 +137,10 @@ class CheckpointReader:
     weights are present.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self._path = Path(path).expanduser()
+    def __init__(self, path: str | os.PathLike, revision: str | None = None) -> None:
+        """path: a checkpoint directory or a Hugging Face Hub id (models/hub.py); revision: of the Hub id."""
+        self._source = resolve_model_dir(path, revision)
+        self._path = self._source.path
         self._check_directory()
         self._config_dict = self._read_config_json()
         self._model_type = self._check_model_type()
@@ -232,6 +238,11 @@ class CheckpointReader:
     def path(self) -> Path:
         """The checkpoint directory."""
         return self._path
+
+    @property
+    def source(self) -> ModelSource:
+        """What the user gave (a directory or a Hub id) and, for the Hub, the revision and commit read."""
+        return self._source
 
     @property
     def config(self):

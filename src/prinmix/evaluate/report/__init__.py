@@ -25,6 +25,7 @@ from ...api import resolve_device
 from ...errors import PrinmixError
 from ...format.delta_file import load_delta
 from ...models.apply_delta import check_base
+from ...models.calibration import clamp_seqlen
 from ...models.checkpoint import CheckpointReader, check_compatible
 from ..eval_results import load_eval_json
 from ..layer_error import depth_group
@@ -103,7 +104,8 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
         stats, svds = analyse_delta(delta, base_r, ft_r, dev, keep_svd=set(fig2), log=log)
         if fig2:
             log("held-out XXᵀ for the difference term")
-            hessians = heldout_hessians(ft_r, fig2, opts.calib, opts.nsamples, opts.seqlen, device=dev)
+            seqlen = clamp_seqlen(opts.seqlen, ft_r.config)
+            hessians = heldout_hessians(ft_r, fig2, opts.calib, opts.nsamples, seqlen, device=dev)
             differences = difference_terms(delta, svds, hessians, dev)
 
     page = Page(out_dir, f"prinmix report — {delta_path.name}")
