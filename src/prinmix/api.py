@@ -28,6 +28,7 @@ from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_
 from .algorithms.lowrank_svd import FactoredDelta
 from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory, check_output_directory
+from .format.hf_checkpoint import DEFAULT_MAX_SHARD_SIZE, write_safetensors_shards
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
                                  output_tensor_names, split_aux_files)
@@ -372,45 +373,32 @@ def load_delta(path):
     return _load_delta(path)
 
 
-def merge(base, delta_path, output, overwrite: bool = False, progress=None, revision: str | None = None) -> Path:
+def _merged_layout(name: str, base_r: CheckpointReader, delta: DeltaFile) -> tuple[tuple[int, ...], torch.dtype]:
+    """(shape, dtype) of the merged tensor `name` as finetuned_tensor makes it, without computing it."""
+    if name in delta.dense:
+        return tuple(delta.dense[name].shape), delta.dense[name].dtype
+    if name in delta.rows:
+        return tuple(delta.rows[name][2]), base_r.dtype(name)
+    return tuple(base_r.shape(name)), base_r.dtype(name)
+
+
+def merge(base, delta_path, output, overwrite: bool = False, progress=None, revision: str | None = None,
+          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
     config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed.
-    base: a directory or a Hugging Face Hub id (revision: its branch, tag or commit)."""
+    base: a directory or a Hugging Face Hub id (revision: its branch, tag or commit).
+    Shards and their index follow huggingface_hub's layout (format/hf_checkpoint.py); progress counts tensors."""
     base_r = CheckpointReader(base, revision)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
     check_output_directory(output, overwrite)
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
+    names = output_tensor_names(base_r, delta)
+    layout = {n: _merged_layout(n, base_r, delta) for n in names}
     with atomic_directory(output) as tmp:
-        names = output_tensor_names(base_r, delta)
-        shard, shard_bytes, shards, index = {}, 0, [], {}
-        limit = 2 * 1024 ** 3
-
-        def flush():
-            nonlocal shard, shard_bytes
-            if shard:
-                fname = f"model-{len(shards) + 1:05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                shards.append(fname)
-                index.update({n: fname for n in shard})
-                shard, shard_bytes = {}, 0
-
-        for j, name in enumerate(names):
-            t = finetuned_tensor(name, base_r, delta).contiguous()
-            shard[name] = t
-            shard_bytes += t.numel() * t.element_size()
-            if shard_bytes >= limit:
-                flush()
-            if progress:
-                progress(j + 1, len(names), name)
-        flush()
-        if len(shards) == 1:
-            (tmp / shards[0]).rename(tmp / "model.safetensors")
-        else:
-            total = sum((tmp / s).stat().st_size for s in shards)
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+        write_safetensors_shards(tmp, layout, lambda n: finetuned_tensor(n, base_r, delta), max_shard_size,
+                                 progress)
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
     return output
