@@ -19,6 +19,15 @@ would round most of ΔW away); other changed tensors in the base's dtype, as PEF
 `lora_factors(name)` returns (s·B, A) (fan_in_fan_out: (s·Aᵀ, Bᵀ)) so ΔW need not be formed.
 DoRA, trainable-token adapters, layer replication and LoRA on 3-D expert parameters
 (target_parameters) are refused with a CheckpointError.
+
+What comes from peft (when installed, as with `pip install prinmix[test]` or any PEFT user): the adapter
+config is parsed by `LoraConfig.from_pretrained` (its defaults and field handling, not ours) and the
+rank/alpha pattern rule is peft's `get_pattern_key`. Without peft the same JSON fields are read directly.
+Why a reader remains: peft computes a LoRA'd weight only inside a model built on the loaded base
+(`PeftModel.from_pretrained(base_model, …).merge_and_unload()` needs the whole base in memory, in
+module form). Compressing streams one tensor at a time from the checkpoint, so this module maps the
+adapter's keys to the base checkpoint's tensor names, checks shapes against its header and serves
+s·B·A (or the factors) per tensor: the part peft has no base-free API for.
 """
 
 from __future__ import annotations
@@ -34,6 +43,12 @@ import torch
 
 from prinmix.errors import CheckpointError
 from prinmix.models.checkpoint import AUX_SUFFIXES, CheckpointReader, read_safetensors_header
+
+try:  # optional: peft's own config parsing and pattern rule (see the module docstring)
+    from peft import LoraConfig
+    from peft.utils.other import get_pattern_key
+except ImportError:  # pragma: no cover - peft is in the test extra
+    LoraConfig = get_pattern_key = None
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -52,8 +67,12 @@ def is_lora_adapter(path) -> bool:
 
 
 def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's get_pattern_key: the first pattern P (dict order) with re.match(rf"(.*\\.)?({P})$", key)."""
-    for pattern, value in (patterns or {}).items():
+    """PEFT's rule: the first pattern P (dict order) with re.match(rf"(.*\\.)?({P})$", key) gives the value."""
+    if not patterns:
+        return default
+    if get_pattern_key is not None:
+        return patterns.get(get_pattern_key(list(patterns), key), default)
+    for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
     return default
@@ -77,7 +96,8 @@ class LoraFinetunedReader:
         self._path = Path(adapter_dir).expanduser()
         self._config_file = self._path / ADAPTER_CONFIG
         self._weights = self._path / ADAPTER_WEIGHTS
-        self.adapter_config = self._read_config()
+        self.adapter_config = self._read_config()  # the raw JSON (hashed as is)
+        self._settings = self._lora_settings()
         if not self._weights.is_file():
             bin_file = self._path / "adapter_model.bin"
             hint = " (only adapter_model.bin: re-save it with safe_serialization=True)" if bin_file.exists() else ""
@@ -110,6 +130,18 @@ class LoraFinetunedReader:
                 raise CheckpointError(f"{self._config_file}: {key} must be a positive number, got {cfg.get(key)!r}")
         return cfg
 
+    def _lora_settings(self) -> dict:
+        """r, lora_alpha, rank/alpha patterns, use_rslora, fan_in_fan_out: as peft parses them when installed."""
+        keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
+        if LoraConfig is None:
+            return {k: self.adapter_config.get(k) for k in keys}
+        try:
+            parsed = LoraConfig.from_pretrained(str(self._path))
+        except Exception as exc:  # noqa: BLE001 - peft raises ValueError/TypeError/KeyError on bad fields
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self._config_file}: peft cannot read it ({first})") from None
+        return {k: getattr(parsed, k) for k in keys}
+
     def _classify_keys(self) -> None:
         suffixes = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_B.bias": "bias",
                     ".lora_embedding_A": "ea", ".lora_embedding_B": "eb"}
@@ -129,8 +161,8 @@ class LoraFinetunedReader:
             lora = self._modules.setdefault(weight_name, _LoraModule(module))
             setattr(lora, {"a": "a", "b": "b", "bias": "bias", "ea": "a", "eb": "b"}[kind], key)
             lora.embedding = lora.embedding or kind in ("ea", "eb")
-        fan = bool(self.adapter_config.get("fan_in_fan_out"))
-        rslora = bool(self.adapter_config.get("use_rslora"))
+        fan = bool(self._settings["fan_in_fan_out"])
+        rslora = bool(self._settings["use_rslora"])
         for name, lora in self._modules.items():
             if lora.a is None or lora.b is None:
                 raise CheckpointError(f"{self._weights}: module {lora.path!r} has only one of lora_A / lora_B")
@@ -139,10 +171,10 @@ class LoraFinetunedReader:
                 raise CheckpointError(f"{self._weights}: LoRA factors of {lora.path!r} have shapes {list(a_shape)}, "
                                       f"{list(b_shape)} (only 2-D lora_A [r, in] / lora_B [out, r] are supported)")
             r = a_shape[0]
-            want_r = _pattern_value(self.adapter_config.get("rank_pattern"), lora.path, self.adapter_config["r"])
+            want_r = _pattern_value(self._settings["rank_pattern"], lora.path, self._settings["r"])
             if want_r != r:
                 raise CheckpointError(f"{self._weights}: {lora.path!r} has rank {r} but the adapter config says {want_r}")
-            alpha = _pattern_value(self.adapter_config.get("alpha_pattern"), lora.path, self.adapter_config["lora_alpha"])
+            alpha = _pattern_value(self._settings["alpha_pattern"], lora.path, self._settings["lora_alpha"])
             lora.scale = alpha / math.sqrt(r) if rslora else alpha / r
             rows, cols = b_shape[0], a_shape[1]
             transposed = lora.embedding or fan
@@ -260,7 +292,7 @@ class LoraFinetunedReader:
         if lora is None or lora.embedding:
             return None
         a, b = self._adapter(lora.a).float(), self._adapter(lora.b).float()
-        if self.adapter_config.get("fan_in_fan_out"):
+        if self._settings["fan_in_fan_out"]:
             return (lora.scale * a.T).contiguous(), b.T.contiguous()
         return lora.scale * b, a
 
