@@ -382,12 +382,37 @@ def _merged_layout(name: str, base_r: CheckpointReader, delta: DeltaFile) -> tup
     return tuple(base_r.shape(name)), base_r.dtype(name)
 
 
+MERGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _with_dtype(config_json: bytes, dtype_name: str) -> bytes:
+    """config.json with its dtype field(s) set to dtype_name ("dtype" in transformers ≥ 5, "torch_dtype" before)."""
+    cfg = json.loads(config_json)
+    cfg["dtype"] = dtype_name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype_name
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
 def merge(base, delta_path, output, overwrite: bool = False, progress=None, revision: str | None = None,
-          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
-    config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed.
-    base: a directory or a Hugging Face Hub id (revision: its branch, tag or commit).
-    Shards and their index follow huggingface_hub's layout (format/hf_checkpoint.py); progress counts tensors."""
+          max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, dtype: str | None = None) -> Path:
+    """Write base + delta as a standard Hugging Face checkpoint directory.
+
+    Args:
+        base: the base model: a directory or a Hugging Face Hub id (revision: its branch, tag or commit).
+        delta_path: the delta file.
+        output: the directory to write (atomic: built in a temporary sibling, then renamed).
+        overwrite: replace a non-empty OUTPUT.
+        progress: None or a callable(done_tensors, total_tensors, name).
+        max_shard_size: per safetensors shard (huggingface_hub's layout and index, format/hf_checkpoint.py).
+        dtype: None keeps each tensor's dtype (the base's); "float32", "bfloat16" or "float16" casts every
+            floating-point tensor and sets config.json's dtype accordingly.
+
+    Returns:
+        OUTPUT: safetensors weights plus the fine-tune's config/tokenizer files.
+    """
+    if dtype is not None and dtype not in MERGE_DTYPES:
+        raise PrinmixError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
     base_r = CheckpointReader(base, revision)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
@@ -396,9 +421,18 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None, revi
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     names = output_tensor_names(base_r, delta)
     layout = {n: _merged_layout(n, base_r, delta) for n in names}
+    cast = MERGE_DTYPES.get(dtype)
+    if cast is not None:
+        layout = {n: (shape, cast if t.is_floating_point else t) for n, (shape, t) in layout.items()}
+        if "config.json" in aux_files:
+            aux_files["config.json"] = _with_dtype(aux_files["config.json"], dtype)
+
+    def make(name: str) -> torch.Tensor:
+        t = finetuned_tensor(name, base_r, delta)
+        return t.to(cast) if cast is not None and t.is_floating_point() else t
+
     with atomic_directory(output) as tmp:
-        write_safetensors_shards(tmp, layout, lambda n: finetuned_tensor(n, base_r, delta), max_shard_size,
-                                 progress)
+        write_safetensors_shards(tmp, layout, make, max_shard_size, progress)
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
     return output

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from prinmix import api
+from prinmix.errors import PrinmixError
 from prinmix.models.checkpoint import CheckpointReader
 
 
@@ -30,3 +33,16 @@ def test_sharded_merge_matches_huggingface_hub_layout(tiny_pair, tmp_path):
     reread = CheckpointReader(sharded)  # and prinmix (like transformers) reads it back
     assert reread.tensor_names == sorted(state)
     assert all(torch.equal(reread.get(n, dtype=None), state[n]) for n in state)
+
+
+def test_merge_dtype_casts_weights_and_config(tiny_pair, tmp_path):
+    base, ft = tiny_pair("llama")  # float32
+    delta = tmp_path / "d.delta"
+    api.compress(base, ft, delta, method="lowrank", device="cpu")
+    full = load_file(api.merge(base, delta, tmp_path / "f32") / "model.safetensors")
+    half = api.merge(base, delta, tmp_path / "bf16", dtype="bfloat16")
+    got = load_file(half / "model.safetensors")
+    assert all(got[n].dtype == torch.bfloat16 and torch.equal(got[n], full[n].to(torch.bfloat16)) for n in full)
+    assert AutoConfig.from_pretrained(half).dtype == torch.bfloat16
+    with pytest.raises(PrinmixError, match="--dtype 'int8'"):
+        api.merge(base, delta, tmp_path / "bad", dtype="int8")
