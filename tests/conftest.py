@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from prinmix.models.tiny_models import TinyModelFactory  # noqa: E402
+from prinmix.tiny_models import TinyModelFactory  # noqa: E402
 
 
 @pytest.fixture(scope="session")
