@@ -1,4 +1,4 @@
-"""Memory (and time) of `prinmix.api.compress` at Llama-70B layer shapes, on a 2–3-layer synthetic pair.
+"""Memory (and time) of the sequential compressor (`prinmix.pipeline.compress`) at Llama-70B layer shapes, on a 2–3-layer synthetic pair.
 
     python benchmarks/bench_memory.py build --out /work/pairs/l70-shapes --layers 2
     python benchmarks/bench_memory.py run --pair /work/pairs/l70-shapes [--compressor bitdelta] [--offload]

@@ -15,10 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from . import api
+from .algorithms.methods import METHOD_NAMES
 from .pipeline.config import CalibrationConfig
 from .tiny_models import TinyModelFactory, arithmetic_lines
-
-METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
 
 
 def _held_out_ids(tokenizer, n: int = 8, seqlen: int = 48) -> torch.Tensor:
@@ -48,7 +47,7 @@ def run_demo(workdir: str | None = None, ratios=("1/16", "1/32")) -> list[dict]:
     gap = float((lb - lf).norm())
     rows = []
     for ratio in ratios:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             if method == "bitdelta" and ratio != "1/16":
                 continue
             delta = root / f"{method}-{ratio.replace('/', 'over')}.delta"

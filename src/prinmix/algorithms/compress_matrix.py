@@ -16,6 +16,7 @@ from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_
 from .compressed_linear import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
 from .gptq import GPTQLayout, gptq_quantize
 from .lowrank_svd import FactoredDelta, thin_svd
+from .methods import METHOD_NAMES, METHODS
 from .prinmix_config import PrinMixConfig
 from .rtc import correct_reconstruction_target
 from .width_simulation import simulate_width_errors
@@ -105,15 +106,15 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
 
 def compress_matrix(delta, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
                     config: PrinMixConfig | None = None) -> CompressedLinear:
-    """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α.
+    """Compress ΔW [h_out, h_in] with `method` (a name of methods.METHODS) at ratio α.
 
     delta: a dense tensor, or a FactoredDelta (LoRA: ΔW = s·B·A), which the SVD-based methods never
     expand (BitDelta, which needs every entry's sign, expands it)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
     if method == "prinmix":
         return compress_prinmix(delta, H, ratio, config)
     fn = {"deltacome": baselines.compress_deltacome, "lowrank": baselines.compress_lowrank,
-          "bitdelta": baselines.compress_bitdelta}.get(method)
-    if fn is None:
-        raise ValueError(f"unknown method {method!r}: choose prinmix, deltacome, lowrank or bitdelta")
+          "bitdelta": baselines.compress_bitdelta}[method]
     W, H = _prepare(delta, H)
     return fn(W, H, ratio, config or PrinMixConfig())
