@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from prinmix.checkpoint.reader import CheckpointReader, check_compatible
+from prinmix.checkpoint.compatibility import check_compatible
+from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.errors import ArchitectureMismatchError, CheckpointError
 
 

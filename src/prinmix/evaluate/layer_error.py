@@ -44,7 +44,8 @@ from ..calibration.data import load_calibration
 from ..calibration.decoder_stack import DecoderStack
 from ..calibration.layer_inputs import run_layer
 from ..checkpoint.apply_delta import check_base, finetuned_tensor
-from ..checkpoint.reader import CheckpointReader, check_compatible
+from ..checkpoint.compatibility import check_compatible
+from ..checkpoint.reader import CheckpointReader
 from ..device import resolve_device
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta

@@ -51,7 +51,8 @@ from ..calibration.data import load_calibration
 from ..calibration.decoder_stack import DecoderStack
 from ..calibration.hessians import capture_hessians
 from ..checkpoint.apply_delta import check_base
-from ..checkpoint.reader import CheckpointReader, check_compatible
+from ..checkpoint.compatibility import check_compatible
+from ..checkpoint.reader import CheckpointReader
 from ..device import resolve_device
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta

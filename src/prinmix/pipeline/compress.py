@@ -45,8 +45,9 @@ from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import LayerInputs, run_layer
 from ..calibration.offload import HiddenFiles, offload_advice
 from ..checkpoint.apply_delta import base_fingerprint, finetuned_tensor, split_aux_files
+from ..checkpoint.compatibility import CompatibilityReport, check_compatible
 from ..checkpoint.lora_source import LoraFinetunedReader, is_lora_adapter
-from ..checkpoint.reader import CheckpointReader, CompatibilityReport, check_compatible
+from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
 from ..format.layer_parts import MappedCompressedLinear, read_layer_part, write_layer_part

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..algorithms.lowrank_svd import FactoredDelta
-from ..checkpoint.reader import CheckpointReader, CompatibilityReport
+from ..checkpoint.compatibility import CompatibilityReport
+from ..checkpoint.reader import CheckpointReader
 from ..format.delta_file import DeltaFile
 
 __all__ = ["add_non_layer_tensors", "changed_exact_tensor", "linear_delta", "stored_form"]
