@@ -19,7 +19,8 @@ def deltas(tiny_pair, tmp_path_factory):
         for dtype in ("float32", "bf16"):
             base, ft = tiny_pair("llama", dtype)
             path = work / f"{dtype}.delta"
-            prinmix.compress(base, ft, path, ratio="1/8", method="prinmix", nsamples=4, seqlen=32, device="cpu")
+            prinmix.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
+                             calibration=prinmix.CalibrationConfig(nsamples=4, seqlen=32))
             merged = prinmix.merge(base, path, work / f"merged-{dtype}")
             out[dtype] = (base, path, merged)
     return out

@@ -10,18 +10,16 @@
 
 __version__ = "0.1.0"
 
+_API_NAMES = ("compress", "merge", "load_delta", "info", "CompressSummary", "CalibrationConfig", "PrinMixConfig",
+              "DeltaInfo", "apply_delta", "load_with_deltas")
 
-_LAZY = {"compress": "api", "merge": "api", "load_delta": "api", "info": "api", "CompressSummary": "api",
-         "apply_delta": "in_memory", "load_with_deltas": "in_memory"}
 
+def __getattr__(name):  # lazy (the optional-import exception): `import prinmix` stays cheap, torch loads on first use
+    if name in _API_NAMES:
+        from . import api
 
-def __getattr__(name):  # lazy: `import prinmix` stays cheap, torch/transformers load on first use
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(api, name)
     raise AttributeError(f"module 'prinmix' has no attribute {name!r}")
 
 
-__all__ = ["compress", "merge", "load_delta", "info", "CompressSummary", "apply_delta", "load_with_deltas",
-           "__version__"]
+__all__ = [*_API_NAMES, "__version__"]

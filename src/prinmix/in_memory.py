@@ -28,9 +28,9 @@ import torch
 
 from .errors import BaseMismatchError, PrinmixError
 from .format.delta_file import DeltaFile, load_delta
-from .models.apply_delta import check_base, finetuned_tensor
-from .models.checkpoint import CheckpointReader
-from .models.hub import resolve_model_dir
+from .checkpoint.apply_delta import check_base, finetuned_tensor
+from .checkpoint.hub import resolve_model_dir
+from .checkpoint.reader import CheckpointReader
 from .runtime.multi_tenant import MultiTenantModel
 
 __all__ = ["apply_delta", "load_with_deltas"]

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from prinmix import api
 from prinmix.errors import PrinmixError
-from prinmix.models.checkpoint import CheckpointReader
+from prinmix.checkpoint.reader import CheckpointReader
 
 
 def test_sharded_merge_matches_huggingface_hub_layout(tiny_pair, tmp_path):

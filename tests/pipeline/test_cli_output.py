@@ -9,6 +9,7 @@ from fixtures.tiny_models import single_thread
 
 from prinmix import api
 from prinmix.cli import main
+from prinmix.format.delta_file import read_metadata
 
 
 @pytest.fixture(autouse=True)
@@ -20,11 +21,10 @@ def one_thread():
 def test_seqlen_longer_than_the_context_is_clamped_with_one_warning(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama")  # max_position_embeddings 256
     with pytest.warns(UserWarning, match="--seqlen 2048 exceeds the model's context length of 256 tokens") as w:
-        s = api.compress(base, ft, tmp_path / "d.delta", method="deltacome", nsamples=2, seqlen=2048, device="cpu")
+        s = api.compress(base, ft, tmp_path / "d.delta", method="deltacome", device="cpu",
+                         calibration=api.CalibrationConfig(nsamples=2, seqlen=2048))
     assert len([x for x in w if "context length" in str(x.message)]) == 1
-    assert api.info(s.path)["base"]["model_type"] == "llama"
-    from prinmix.format.delta_file import read_metadata
-
+    assert api.info(s.path).base["model_type"] == "llama"
     assert read_metadata(s.path)["params"]["seqlen"] == 256  # what was run is what is recorded
 
 

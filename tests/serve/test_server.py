@@ -18,6 +18,7 @@ import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prinmix import api
+from prinmix.api import CalibrationConfig
 from prinmix.serve.app import load_app
 from prinmix.serve.chat import fallback_chat_prompt
 from prinmix.serve.text_stream import TextStream
@@ -37,8 +38,7 @@ def llama(tiny_pair, tmp_path_factory):
     deltas, refs = {}, {"base": AutoModelForCausalLM.from_pretrained(base).eval()}
     for name, (method, ratio) in TENANTS.items():
         deltas[name] = work / f"{name}.delta"
-        api.compress(base, ft, deltas[name], ratio=ratio, method=method, calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
+        api.compress(base, ft, deltas[name], ratio=ratio, method=method, device="cpu", calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
         refs[name] = AutoModelForCausalLM.from_pretrained(api.merge(base, deltas[name], work / f"m_{name}")).eval()
     return base, deltas, refs, AutoTokenizer.from_pretrained(base)
 

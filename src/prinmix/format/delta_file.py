@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..algorithms.budget import budget_bits
-from ..algorithms.compressed import CompressedLinear
+from ..algorithms.compressed_linear import CompressedLinear
 from ..errors import DeltaFormatError
 
 FORMAT_VERSION = 1

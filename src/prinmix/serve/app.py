@@ -23,11 +23,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoTokenizer
 
+from ..errors import PrinmixError
+from ..runtime.multi_tenant import MultiTenantModel
 from . import protocol as p
 from .chat import chat_prompt_ids, delta_chat_template
 from .scheduler import GenerationRequest, Output, Scheduler, SchedulerError
@@ -267,12 +271,6 @@ def load_app(base_dir, tenants: dict[str, str], device: str = "auto", max_batch:
              log: Callable[[str], None] = print) -> FastAPI:
     """Load the base and the tenants ({name: delta path}), warm every one up, log their resident bytes,
     and return the app (its scheduler starts with the server)."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from ..errors import PrinmixError
-    from ..runtime.multi_tenant import MultiTenantModel
-
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     base_name = base_name or Path(base_dir).resolve().name

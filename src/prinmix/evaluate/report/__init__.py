@@ -21,14 +21,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...api import resolve_device
+from ...calibration.data import clamp_seqlen
+from ...checkpoint.apply_delta import check_base
+from ...checkpoint.compatibility import check_compatible
+from ...checkpoint.reader import CheckpointReader
+from ...device import resolve_device
 from ...errors import PrinmixError
 from ...format.delta_file import load_delta
-from ...models.apply_delta import check_base
-from ...models.calibration import clamp_seqlen
-from ...models.checkpoint import CheckpointReader, check_compatible
-from ..eval_results import load_eval_json
+from ..results import load_eval_json
 from ..layer_error import depth_group
+try:  # the page draws with matplotlib, an optional dependency (the eval extra): refused in build_report
+    from .page import Page
+except ImportError as _missing:
+    if getattr(_missing, "name", "") and not _missing.name.startswith("matplotlib"):
+        raise
+    Page = None
 from .statistics import (MatrixStats, analyse_delta, candidate_widths, concordance, default_fig2_matrices,
                          difference_terms, heldout_hessians)
 
@@ -68,13 +75,9 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
     """
     opts = options or ReportOptions()
     log = log or (lambda m: None)
-    try:
-        from . import figures  # noqa: F401 - matplotlib is optional (the eval extra)
-    except ImportError:
+    if Page is None:
         raise PrinmixError("prinmix report draws with matplotlib, which is not installed: "
-                           "pip install 'prinmix[eval]' (or pip install matplotlib)") from None
-    from .page import Page
-
+                           "pip install 'prinmix[eval]' (or pip install matplotlib)")
     delta_path = Path(delta_path)
     delta = load_delta(delta_path)
     results = load_eval_json(eval_json) if eval_json else None

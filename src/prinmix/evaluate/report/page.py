@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval_results import format_cell, main_table_rows
+from ..results import format_cell, main_table_rows
 from . import figures
 from .statistics import FLOAT_BITS, MatrixStats
 

@@ -10,7 +10,7 @@ diagnostics such as the original rank index are not stored):
   not stored get width 0. τ is then taken over all min(h_out, h_in) ranks, as in C.7. The difference
   term uses X = the fine-tune's inputs to that linear on held-out text (seed 1234):
   difference(i, b) = ΔVᵢ(b) H ΔVᵢ(b)ᵀ with H = XXᵀ / n_tokens and ΔVᵢ(b) = Vᵢ − GPTQ_b(Vᵢ), exactly the
-  compressor's simulation (prinmix.algorithms.compress_matrix.simulate_width_errors) divided by σᵢ².
+  compressor's simulation (prinmix.algorithms.width_simulation.simulate_width_errors) divided by σᵢ².
 * without them: σⱼ is estimated from the stored factors as ‖B₍:,ⱼ₎‖·‖Âⱼ‖, the kept ranks are ordered
   by that estimate, τ is taken over the kept ranks only, and the difference term is not shown.
 
@@ -30,11 +30,13 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import kendalltau
 from transformers import AutoTokenizer
 
-from ...algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, simulate_width_errors
-from ...algorithms.compressed import block_nbytes
+from ...algorithms.compressed_linear import block_nbytes
+from ...algorithms.prinmix_config import DEFAULT_WIDTHS, PrinMixConfig
+from ...algorithms.width_simulation import simulate_width_errors
+from ...calibration.data import load_calibration
+from ...calibration.decoder_stack import DecoderStack
+from ...calibration.hessians import capture_hessians
 from ...errors import PrinmixError
-from ...models.calibration import load_calibration
-from ...models.decoder import DecoderStack, capture_hessians
 from ..layer_error import layer_index_of, projection_type
 
 __all__ = ["MatrixStats", "concordance", "analyse_delta", "heldout_hessians", "default_fig2_matrices",
