@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures.tiny_models import single_thread
 from transformers import AutoModelForCausalLM
 
 import prinmix
+from fixtures.tiny_models import single_thread
 from prinmix.errors import BaseMismatchError, PrinmixError
 
 

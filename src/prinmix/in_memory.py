@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import BaseMismatchError, PrinmixError
-from .format.delta_file import DeltaFile, load_delta
 from .checkpoint.apply_delta import check_base, finetuned_tensor
 from .checkpoint.hub import resolve_model_dir
 from .checkpoint.reader import CheckpointReader
+from .errors import BaseMismatchError, PrinmixError
+from .format.delta_file import DeltaFile, load_delta
 from .runtime.multi_tenant import MultiTenantModel
 
 __all__ = ["apply_delta", "load_with_deltas"]

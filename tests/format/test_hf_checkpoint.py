@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 from prinmix import api
-from prinmix.errors import PrinmixError
 from prinmix.checkpoint.reader import CheckpointReader
+from prinmix.errors import PrinmixError
 
 
 def test_sharded_merge_matches_huggingface_hub_layout(tiny_pair, tmp_path):

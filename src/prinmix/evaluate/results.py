@@ -20,7 +20,6 @@ import math
 from pathlib import Path
 
 from ..errors import PrinmixError
-
 from .layer_error import format_summary_table, format_type_table
 from .tables import format_grid
 

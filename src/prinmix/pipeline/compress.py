@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from transformers import AutoTokenizer
 
+from .. import __version__
 from ..algorithms.budget import storage_ratio
 from ..algorithms.compress_matrix import compress_matrix
 from ..algorithms.compressed_linear import CompressedLinear
-from .. import __version__
 from ..calibration.data import clamp_seqlen, load_calibration
 from ..calibration.decoder_stack import DecoderStack
 from ..calibration.hessians import capture_hessians

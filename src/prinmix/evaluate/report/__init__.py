@@ -28,16 +28,24 @@ from ...checkpoint.reader import CheckpointReader
 from ...device import resolve_device
 from ...errors import PrinmixError
 from ...format.delta_file import load_delta
-from ..results import load_eval_json
 from ..layer_error import depth_group
+from ..results import load_eval_json
+
 try:  # the page draws with matplotlib, an optional dependency (the eval extra): refused in build_report
     from .page import Page
 except ImportError as _missing:
     if getattr(_missing, "name", "") and not _missing.name.startswith("matplotlib"):
         raise
     Page = None
-from .statistics import (MatrixStats, analyse_delta, candidate_widths, concordance, default_fig2_matrices,
-                         difference_terms, heldout_hessians)
+from .statistics import (
+    MatrixStats,
+    analyse_delta,
+    candidate_widths,
+    concordance,
+    default_fig2_matrices,
+    difference_terms,
+    heldout_hessians,
+)
 
 __all__ = ["build_report", "report_data", "ReportOptions", "analyse_delta", "MatrixStats", "concordance",
            "depth_group"]

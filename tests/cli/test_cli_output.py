@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures.tiny_models import single_thread
 
+from fixtures.tiny_models import single_thread
 from prinmix import api
 from prinmix.cli import main
 from prinmix.format.delta_file import read_metadata
