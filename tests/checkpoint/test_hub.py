@@ -8,9 +8,9 @@ import pytest
 from safetensors.torch import load_file
 
 from prinmix import api
+from prinmix.checkpoint.hub import resolve_model_dir
 from prinmix.cli import main
 from prinmix.errors import CheckpointError
-from prinmix.checkpoint.hub import resolve_model_dir
 
 BASE_COMMIT = "1" * 40
 FT_COMMIT = "2" * 40

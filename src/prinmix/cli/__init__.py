@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 
+from .. import __version__
 from ..errors import PrinmixError
 from .compress import add_compress_parsers
 from .evaluate import add_eval_parser, add_report_parser
@@ -21,9 +22,31 @@ from .serve import add_serve_parser
 __all__ = ["build_parser", "main"]
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """argparse's ArgumentDefaultsHelpFormatter, minus the noise: "(default: X)" after every option whose
+    default is a value; none for flags (False) and for None, whose help says what happens instead."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command parser shows its defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="prinmix", description="PrinMix delta compression of LLM fine-tunes")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="prinmix", description="PrinMix delta compression of LLM fine-tunes")
+    p.add_argument("--version", action="version", version=f"prinmix {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_compress_parsers(sub)
     add_eval_parser(sub)
     add_report_parser(sub)

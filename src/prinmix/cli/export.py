@@ -34,13 +34,13 @@ def cmd_export_lora(a) -> int:
 def add_export_lora_parser(sub) -> None:
     """The `prinmix export-lora` subcommand, on the CLI's subparsers object."""
     p = sub.add_parser("export-lora", help="write a delta as a PEFT LoRA adapter (vLLM --enable-lora)")
-    p.add_argument("base")
-    p.add_argument("delta")
+    p.add_argument("base", help="the base model's checkpoint directory")
+    p.add_argument("delta", help="the delta file")
     p.add_argument("-o", "--output", required=True, help="adapter directory")
     p.add_argument("--max-rank", type=int, default=None, choices=VLLM_MAX_LORA_RANKS,
                    help="truncate modules of larger rank to their best rank-R approximation")
     p.add_argument("--allow-lossy", action="store_true",
                    help="export even though norms/biases/embedding rows differ (they are left out)")
-    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES)
+    p.add_argument("--dtype", default="float16", choices=DTYPE_NAMES, help="dtype of the adapter's factors")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(fn=cmd_export_lora)

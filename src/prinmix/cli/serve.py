@@ -46,15 +46,16 @@ def cmd_serve(a) -> int:
 def add_serve_parser(sub) -> None:
     """The `prinmix serve` subcommand, on the CLI's subparsers object."""
     p = sub.add_parser("serve", help="serve BASE and delta tenants over an OpenAI-compatible HTTP API")
-    p.add_argument("base")
+    p.add_argument("base", help="the base model's checkpoint directory")
     p.add_argument("deltas", nargs="*", metavar="DELTA", help="delta file; its tenant is named after the file's stem")
     p.add_argument("--name", action="append", default=[], metavar="NAME=DELTA", help="a tenant with a chosen name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together in one step")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens of prompt + completion (default: the model's max_position_embeddings)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--base-name", default=None, help="the base's model name (default: its directory's name)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.set_defaults(fn=cmd_serve)

@@ -110,9 +110,11 @@ def run_eval(base, deltas, finetuned=None, config: EvalConfig | None = None,
     seed = le.HELD_OUT_SEED if seed is None else seed
     ppl_tokens = ppl_tokens or pp.DEFAULT_MAX_TOKENS
     base_config = CheckpointReader(base).config  # validate early: one-line errors before any work
-    seqlen = clamp_seqlen(seqlen, base_config, "--seqlen")
-    ppl_seqlen = clamp_seqlen(ppl_seqlen, base_config, "--ppl-seqlen")
-    ppl_stride = min(ppl_stride, ppl_seqlen) if ppl_stride else None
+    if "error" in chosen:  # windows longer than the model's context are shortened, saying so once each
+        seqlen = clamp_seqlen(seqlen, base_config, "--seqlen")
+    if "ppl" in chosen:
+        ppl_seqlen = clamp_seqlen(ppl_seqlen, base_config, "--ppl-seqlen")
+        ppl_stride = min(ppl_stride, ppl_seqlen) if ppl_stride else None
     if finetuned is not None:
         CheckpointReader(finetuned)
     if "tasks" in chosen:

@@ -1,34 +1,25 @@
 """What a delta file holds, for `prinmix info` and the evaluation tables: method, ratios, true bytes,
 base fingerprint and the per-matrix bit allocation.
 
-`describe_delta` reads and verifies the whole file (the per-rank widths are inside the blobs);
+`describe_delta` reads and verifies the whole file (the per-rank widths are inside the blobs; the
+header-only `delta_header.header_info` uses the widths recorded in the metadata instead);
 `delta_sizes` reads the header only (method, ratios and byte counts, without checksumming gigabytes).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from ..algorithms.budget import storage_ratio
 from ..errors import DeltaFormatError
-from .delta_file import load_delta, matrix_header_bytes, read_metadata
+from .delta_file import load_delta
+from .delta_header import DeltaInfo, MatrixInfo, matrix_header_bytes, read_metadata, rerun_settings
 
 __all__ = ["DeltaInfo", "DeltaSizes", "MatrixInfo", "delta_sizes", "describe_delta"]
-
-
-@dataclass(frozen=True)
-class MatrixInfo:
-    """One compressed linear: shape [h_out, h_in], stored bytes, kept rank, {width: ranks} (widest first)."""
-
-    shape: list[int]
-    bytes: int
-    rank: int
-    widths: dict[str, int]
-    ratio: float
 
 
 @dataclass(frozen=True)
@@ -45,31 +36,6 @@ class DeltaSizes:
     @property
     def ratio_achieved(self) -> float:
         return storage_ratio(self.linear_bytes, self.dense_delta_params)
-
-
-@dataclass(frozen=True)
-class DeltaInfo:
-    """Everything `prinmix info` shows. to_dict() is the `--json` output."""
-
-    path: str
-    method: str
-    ratio_requested: float
-    lora_adapter_bytes: int | None
-    ratio_vs_adapter: float | None
-    ratio_achieved: float
-    linear_header_bytes: int
-    ratio_on_disk: float
-    file_bytes: int
-    linear_bytes: int
-    other_bytes: int
-    aux_bytes: int
-    dense_delta_params: int
-    base: dict
-    matrices: dict[str, MatrixInfo]
-    other_tensors: list[str]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def describe_delta(path: str | os.PathLike) -> DeltaInfo:
@@ -94,7 +60,8 @@ def describe_delta(path: str | os.PathLike) -> DeltaInfo:
                      ratio_on_disk=storage_ratio(linear + header, params), file_bytes=path.stat().st_size,
                      linear_bytes=linear, other_bytes=delta.dense_bytes(), aux_bytes=delta.aux_bytes(),
                      dense_delta_params=params, base=delta.base_fingerprint, matrices=per_matrix,
-                     other_tensors=sorted(delta.dense) + sorted(delta.rows))
+                     other_tensors=sorted(delta.dense) + sorted(delta.rows),
+                     settings=rerun_settings(delta.method, delta.ratio, delta.params))
 
 
 def delta_sizes(path: str | os.PathLike) -> DeltaSizes:
