@@ -11,7 +11,8 @@
 __version__ = "0.1.0"
 
 _API_NAMES = ("compress", "merge", "load_delta", "info", "CompressSummary", "CalibrationConfig", "PrinMixConfig",
-              "DeltaInfo", "apply_delta", "load_with_deltas")
+              "DeltaInfo", "EvalConfig", "ReportOptions", "apply_delta", "load_with_deltas", "evaluate_deltas", "report",
+              "export_lora")
 
 
 def __getattr__(name):  # lazy (the optional-import exception): `import prinmix` stays cheap, torch loads on first use

@@ -1,8 +1,10 @@
 """The Python API: compress, merge, load_delta, info. The CLI is a thin shell over these.
 
-Each function validates its arguments and hands off to the module that does the work:
+Each function validates its arguments and hands off to the module that does the work (a loaded model where
+a checkpoint is expected is refused with what to do instead: prinmix streams checkpoints tensor by tensor):
 compress → pipeline/compress.py, merge → checkpoint/merge_writer.py, load_delta → format/delta_file.py,
-info → format/delta_info.py, apply_delta / load_with_deltas → in_memory.py (docs/architecture.md has the map).
+info → format/delta_info.py, apply_delta / load_with_deltas → in_memory.py, evaluate_deltas → evaluate/run.py,
+report → evaluate/report/, export_lora → export/lora.py (docs/architecture.md has the map).
 """
 
 from __future__ import annotations
@@ -11,9 +13,15 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+
 from .algorithms.compress_matrix import PrinMixConfig
 from .checkpoint.merge_writer import write_merged_checkpoint
 from .device import resolve_device
+from .errors import PrinmixError
+from .evaluate.report import ReportOptions, build_report
+from .evaluate.run import EvalConfig, run_eval
+from .export.lora import export_lora as _export_lora
 from .format.delta_file import DeltaFile
 from .format.delta_file import load_delta as _load_delta
 from .format.delta_info import DeltaInfo, describe_delta
@@ -23,10 +31,22 @@ from .pipeline.compress import CompressSummary, run_compress
 from .pipeline.config import CalibrationConfig, CompressJob
 from .pipeline.events import Listener
 
-__all__ = ["CalibrationConfig", "CompressSummary", "DeltaInfo", "PrinMixConfig", "apply_delta", "compress", "info",
-           "load_delta", "load_with_deltas", "merge"]
+__all__ = ["CalibrationConfig", "CompressSummary", "DeltaInfo", "EvalConfig", "PrinMixConfig", "ReportOptions",
+           "apply_delta", "compress", "evaluate_deltas", "export_lora", "info", "load_delta", "load_with_deltas", "merge",
+           "report"]
 
 PathLike = str | os.PathLike
+
+
+def _model_location(value, what: str):
+    """A directory or Hub id, as given; a loaded model is refused with what to do instead (one line)."""
+    if isinstance(value, torch.nn.Module):
+        raise PrinmixError(f"{what}: got a loaded {type(value).__name__}; prinmix streams checkpoints tensor by tensor, "
+                           "so give its directory or Hub id (model.save_pretrained(dir) first), or use "
+                           "prinmix.apply_delta(model, delta) to add a delta to a loaded model")
+    if not isinstance(value, (str, os.PathLike)):
+        raise PrinmixError(f"{what}: expected a checkpoint directory or a Hugging Face Hub id, got {type(value).__name__}")
+    return value
 
 
 def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str | float = "1/16",
@@ -58,6 +78,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
         >>> prinmix.compress("base/", "ft/", "ft.delta", "1/16",
         ...                  calibration=CalibrationConfig(nsamples=64, seqlen=1024))
     """
+    base, finetuned = _model_location(base, "base"), _model_location(finetuned, "finetuned")
     job = CompressJob.create(base, finetuned, output, ratio, method, config, calibration, distill_steps,
                              base_revision, finetuned_revision)
     return run_compress(job, resolve_device(device), resume, listeners)
@@ -85,11 +106,17 @@ def merge(base: PathLike, delta_path: PathLike, output: PathLike, overwrite: boo
     Example:
         >>> prinmix.merge("base/", "ft.delta", "merged/")
     """
-    return write_merged_checkpoint(base, delta_path, output, overwrite, progress, revision, max_shard_size, dtype)
+    return write_merged_checkpoint(_model_location(base, "base"), delta_path, output, overwrite, progress, revision, max_shard_size, dtype)
 
 
 def load_delta(path: PathLike) -> DeltaFile:
     """Read and validate a delta file (every header field and checksum; see docs/format.md).
+
+    Args:
+        path: the delta file.
+
+    Returns:
+        DeltaFile: method, ratio, params, the compressed matrices, exact tensors/rows, base fingerprint.
 
     Example:
         >>> delta = prinmix.load_delta("ft.delta"); delta.method
@@ -101,6 +128,9 @@ def load_delta(path: PathLike) -> DeltaFile:
 def info(delta_path: PathLike) -> DeltaInfo:
     """Method, ratios, true bytes, base fingerprint and per-matrix bit allocation of a delta file.
 
+    Args:
+        delta_path: the delta file (loaded and verified; `prinmix info` reads the header only).
+
     Returns:
         DeltaInfo (`.to_dict()` is `prinmix info --json`).
 
@@ -109,3 +139,72 @@ def info(delta_path: PathLike) -> DeltaInfo:
         0.0624...
     """
     return describe_delta(delta_path)
+
+
+def evaluate_deltas(base: PathLike, deltas: Sequence[PathLike], finetuned: PathLike | None = None,
+             config: EvalConfig | None = None, progress: Callable[[int, int, str], None] | None = None,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Measure what deltas lost: the Eq. 1 layer error, perplexity and task accuracy (`prinmix eval`).
+
+    (Named evaluate_deltas because `prinmix.evaluate` is the package of the measurements.)
+
+    Args:
+        base: the base model (a directory or a Hub id).
+        deltas: delta files, compared side by side (labelled by file stem).
+        finetuned: the fine-tune (needed for the Eq. 1 error; also evaluated).
+        config: what to measure and how (EvalConfig: metrics, tasks, windows, device, dtype, …).
+        progress: None or a callable(done_layers, total_layers, message) of the Eq. 1 pass.
+        log: None or a callable(line) for progress messages.
+
+    Returns:
+        The JSON-ready result dict (evaluate/run.py documents its shape; evaluate.results writes its files).
+
+    Example:
+        >>> res = prinmix.evaluate_deltas("base/", ["a.delta"], "ft/", prinmix.EvalConfig(metrics="error,ppl"))
+    """
+    base = _model_location(base, "base")
+    finetuned = None if finetuned is None else _model_location(finetuned, "finetuned")
+    return run_eval(base, list(deltas), finetuned=finetuned, config=config, progress=progress, log=log)
+
+
+def report(delta_path: PathLike, out_dir: PathLike | None = None, eval_json: PathLike | None = None,
+           base: PathLike | None = None, finetuned: PathLike | None = None, options: ReportOptions | None = None,
+           log: Callable[[str], None] | None = None) -> Path:
+    """Write the HTML report of a delta's bit allocation (`prinmix report`; needs matplotlib).
+
+    Args:
+        delta_path: the delta file.
+        out_dir: output directory (default: `<delta stem>-report` beside the delta).
+        eval_json: a results .json of `prinmix eval -o` / `prinmix.evaluate` + `write_results`.
+        base, finetuned: both or neither; with them σ and the rank order come from the true ΔW's SVD.
+        options: ReportOptions (held-out text, Fig. 2 matrices, device).
+        log: None or a callable(line).
+
+    Returns:
+        Path of the written index.html.
+    """
+    if base is not None:
+        base = _model_location(base, "base")
+    if finetuned is not None:
+        finetuned = _model_location(finetuned, "finetuned")
+    return build_report(delta_path, out_dir, eval_json=eval_json, base=base, finetuned=finetuned, options=options,
+                        log=log)
+
+
+def export_lora(base: PathLike, delta_path: PathLike, out_dir: PathLike, max_rank: int | None = None,
+                dtype: torch.dtype = torch.float16, allow_lossy: bool = False, overwrite: bool = False) -> dict:
+    """Write a delta as a PEFT LoRA adapter (`prinmix export-lora`; e.g. for vLLM's --enable-lora).
+
+    Args:
+        base: the base the delta was made for (a checkpoint directory).
+        delta_path: the delta file.
+        out_dir: the adapter directory to write (adapter_config.json + adapter_model.safetensors).
+        max_rank: truncate modules of larger rank to their best rank-R approximation (a vLLM rank).
+        dtype: the factors' dtype. allow_lossy: export although exact tensors (norms, rows) are left out.
+        overwrite: replace a non-empty out_dir.
+
+    Returns:
+        The export report: ranks, relative errors, what was left out, the vLLM rank to serve it with.
+    """
+    return _export_lora(_model_location(base, "base"), delta_path, out_dir, max_rank=max_rank, dtype=dtype,
+                        allow_lossy=allow_lossy, overwrite=overwrite)
