@@ -67,13 +67,9 @@ def cmd_merge(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from ..format.delta_header import header_info  # torch-free: `prinmix info` reads only the header
+    from .. import api
 
-    d = None if a.verify else header_info(a.delta)
-    if d is None:  # --verify, or a file from before the widths were recorded: load and check everything
-        from .. import api
-
-        d = api.info(a.delta)
+    d = api.info(a.delta)
     if a.json:
         print(json.dumps(d.to_dict(), indent=2))
         return 0
@@ -163,8 +159,6 @@ def add_compress_parsers(sub) -> None:
     i.add_argument("delta", help="the delta file")
     i.add_argument("--json", action="store_true",
                    help="everything as one JSON object (sizes, base, per-matrix widths, the settings to rerun it)")
-    i.add_argument("--verify", action="store_true",
-                   help="load every tensor and check its checksum (default: read the header only)")
     i.set_defaults(fn=cmd_info)
 
     d = sub.add_parser("demo", help="build a tiny model pair locally, compress it with every method, report")

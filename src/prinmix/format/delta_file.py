@@ -32,7 +32,9 @@ from safetensors.torch import save_file
 from ..algorithms.budget import budget_bits
 from ..algorithms.compressed_linear import CompressedLinear
 from ..errors import DeltaFormatError
-from .delta_header import FORMAT_VERSION, METADATA_KEY, matrix_header_bytes, read_metadata
+
+FORMAT_VERSION = 1
+METADATA_KEY = "prinmix"
 
 
 @dataclass
@@ -66,6 +68,23 @@ class DeltaFile:
     def dense_delta_params(self) -> int:
         """Number of 16-bit delta parameters the compressed linears stand for."""
         return sum(m.shape[0] * m.shape[1] for m in self.matrices.values())
+
+
+def matrix_header_bytes(name: str, shape) -> int:
+    """Upper bound (bytes) of what linear delta NAME of `shape` adds to the file's header.
+
+    Its safetensors entry (dtype, shape, offsets: 20 digits allowed per number) and its entries in the
+    metadata JSON (sha256 in "checksums", shape in "matrices", objective in "stats"), measured on their
+    serialised, string-escaped form plus the separators between entries. compress() takes this from the
+    matrix's bit budget, so the linear deltas' bytes *on disk* (blobs + their header entries) meet α.
+    """
+    key = f"linear/{name}"
+    big = 10 ** 20 - 1
+    entry = json.dumps({key: {"dtype": "U8", "shape": [big], "data_offsets": [big, big]}}, separators=(",", ":"))
+    meta = json.dumps({"checksums": {key: "0" * 64}, "matrices": {name: [int(v) for v in shape]},
+                       "stats": {"objective": {name: -1.2345678901234567e-300}}}, sort_keys=True)
+    skeleton = json.dumps({"checksums": {}, "matrices": {}, "stats": {"objective": {}}}, sort_keys=True)
+    return (len(entry) - 2 + 1) + (len(json.dumps(meta)) - len(json.dumps(skeleton))) + 3 * 2
 
 
 def ratio_within_file(alpha: float, name: str, shape) -> float:
@@ -133,6 +152,31 @@ def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a delta file, validated; raises DeltaFormatError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeltaFormatError(f"{path}: no such delta file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DeltaFormatError(f"{path}: not a readable delta file (truncated or corrupted?): {e}") from None
+    if raw is None:
+        raise DeltaFormatError(f"{path}: a safetensors file, but not a prinmix delta (no '{METADATA_KEY}' metadata)")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise DeltaFormatError(f"{path}: corrupted metadata: {e}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DeltaFormatError(f"{path}: format version {version!r} is not supported (this prinmix reads {FORMAT_VERSION})")
+    for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
+        if key not in meta:
+            raise DeltaFormatError(f"{path}: metadata lacks '{key}'")
+    return meta
 
 
 def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:

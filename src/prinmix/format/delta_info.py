@@ -1,25 +1,34 @@
 """What a delta file holds, for `prinmix info` and the evaluation tables: method, ratios, true bytes,
 base fingerprint and the per-matrix bit allocation.
 
-`describe_delta` reads and verifies the whole file (the per-rank widths are inside the blobs; the
-header-only `delta_header.header_info` uses the widths recorded in the metadata instead);
+`describe_delta` reads and verifies the whole file (the per-rank widths are inside the blobs);
 `delta_sizes` reads the header only (method, ratios and byte counts, without checksumming gigabytes).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
 from ..algorithms.budget import storage_ratio
 from ..errors import DeltaFormatError
-from .delta_file import load_delta
-from .delta_header import DeltaInfo, MatrixInfo, matrix_header_bytes, read_metadata, rerun_settings
+from .delta_file import load_delta, matrix_header_bytes, read_metadata
 
-__all__ = ["DeltaInfo", "DeltaSizes", "MatrixInfo", "delta_sizes", "describe_delta"]
+__all__ = ["DeltaInfo", "DeltaSizes", "MatrixInfo", "delta_sizes", "describe_delta", "rerun_settings"]
+
+
+@dataclass(frozen=True)
+class MatrixInfo:
+    """One compressed linear: shape [h_out, h_in], stored bytes, kept rank, {width: ranks} (widest first)."""
+
+    shape: list[int]
+    bytes: int
+    rank: int
+    widths: dict[str, int]
+    ratio: float
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,43 @@ class DeltaSizes:
     @property
     def ratio_achieved(self) -> float:
         return storage_ratio(self.linear_bytes, self.dense_delta_params)
+
+
+@dataclass(frozen=True)
+class DeltaInfo:
+    """Everything `prinmix info` shows. to_dict() is the `--json` output."""
+
+    path: str
+    method: str
+    ratio_requested: float
+    lora_adapter_bytes: int | None
+    ratio_vs_adapter: float | None
+    ratio_achieved: float
+    linear_header_bytes: int
+    ratio_on_disk: float
+    file_bytes: int
+    linear_bytes: int
+    other_bytes: int
+    aux_bytes: int
+    dense_delta_params: int
+    base: dict
+    matrices: dict[str, MatrixInfo]
+    other_tensors: list[str]
+    settings: dict  # what the delta was made with, enough to rerun it (rerun_settings)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rerun_settings(method: str, ratio: float, params: dict) -> dict:
+    """The settings of a delta's compress run, from its metadata (None where an older file lacks one):
+    method, ratio, calibration source, nsamples, seqlen, seed, candidate widths, f_max, distillation
+    steps and the prinmix version that wrote it."""
+    config = params.get("config") or {}
+    return {"method": method, "ratio": ratio, "calib": params.get("calib") or "builtin",
+            "nsamples": params.get("nsamples"), "seqlen": params.get("seqlen"), "seed": params.get("seed"),
+            "widths": config.get("widths"), "fmax": config.get("fmax"),
+            "distill_steps": params.get("distill_steps", 0), "prinmix_version": params.get("prinmix_version")}
 
 
 def describe_delta(path: str | os.PathLike) -> DeltaInfo:

@@ -210,20 +210,11 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     # 6. the file
     delta.stats = {"layers": n_layers, "objective": {n: m.info.get("objective") for n, m in delta.matrices.items()
                                                      if m.info.get("objective") is not None}}
-    delta.stats["rank_widths"] = {n: _width_counts(m) for n, m in delta.matrices.items()}  # for header-only info
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
     return CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(), delta.dense_delta_params(),
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
                            delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"))
-
-
-def _width_counts(m) -> dict[str, int]:
-    """{width: ranks} of one compressed matrix (decoded once and freed; BitDelta signs: {})."""
-    counts: dict[str, int] = {}
-    for w in (m.decoded() if hasattr(m, "decoded") else m).rank_widths():
-        counts[str(w)] = counts.get(str(w), 0) + 1
-    return counts
 
 
 def open_pair(base, finetuned, base_revision: str | None = None, finetuned_revision: str | None = None
