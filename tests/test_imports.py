@@ -27,7 +27,7 @@ LAYERS = [
 ]
 # optional dependencies (and the CLI's commands) that may be imported inside functions
 OPTIONAL = ("matplotlib", "scipy.optimize", "scipy.sparse", "scipy.stats", "pyscipopt", "triton", "fastapi",
-            "uvicorn", "lm_eval", "datasets", "pyarrow",
+            "uvicorn", "lm_eval", "datasets", "pyarrow", "peft",
             "transformers.core_model_loading")  # present in newer transformers only (checkpoint/layout.py)
 
 

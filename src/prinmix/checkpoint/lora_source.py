@@ -46,12 +46,6 @@ from prinmix.checkpoint.layout import meta_causal_lm, revert_names
 from prinmix.checkpoint.reader import AUX_SUFFIXES, CheckpointReader, read_safetensors_header
 from prinmix.errors import CheckpointError
 
-try:  # optional: peft's own config parsing and pattern rule (see the module docstring)
-    from peft import LoraConfig
-    from peft.utils.other import get_pattern_key
-except ImportError:  # pragma: no cover - peft is in the test extra
-    LoraConfig = get_pattern_key = None
-
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -68,12 +62,24 @@ def is_lora_adapter(path) -> bool:
     return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
 
 
+def _peft():
+    """(LoraConfig, get_pattern_key) from peft, or None when peft is not installed. Imported on first use:
+    peft (optional; the test extra) takes seconds to import, which every command would otherwise pay."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.other import get_pattern_key
+    except ImportError:  # pragma: no cover - peft is in the test extra
+        return None
+    return LoraConfig, get_pattern_key
+
+
 def _pattern_value(patterns: dict, key: str, default):
     """PEFT's rule: the first pattern P (dict order) with re.match(rf"(.*\\.)?({P})$", key) gives the value."""
     if not patterns:
         return default
-    if get_pattern_key is not None:
-        return patterns.get(get_pattern_key(list(patterns), key), default)
+    peft = _peft()
+    if peft is not None:
+        return patterns.get(peft[1](list(patterns), key), default)
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):
             return value
@@ -135,10 +141,11 @@ class LoraFinetunedReader:
     def _lora_settings(self) -> dict:
         """r, lora_alpha, rank/alpha patterns, use_rslora, fan_in_fan_out: as peft parses them when installed."""
         keys = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out")
-        if LoraConfig is None:
+        peft = _peft()
+        if peft is None:
             return {k: self.adapter_config.get(k) for k in keys}
         try:
-            parsed = LoraConfig.from_pretrained(str(self._path))
+            parsed = peft[0].from_pretrained(str(self._path))
         except Exception as exc:  # noqa: BLE001 - peft raises ValueError/TypeError/KeyError on bad fields
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{self._config_file}: peft cannot read it ({first})") from None

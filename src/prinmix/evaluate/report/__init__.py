@@ -18,6 +18,7 @@ writes the HTML with a "what to look at" paragraph per figure. This module only 
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,7 @@ from ...errors import PrinmixError
 from ...format.delta_file import load_delta
 from ..layer_error import depth_group
 from ..results import load_eval_json
-
-try:  # the page draws with matplotlib, an optional dependency (the eval extra): refused in build_report
-    from .page import Page
-except ImportError as _missing:
-    if getattr(_missing, "name", "") and not _missing.name.startswith("matplotlib"):
-        raise
-    Page = None
+from .page import Page
 from .statistics import (
     MatrixStats,
     analyse_delta,
@@ -83,7 +78,7 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
     """
     opts = options or ReportOptions()
     log = log or (lambda m: None)
-    if Page is None:
+    if importlib.util.find_spec("matplotlib") is None:  # optional (the eval extra); figures import it on use
         raise PrinmixError("prinmix report draws with matplotlib, which is not installed: "
                            "pip install 'prinmix[eval]' (or pip install matplotlib)")
     delta_path = Path(delta_path)

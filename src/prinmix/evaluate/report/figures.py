@@ -6,8 +6,8 @@ Every figure follows the same rules, checked by rendering the page in Chromium:
 * rank and layer axes carry integer ticks only;
 * a group without data (e.g. the "low"/"mid" depth groups of a 2-layer model) is not drawn.
 
-matplotlib is an optional dependency (the `eval` extra): it is imported here, at the top, and this
-module is imported only once `build_report` has checked that matplotlib is installed.
+matplotlib is an optional dependency (the `eval` extra) and takes seconds to import: it is imported
+inside the functions that draw, so importing prinmix (or its API) does not pay for it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ import io
 import math
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.colors import ListedColormap
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
-from matplotlib.ticker import MaxNLocator
 
 from .statistics import FLOAT_BITS, MatrixStats
 
@@ -48,17 +43,21 @@ def width_label(w: int, sign: bool = False) -> str:
     return f"{w} bit"
 
 
-def _figure(w, h) -> Figure:
+def _figure(w, h):
+    from matplotlib.figure import Figure
+
     return Figure(figsize=(w, h), dpi=100, layout="constrained")
 
 
-def _png(fig: Figure) -> bytes:
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
 
 
 def _integer_axis(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     axis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -68,8 +67,11 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=TICK_SIZE)
 
 
-def _width_colours(widths: list[int]) -> ListedColormap:
-    """One colour per width: grey for 0 (dropped), red for fp16, viridis for the quantised widths."""
+def _width_colours(widths: list[int]):
+    """ListedColormap, one colour per width: grey for 0 (dropped), red for fp16, viridis for the quantised ones."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
     viridis = colormaps["viridis"]
     nonzero = [b for b in widths if b not in (0, FLOAT_BITS)]
     cols = []
@@ -130,6 +132,8 @@ def fig_width_heatmaps(stats: list[MatrixStats], true_svd: bool) -> bytes | None
 
 def fig_memory_per_width(stats: list[MatrixStats]) -> bytes | None:
     """Per projection type: stacked bytes per width across layers (the paper's Fig. 4)."""
+    from matplotlib.patches import Patch
+
     ranked = [s for s in stats if s.layer is not None]
     if not ranked:
         return None
@@ -158,6 +162,8 @@ def fig_memory_per_width(stats: list[MatrixStats]) -> bytes | None:
 
 def fig_rank_bytes(stats: list[MatrixStats]) -> bytes | None:
     """Kept rank per layer (one line per type) and bytes per layer (stacked by type); one legend beside both."""
+    from matplotlib import colormaps
+
     ranked = [s for s in stats if s.layer is not None]
     if not ranked:
         return None
@@ -194,6 +200,8 @@ def fig_kendall(stats: list[MatrixStats]) -> bytes | None:
     Layers run down the rows, as in the width heat map, so a deep model makes the figure taller, not
     wider: every cell keeps room for its two-decimal label at 8 pt whatever the depth.
     """
+    from matplotlib import colormaps
+
     ranked = [s for s in stats if s.layer is not None and s.tau is not None]
     if not ranked:
         return None
@@ -270,6 +278,8 @@ def fig_eval_errors(results: dict) -> bytes | None:
 
     Depth groups without layers (a model with fewer than 3 layers has no "low"/"mid") are left out.
     """
+    from matplotlib import colormaps
+
     le = results.get("layer_error")
     if not le:
         return None

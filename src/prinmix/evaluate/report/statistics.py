@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import kendalltau
 from transformers import AutoTokenizer
 
 from ...algorithms.compressed_linear import block_nbytes
@@ -101,6 +99,8 @@ def concordance(widths, sigma) -> tuple[int, int]:
 
 
 def _finish_order(st: MatrixStats) -> None:
+    from scipy.stats import kendalltau  # scipy's submodules take seconds to import: loaded on use
+
     if st.sigma_true is not None and st.orig_index is not None:
         w = [0] * len(st.sigma_true)
         for j, i in enumerate(st.orig_index):
@@ -130,6 +130,8 @@ def _match_ranks(a_rows: torch.Tensor, vh: torch.Tensor) -> tuple[list[int], lis
     if len(set(best.tolist())) == len(best):
         idx = best.tolist()
     else:
+        from scipy.optimize import linear_sum_assignment
+
         rows, cols = linear_sum_assignment(-cos.numpy())
         idx = [0] * len(rows)
         for r, c in zip(rows, cols):
