@@ -24,7 +24,7 @@ def _text(server, top_k=None, **kw):
 
 
 def test_a_seeded_request_is_reproducible_alone_and_batched(server):
-    sampled = dict(temperature=1.0, top_p=0.95, seed=11)
+    sampled = {"temperature": 1.0, "top_p": 0.95, "seed": 11}
     alone = [_text(server, **sampled) for _ in range(2)]
     assert alone[0] == alone[1]
     sched = server.scheduler

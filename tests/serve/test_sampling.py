@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from prinmix.serve.sampling import SamplingParams, choose_tokens, filter_logits, new_generator
+from prinmix.serve.sampling import (
+    SamplingParams,
+    choose_tokens,
+    filter_logits,
+    new_generator,
+)
 
 
 def _reference_keep(logits: list[float], temperature: float, top_k: int, top_p: float) -> set[int]:

@@ -4,20 +4,12 @@ forward passes; streaming, chat, errors and run-time load/unload work. The serve
 tests/serve/conftest.py."""
 
 import json
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import openai
 import pytest
 import torch
-import uvicorn
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from server_helpers import CHAT_TEMPLATE, MAX_LEN, PROMPTS, is_error_shape, post
 
 from prinmix.serve.text_stream import TextStream

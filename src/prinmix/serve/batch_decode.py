@@ -9,14 +9,14 @@ token-choice hook on prefill / decode_step, this module goes away.
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 from transformers import DynamicCache
 
 from ..runtime.multi_tenant import DecodeState, SequenceState
 
-__all__ = ["prefill_logits", "decode_logits", "append_tokens"]
+__all__ = ["append_tokens", "decode_logits", "prefill_logits"]
 
 
 def prefill_logits(model, prompts: Sequence[Sequence[int]], tenants: Sequence[str | None],

@@ -6,7 +6,13 @@ import sys
 from pathlib import Path
 
 from ..errors import PrinmixError
-from .config import API_KEY_ENV, RUNTIME_LOADING_ENV, ServerConfig, env_api_key, env_runtime_loading
+from .config import (
+    API_KEY_ENV,
+    RUNTIME_LOADING_ENV,
+    ServerConfig,
+    env_api_key,
+    env_runtime_loading,
+)
 
 
 def tenant_map(deltas: list[str], named: list[str]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import PrinmixError
 
-__all__ = ["ServerConfig", "API_KEY_ENV", "RUNTIME_LOADING_ENV", "env_api_key", "env_runtime_loading"]
+__all__ = ["API_KEY_ENV", "RUNTIME_LOADING_ENV", "ServerConfig", "env_api_key", "env_runtime_loading"]
 
 API_KEY_ENV = ("VLLM_API_KEY", "PRINMIX_API_KEY")
 RUNTIME_LOADING_ENV = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "PRINMIX_ALLOW_RUNTIME_LOADING")

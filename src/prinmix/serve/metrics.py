@@ -18,9 +18,13 @@ from __future__ import annotations
 from collections import Counter
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 
-__all__ = ["ServerMetrics", "RequestCountMiddleware"]
+__all__ = ["RequestCountMiddleware", "ServerMetrics"]
 
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/load_lora_adapter",
                        "/v1/unload_lora_adapter", "/health", "/stats", "/metrics", "/version"})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import PrinmixError
 
-__all__ = ["TENANT_NAME", "check_tenant_name", "DeltaDirectories"]
+__all__ = ["TENANT_NAME", "DeltaDirectories", "check_tenant_name"]
 
 # letters, digits and . _ - : / (HF-style "org/name" ids), starting with a letter or digit, ≤ 128 characters
 TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "TokenLogprob", "filter_logits", "choose_tokens", "new_generator"]
+__all__ = ["SamplingParams", "TokenLogprob", "choose_tokens", "filter_logits", "new_generator"]
 
 
 @dataclass(frozen=True)

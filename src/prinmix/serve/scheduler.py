@@ -67,7 +67,7 @@ class GenerationRequest:
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    params: SamplingParams = SamplingParams()
+    params: SamplingParams = field(default_factory=SamplingParams)
     index: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False
@@ -246,7 +246,7 @@ class Scheduler:
             new, logits = prefill_logits(self.model, [r.prompt for r in ready], [r.tenant for r in ready],
                                          [r.id for r in ready])
             self._choose(new, logits, ready)
-        except Exception:                    # noqa: BLE001 - fails these requests only; the running batch is intact
+        except Exception:
             log.exception("prefill of %d requests failed", len(ready))
             for r in ready:
                 r.deliver(_internal_error(r))
@@ -333,7 +333,7 @@ class Scheduler:
         try:
             self.model.add_tenant(name, delta_path)
             self.warm_up([name])
-        except Exception as e:               # noqa: BLE001 - roll back, then report
+        except Exception as e:
             if name in self.model.tenants:
                 self.model.remove_tenant(name)
             if isinstance(e, PrinmixError):  # one line naming the file and the problem: the user's to fix
