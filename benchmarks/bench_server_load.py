@@ -7,9 +7,10 @@ client threads; a third of them are bad:
     prompt far over --max-model-len (3 MiB of text, under the body limit: refused before tokenising),
     and a 413 for a body over --max-body-bytes (5 MiB against the default 4 MiB)
 the rest are completions and chats (max_tokens 8, greedy or seeded sampling) spread over the base
-and the tenants. A probe thread polls /health all the time. Printed: per round requests/s, p50/p99
-latency of the good requests and of all, the slowest /health answer, error counts by status, and the
-server's RSS (psutil) before and after each round; the totals last.
+and the tenants. A probe process polls /health all the time. First, alone: one 10 MB body and one
+3 MiB prompt (issue 13: on the old server a 10 MB prompt stalled every endpoint for 17.7 s). Printed:
+per round requests/s, p50/p99 latency of the good requests and of all, the slowest /health answer,
+error counts by status, and the server's RSS (psutil) before and after each round; the totals last.
 
     python benchmarks/bench_server_load.py                          # tiny llama pair built locally
     python benchmarks/bench_server_load.py --base DIR --delta FILE  # a real base and its delta
@@ -122,6 +123,20 @@ def health_probe(port: int, stop, worst) -> None:
         time.sleep(0.05)
 
 
+def with_health_probe(port: int, work):
+    """(work(), the slowest /health answer in seconds while it ran)."""
+    ctx = multiprocessing.get_context("spawn")
+    stop, worst = ctx.Event(), ctx.Value("d", 0.0)
+    probe = ctx.Process(target=health_probe, args=(port, stop, worst), daemon=True)
+    probe.start()
+    time.sleep(1.0)                                    # the probe's interpreter is up
+    try:
+        return work(), worst.value
+    finally:
+        stop.set()
+        probe.join()
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -154,6 +169,14 @@ def main() -> None:
           f"{args.concurrency} concurrent requests (a third bad), RSS {rss():.0f} MiB at start\n")
     header = (f"{'round':>5} {'req/s':>7} {'good p50 s':>10} {'good p99 s':>10} {'all p50 s':>9} {'all p99 s':>9} "
               f"{'max /health s':>13} {'RSS before':>10} {'RSS after':>9}  statuses")
+    for label, body in (("10 MB body", json.dumps({"model": "base", "prompt": "x" * 10**7}).encode()),
+                        ("3 MiB prompt", json.dumps({"model": "base", "prompt": "12+35=" * (2**20 // 2)}).encode())):
+        before = rss()
+        (status, seconds), health = with_health_probe(args.port, lambda b=body: call(args.port, "POST",
+                                                                                     "/v1/completions", b))
+        print(f"alone, {label:>12}: answered {status} in {seconds:.3f} s; slowest /health meanwhile {health:.3f} s; "
+              f"RSS {before:.0f} -> {rss():.0f} MiB")
+    print()
     print(header)
     print("-" * len(header))
     totals: Counter = Counter()
@@ -163,17 +186,14 @@ def main() -> None:
         for rnd in range(args.rounds):
             requests = [make_request(rnd * args.concurrency + i, args.tenants, rng) for i in range(args.concurrency)]
             before = rss()
-            ctx = multiprocessing.get_context("spawn")
-            stop, worst = ctx.Event(), ctx.Value("d", 0.0)
-            probe = ctx.Process(target=health_probe, args=(args.port, stop, worst), daemon=True)
-            probe.start()
-            time.sleep(1.0)                                    # the probe's interpreter is up
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                results = list(pool.map(lambda r: (r[0], *call(args.port, "POST", r[1], r[2])), requests))
-            elapsed = time.perf_counter() - t0
-            stop.set()
-            probe.join()
+
+            def fire(batch=requests):
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(args.concurrency) as pool:
+                    done = list(pool.map(lambda r: (r[0], *call(args.port, "POST", r[1], r[2])), batch))
+                return done, time.perf_counter() - t0
+
+            (results, elapsed), health = with_health_probe(args.port, fire)
             statuses = Counter(str(status) for _, status, _ in results)
             good = [s for kind, status, s in results if kind in ("chat", "completion") and status == 200]
             every = [s for _, _, s in results]
@@ -181,10 +201,10 @@ def main() -> None:
             all_good += good
             all_any += every
             elapsed_total += elapsed
-            worst_health = max(worst_health, worst.value)
+            worst_health = max(worst_health, health)
             print(f"{rnd:>5} {len(results) / elapsed:>7.1f} {percentile(good, 0.5):>10.2f} "
                   f"{percentile(good, 0.99):>10.2f} {percentile(every, 0.5):>9.2f} {percentile(every, 0.99):>9.2f} "
-                  f"{worst.value:>13.3f} {before:>8.0f}Mi {rss():>7.0f}Mi  "
+                  f"{health:>13.3f} {before:>8.0f}Mi {rss():>7.0f}Mi  "
                   + " ".join(f"{k}:{v}" for k, v in sorted(statuses.items())))
         alive = server.poll() is None and call(args.port, "GET", "/health", None, 5)[0] == 200
         end_rss = rss()

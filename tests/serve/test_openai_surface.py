@@ -96,7 +96,8 @@ def test_logprobs_match_the_merged_model(server, llama):
 @pytest.mark.parametrize("field, value", [("presence_penalty", 0.5), ("frequency_penalty", -1.0),
                                           ("logit_bias", {"5": 10}), ("echo", True), ("suffix", "x"),
                                           ("best_of", 3), ("min_p", 0.1), ("n", 17), ("top_p", 0), ("top_k", -2),
-                                          ("temperature", 3), ("logprobs", 21), ("tools", [])])
+                                          ("temperature", 3), ("logprobs", 21), ("tools", []),
+                                          ("stop", ["@"] * 17), ("stop", "x" * 257)])
 def test_unsupported_completion_fields_are_refused_by_name(server, field, value):
     with pytest.raises(openai.BadRequestError) as e:
         server.client.completions.create(model="low", prompt=PROMPT, max_tokens=2, extra_body={field: value})

@@ -203,7 +203,9 @@ def create_app(scheduler: Scheduler, tokenizer, max_model_len: int, config: Serv
 
     async def chat_prompt(body: p.ChatCompletionRequest, tenant: str | None) -> list[int]:
         messages = [m.as_dict() for m in body.messages]
-        if sum(len(m["content"]) for m in messages) > max_prompt_chars:
+        # every chat template known to us spends at least one token per message (its role marker), so more
+        # messages than max_model_len cannot fit either; both checks bound the template's work before it runs
+        if len(messages) > max_model_len or sum(len(m["content"]) for m in messages) > max_prompt_chars:
             raise too_long()
         template = chat_template(body.model, tenant)
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +19,8 @@ from .sampling import SamplingParams, TokenLogprob
 
 MAX_CHOICES = 16             # most choices (n) per request: each is a sequence in the running batch
 MAX_TOP_LOGPROBS = 20        # as vLLM (OpenAI: 5 for completions, 20 for chat)
+MAX_STOP_STRINGS = 16        # OpenAI: 4. The worker checks every stop string after every token, so
+MAX_STOP_CHARS = 256         # their number and length are bounded: one request cannot slow the batch
 
 
 class APIError(Exception):
@@ -42,6 +44,9 @@ def error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,7 +58,7 @@ class StreamOptions(_Body):
 class SamplingRequest(_Body):
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     temperature: float | None = Field(None, ge=0, le=2)      # None: 1 (OpenAI's default); 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)                   # -1 or 0: off (vLLM)
