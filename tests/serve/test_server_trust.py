@@ -167,29 +167,37 @@ def test_a_long_prompt_is_refused_before_tokenising(server):
     assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
 
 
-def test_a_departed_clients_request_is_cancelled(server):
+def _send_and_leave(server, admitted: bool) -> int:
+    """Post a long non-streaming completion on a raw socket, close the socket while the request is queued
+    (admitted=False) or decoding (True) with the scheduler paused; returns the tokens generated for it."""
     sched = server.scheduler
-    before = dict(sched.stats.finished)
-    generated = sched.stats.generated_tokens
-    sched.pause()
+    cancelled, generated = sched.stats.finished.get("cancelled", 0), sched.stats.generated_tokens
+    body = json.dumps({"model": "low", "prompt": "1+2=", "max_tokens": MAX_LEN - 8, "temperature": 0}).encode()
+    if not admitted:
+        sched.pause()
     try:
         sock = socket.create_connection(("127.0.0.1", server.port))
-        body = json.dumps({"model": "low", "prompt": "1+2=", "max_tokens": MAX_LEN - 8, "temperature": 0}).encode()
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.time() + 30
-        while sched.num_waiting < 1 and time.time() < deadline:
-            time.sleep(0.01)
+        while (sched.num_running if admitted else sched.num_waiting) < 1 and time.time() < deadline:
+            time.sleep(0.001)
+        sched.pause()
         sock.close()
         time.sleep(0.5)                                        # the server hears the disconnect
     finally:
         sched.resume()
     deadline = time.time() + 30
-    while sched.stats.finished.get("cancelled", 0) == before.get("cancelled", 0) and time.time() < deadline:
+    while sched.stats.finished.get("cancelled", 0) == cancelled and time.time() < deadline:
         time.sleep(0.02)
-    assert sched.stats.finished.get("cancelled", 0) == before.get("cancelled", 0) + 1
-    assert sched.stats.generated_tokens == generated           # it never reached the model
+    assert sched.stats.finished.get("cancelled", 0) == cancelled + 1
     assert sched.num_running == 0 and sched.num_waiting == 0
+    return sched.stats.generated_tokens - generated
+
+
+def test_a_departed_clients_request_is_cancelled(server):
+    assert _send_and_leave(server, admitted=False) == 0        # it never reached the model
+    assert 1 <= _send_and_leave(server, admitted=True) < MAX_LEN - 8           # it stopped mid-way
 
 
 def test_500_never_echoes_the_exception(server, monkeypatch):

@@ -82,7 +82,8 @@ def create_app(scheduler: Scheduler, tokenizer, max_model_len: int, config: Serv
     templates: dict[str, str | None] = {}
     delta_dirs = DeltaDirectories(config.runtime_delta_dirs)
     # a token never covers more characters than its vocabulary string has (byte-level BPE: one character per
-    # byte; sentencepiece: the text itself), so longer text cannot fit in max_model_len tokens
+    # byte; sentencepiece: the text itself), so longer text cannot fit in max_model_len tokens (unless a
+    # normalizer deletes characters, e.g. accents: such text is refused although it might fit)
     max_prompt_chars = max_model_len * max(len(t) for t in tokenizer.get_vocab())
 
     _add_error_handlers(app)
@@ -316,10 +317,7 @@ def create_app(scheduler: Scheduler, tokenizer, max_model_len: int, config: Serv
             path = delta_dirs.resolve(body.lora_path)
         except PrinmixError as e:
             raise p.APIError(400, str(e), code="invalid_delta", param="lora_path") from None
-        if len(scheduler.tenant_paths) >= config.max_tenants:
-            raise p.APIError(409, f"this server holds its maximum of {config.max_tenants} tenants (--max-tenants); "
-                             f"unload one first", code="too_many_tenants")
-        info = await asyncio.wrap_future(scheduler.load(body.lora_name, str(path), body.lora_path))
+        info = await asyncio.wrap_future(scheduler.load(body.lora_name, str(path), body.lora_path, config.max_tenants))
         templates.pop(body.lora_name, None)
         return {"id": body.lora_name, "object": "model", "root": body.lora_path, "parent": scheduler.base_name,
                 "bytes": info}

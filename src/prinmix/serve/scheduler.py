@@ -182,10 +182,12 @@ class Scheduler:
         """The client went away: the worker drops the request at its next iteration."""
         request.cancelled = True
 
-    def load(self, name: str, delta_path: str, shown_path: str | None = None) -> Future:
+    def load(self, name: str, delta_path: str, shown_path: str | None = None, max_tenants: int | None = None) -> Future:
         """Register a tenant between steps; the future's result is its tenant_bytes report. Errors name
-        `shown_path` (default: delta_path), e.g. the path as the client gave it rather than its real one."""
-        return self._control(lambda: self._load(name, delta_path, shown_path or delta_path))
+        `shown_path` (default: delta_path), e.g. the path as the client gave it rather than its real one;
+        SchedulerError(409) when `max_tenants` are registered already (checked on the worker, so concurrent
+        loads cannot pass it together)."""
+        return self._control(lambda: self._load(name, delta_path, shown_path or delta_path, max_tenants))
 
     def unload(self, name: str) -> Future:
         """Remove an idle tenant between steps (SchedulerError 409 while it has sequences)."""
@@ -300,9 +302,8 @@ class Scheduler:
                 if eos and entries and entries[-1].token == ids[-1]:
                     entries = entries[:-1]             # the eos token's text is not part of the answer
                 r.deliver(Output(text, reason, len(r.prompt), len(ids), r.index, entries))
-            if reason:
-                self.stats.finished[reason] += 1
             if reason or r.cancelled:
+                self.stats.finished[reason or "cancelled"] += 1
                 finished.append(seq.seq_id)
         state.drop(finished)
         for rid in finished:
@@ -327,9 +328,12 @@ class Scheduler:
         self._controls.clear()
 
     # ---- control calls (worker thread, between steps) ----------------------------------------------
-    def _load(self, name: str, delta_path: str, shown_path: str) -> dict:
+    def _load(self, name: str, delta_path: str, shown_path: str, max_tenants: int | None) -> dict:
         if name == self.base_name or name in self.tenant_paths:
             raise SchedulerError(400, f"The model `{name}` is already being served; unload it first", "model_exists")
+        if max_tenants is not None and len(self.tenant_paths) >= max_tenants:
+            raise SchedulerError(409, f"this server holds its maximum of {max_tenants} tenants (--max-tenants); "
+                                 f"unload one first", "too_many_tenants")
         try:
             self.model.add_tenant(name, delta_path)
             self.warm_up([name])
