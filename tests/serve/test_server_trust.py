@@ -15,6 +15,7 @@ from conftest import make_app
 from server_helpers import MAX_LEN, is_error_shape, post, request, running
 
 from prinmix import cli
+from prinmix.serve.cli_command import server_config
 
 KEY = "s3cret-key"
 SMALL_BODY = 64 * 1024
@@ -240,8 +241,6 @@ def test_bad_settings_are_refused_at_start_with_one_line(flags, message, tmp_pat
 
 
 def test_env_vars_as_vllm(monkeypatch, tmp_path):
-    from prinmix.serve.cli_command import server_config
-
     parser = cli.build_parser()
     monkeypatch.setenv("VLLM_API_KEY", "from-env")
     monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")

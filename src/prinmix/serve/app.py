@@ -101,13 +101,13 @@ def create_app(scheduler: Scheduler, tokenizer, max_model_len: int, config: Serv
             return model
         raise p.APIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
-    def chat_template(model: str, tenant: str | None) -> str:
+    def chat_template(tenant: str | None) -> str | None:
+        """--chat-template, else the tenant's own, else the base's (cached). On the tokenising thread: reading
+        a delta's aux files is file I/O."""
         if tenant not in templates:
-            own = delta_chat_template(scheduler.tenant_paths.get(tenant, "")) if tenant is not None else None
+            own = None if config.chat_template or tenant is None \
+                else delta_chat_template(scheduler.tenant_paths.get(tenant, ""))
             templates[tenant] = config.chat_template or own or getattr(tokenizer, "chat_template", None)
-        if not templates[tenant]:
-            raise p.APIError(400, f"the model `{model}` has no chat template; start the server with --chat-template "
-                             f"FILE or use /v1/completions", code="chat_template_missing", param="messages")
         return templates[tenant]
 
     async def off_loop(fn, *args):
@@ -208,7 +208,11 @@ def create_app(scheduler: Scheduler, tokenizer, max_model_len: int, config: Serv
         # messages than max_model_len cannot fit either; both checks bound the template's work before it runs
         if len(messages) > max_model_len or sum(len(m["content"]) for m in messages) > max_prompt_chars:
             raise too_long()
-        template = chat_template(body.model, tenant)
+        template = await off_loop(chat_template, tenant)
+        if not template:
+            raise p.APIError(400, f"the model `{body.model}` has no chat template; start the server with "
+                             f"--chat-template FILE or use /v1/completions", code="chat_template_missing",
+                             param="messages")
         try:
             return await off_loop(chat_prompt_ids, tokenizer, messages, template)
         except TemplateError as e:           # the template's own refusal, e.g. roles that must alternate

@@ -4,6 +4,8 @@ Every field a request may carry is declared here: an undeclared field is a 400 n
 declared one this server cannot honour (penalties, logit_bias, echo, suffix, best_of ≠ n) is a 400
 naming it unless it has its neutral value. Nothing is accepted and then ignored, except `user`, an
 end-user id OpenAI defines for the caller's own abuse tracking, which never changes an answer.
+Logprobs cover every generated token up to the one that completed a stop string (the eos token,
+whose text is not in the answer, is left out); a token's text is its own decoded piece.
 """
 
 from __future__ import annotations
