@@ -10,7 +10,7 @@ from prinmix.serve.app import load_app
 from prinmix.serve.config import ServerConfig
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def llama(tiny_pair, tmp_path_factory):
     """(base dir, {tenant: delta path}, {model name: merged model}, tokenizer)."""
     base, ft = tiny_pair("llama")
@@ -34,7 +34,7 @@ def make_app(llama, logs=None, **settings):
                     log=(logs.append if logs is not None else lambda _line: None))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(llama):
     logs = []
     deltas = llama[1]

@@ -124,17 +124,32 @@ def _raw_post(port: int, path: str, body: bytes, headers: dict) -> int | str:
         conn.close()
 
 
-def test_oversized_bodies_get_413_and_health_stays_fast(locked):
-    body = json.dumps({"model": "base", "prompt": "1+" * SMALL_BODY}).encode()
-    status, answer = post(f"{locked.url}/v1/completions", body, _auth())
-    assert status == 413 and is_error_shape(answer) and answer["error"]["code"] == "request_too_large"
+def _head_then_response(port: int, head: bytes, body_parts: list[bytes]) -> tuple[int, dict]:
+    """Send a request head and body parts on a raw socket, then read the answer (status, JSON body). The parts
+    stop where the server should answer, so it has read all that was sent and closes cleanly (no reset)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head)
+        for part in body_parts:
+            sock.sendall(part)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_part, _, body = answer.partition(b"\r\n\r\n")
+    return int(head_part.split()[1]), json.loads(body)
 
-    conn = http.client.HTTPConnection("127.0.0.1", locked.port, timeout=30)    # chunked: no Content-Length
-    conn.request("POST", "/v1/completions", body=iter([body[i:i + 8192] for i in range(0, len(body), 8192)]),
-                 headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked", **_auth()},
-                 encode_chunked=True)
-    assert conn.getresponse().status == 413
-    conn.close()
+
+def test_oversized_bodies_get_413_and_health_stays_fast(locked):
+    auth = f"Authorization: Bearer {KEY}\r\n".encode()
+    status, answer = _head_then_response(locked.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth
+                                         + f"Content-Length: {SMALL_BODY + 1}\r\n\r\n".encode(), [])
+    assert status == 413 and is_error_shape(answer) and answer["error"]["code"] == "request_too_large"
+    chunks = [b"%x\r\n%s\r\n" % (n, b"x" * n) for n in (SMALL_BODY // 2, SMALL_BODY // 2, 1)]   # limit + 1 bytes
+    status, answer = _head_then_response(locked.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + auth
+                                         + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
+    assert status == 413 and answer["error"]["code"] == "request_too_large"
+    status, _ = post(f"{locked.url}/v1/completions",            # exactly at the limit: read, parsed ({}: no model)
+                     b"{" + b" " * (SMALL_BODY - 2) + b"}", _auth())
+    assert status == 400
 
     huge = json.dumps({"model": "base", "prompt": "x" * 10 * 2**20}).encode()   # 10 MB
     stop = threading.Event()
