@@ -12,10 +12,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
-from ..format.atomic_dir import atomic_directory, check_output_directory
+from ..errors import DeltaFormatError
+from ..format.atomic_dir import atomic_directory
 from ..format.delta_file import load_delta
+from ..format.output_safety import MERGED_CHECKPOINT, check_output_directory, refuse_input_overlap, write_marker
 from .apply_delta import check_base, finetuned_tensor, merged_aux_files, output_tensor_names
 from .reader import CheckpointReader
 
@@ -30,11 +33,12 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
 
     progress: None or a callable(done_tensors, total_tensors, tensor name).
     """
+    refuse_input_overlap([output], [base, delta_path], "merge")
     base_r = CheckpointReader(base)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
-    check_output_directory(output, overwrite)
+    check_output_directory(output, overwrite, MERGED_CHECKPOINT)
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
@@ -51,6 +55,8 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
 
         for j, name in enumerate(names):
             t = finetuned_tensor(name, base_r, delta).contiguous()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # e.g. a delta overflowing fp16
+                raise DeltaFormatError(f"{delta_path}: base + delta of {name!r} is not finite in {t.dtype}")
             shard[name] = t
             shard_bytes += t.numel() * t.element_size()
             if shard_bytes >= SHARD_BYTES:
@@ -66,4 +72,5 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
+        write_marker(tmp, MERGED_CHECKPOINT)
     return output
