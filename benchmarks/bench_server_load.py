@@ -42,15 +42,16 @@ BAD_KINDS = ("malformed", "unknown_model", "invalid_value", "unsupported_field",
 def tiny_base_and_delta(work: Path) -> tuple[Path, Path]:
     """The tiny llama pair (built locally) and its PrinMix 1/8 delta."""
     from prinmix import api
-    from prinmix.models.tiny_models import TinyModelFactory
+    from prinmix.api import CalibrationConfig
+    from prinmix.tiny_models import TinyModelFactory
 
     base, ft = TinyModelFactory(work / "models").pair("llama")
     delta = work / "tenant.delta"
     if not delta.exists():
         calib = work / "calib.txt"
         calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
-        api.compress(base, ft, delta, ratio="1/8", method="prinmix", calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
+        api.compress(base, ft, delta, ratio="1/8", method="prinmix", device="cpu",
+                     calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
     return base, delta
 
 

@@ -6,6 +6,7 @@ from server_helpers import CHAT_TEMPLATE, MAX_LEN, TENANTS, running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prinmix import api
+from prinmix.api import CalibrationConfig
 from prinmix.serve.app import load_app
 from prinmix.serve.config import ServerConfig
 
@@ -21,8 +22,8 @@ def llama(tiny_pair, tmp_path_factory):
     (work / "deltas").mkdir()
     for name, (method, ratio) in TENANTS.items():
         deltas[name] = work / "deltas" / f"{name}.delta"
-        api.compress(base, ft, deltas[name], ratio=ratio, method=method, calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
+        api.compress(base, ft, deltas[name], ratio=ratio, method=method, device="cpu",
+                     calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
         refs[name] = AutoModelForCausalLM.from_pretrained(api.merge(base, deltas[name], work / f"m_{name}")).eval()
     return base, deltas, refs, AutoTokenizer.from_pretrained(base)
 

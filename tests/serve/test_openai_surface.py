@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from conftest import make_app
 from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import is_error_shape, post, request, running
 
 import prinmix
+from conftest import make_app
 
 PROMPT = "7+8="
 

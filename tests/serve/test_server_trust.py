@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import make_app
 from server_helpers import MAX_LEN, is_error_shape, post, request, running
 
+from conftest import make_app
 from prinmix import cli
-from prinmix.serve.cli_command import server_config
+from prinmix.cli.serve import server_config
 
 KEY = "s3cret-key"
 SMALL_BODY = 64 * 1024

@@ -40,14 +40,14 @@ from typing import Hashable, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache
 
+from ..checkpoint.apply_delta import check_base
+from ..checkpoint.reader import CheckpointReader
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta
-from ..models.apply_delta import check_base
-from ..models.checkpoint import CheckpointReader
-from .delta_linear import BASE_SLOT, DeltaLinear, LinearDelta, TenantBatch, TenantContext, TenantRegistry
+from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry
 from .packed import PackedLinear
-
 
 # ---- per-tenant payloads of non-linear modules --------------------------------------------------
 
@@ -242,8 +242,6 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _make_cache(layers):
-    from transformers import DynamicCache
-
     cache = DynamicCache()
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
@@ -261,8 +259,6 @@ class MultiTenantModel:
 
     def __init__(self, base_dir, device="cpu", dtype: torch.dtype | None = None, budget_bytes: int | None = None,
                  backend: str = "auto"):
-        from transformers import AutoModelForCausalLM
-
         self.base_dir = Path(base_dir)
         self.reader = CheckpointReader(base_dir)
         self.device = torch.device(device)
@@ -299,7 +295,7 @@ class MultiTenantModel:
         payloads = {path: payload for path, (_, payload) in plan.items()}
         self.registry.register(name, payloads)
         linear = sum(p.packed.resident_bytes for p in payloads.values()
-                     if isinstance(p, LinearDelta) and p.packed is not None)
+                     if isinstance(p, TenantDelta) and p.packed is not None)
         info = {"delta": str(delta_path), "method": delta.method, "linear_bytes": linear,
                 "other_bytes": self.registry.nbytes(name) - linear, "file_linear_bytes": delta.linear_bytes()}
         self.tenant_info[name] = info
@@ -321,8 +317,8 @@ class MultiTenantModel:
             raise PrinmixError(f"{delta_path}: the fine-tune removes tensors of the base; serve its merged model")
         plan: dict[str, tuple[str, object]] = {}
 
-        def linear_delta(path) -> LinearDelta:
-            kind, payload = plan.setdefault(path, ("linear", LinearDelta()))
+        def linear_delta(path) -> TenantDelta:
+            kind, payload = plan.setdefault(path, ("linear", TenantDelta()))
             if kind != "linear":
                 raise PrinmixError(f"{delta_path}: {path} changes in two incompatible ways")
             return payload

@@ -4,7 +4,7 @@ app.py (endpoints, load_app / create_app), config.py (ServerConfig, environment 
 (the continuous-batching worker), batch_decode.py (prefill / decode steps returning logits), sampling.py
 (per-request token choice), protocol.py (request and response shapes), chat.py (chat prompts),
 text_stream.py (detokenization with stop strings), middleware.py (API key, body size limit),
-runtime_loading.py (who may load a tenant from where), metrics.py (/metrics), cli_command.py (the
-subcommand). Needs the `serve` extra (fastapi, uvicorn, prometheus_client); nothing is imported here, so
+runtime_loading.py (who may load a tenant from where), metrics.py (/metrics), the subcommand is
+prinmix.cli.serve. Needs the `serve` extra (fastapi, uvicorn, prometheus_client); nothing is imported here, so
 building the CLI's parser does not need it.
 """

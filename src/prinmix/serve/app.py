@@ -34,14 +34,17 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import AutoTokenizer
 
 from .. import __version__
 from ..errors import PrinmixError
+from ..runtime.multi_tenant import MultiTenantModel
 from . import protocol as p
 from .chat import chat_prompt_ids, delta_chat_template
 from .config import ServerConfig
@@ -426,11 +429,6 @@ def load_app(base_dir, tenants: dict[str, str], device: str = "auto", config: Se
              log: Callable[[str], None] = print) -> FastAPI:
     """Load the base and the tenants ({name: delta path}), warm every one up, log their resident bytes,
     and return the app (its scheduler starts with the server). PrinmixError (one line) for bad settings."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from ..runtime.multi_tenant import MultiTenantModel
-
     config = config or ServerConfig()
     config.check()
     if device == "auto":
