@@ -49,7 +49,7 @@ def test_embed_and_run_layer_write_into_given_buffers(tiny_pair, tmp_path):
 
 def test_packed_linear_stands_in_for_compressed_linear():
     from prinmix.algorithms.compress_matrix import compress_matrix
-    from prinmix.format.layer_parts import MappedCompressedLinear
+    from prinmix.format.resume_part import MappedCompressedLinear
 
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(48, 4, generator=g) @ torch.randn(4, 40, generator=g)

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import PrinmixError
-from ..format.atomic_dir import atomic_directory, check_output_directory
+from ..errors import DeltaFormatError, PrinmixError
+from ..format.atomic_dir import atomic_directory
 from ..format.delta_file import DeltaFile, load_delta
 from ..format.hf_checkpoint import DEFAULT_MAX_SHARD_SIZE, write_safetensors_shards
+from ..format.output_safety import MERGED_CHECKPOINT, check_output_directory, refuse_input_overlap, write_marker
 from .apply_delta import check_base, finetuned_tensor, merged_aux_files, output_tensor_names
 from .reader import CheckpointReader
 
@@ -55,11 +56,12 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
     """
     if dtype is not None and dtype not in MERGE_DTYPES:
         raise PrinmixError(f"--dtype {dtype!r}: choose one of {', '.join(MERGE_DTYPES)}")
+    refuse_input_overlap([output], [base, delta_path], "merge")
     base_r = CheckpointReader(base, revision)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
-    check_output_directory(output, overwrite)
+    check_output_directory(output, overwrite, MERGED_CHECKPOINT)
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     layout = {n: _merged_layout(n, base_r, delta) for n in output_tensor_names(base_r, delta)}
     cast = MERGE_DTYPES.get(dtype)
@@ -70,10 +72,14 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
 
     def make(name: str) -> torch.Tensor:
         t = finetuned_tensor(name, base_r, delta)
-        return t.to(cast) if cast is not None and t.is_floating_point() else t
+        t = t.to(cast) if cast is not None and t.is_floating_point() else t
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # e.g. a delta overflowing fp16
+            raise DeltaFormatError(f"{delta_path}: base + delta of {name!r} is not finite in {t.dtype}")
+        return t
 
     with atomic_directory(output) as tmp:
         write_safetensors_shards(tmp, layout, make, max_shard_size, progress)
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
+        write_marker(tmp, MERGED_CHECKPOINT)
     return output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ..errors import PrinmixError
 from .progress import LayerProgress
@@ -23,10 +24,14 @@ def _split(spec: str | None) -> list[str]:
 def cmd_eval(a) -> int:
     from transformers.utils import logging as hf_logging
 
-    from ..evaluate.results import format_results, write_results
+    from ..evaluate.results import format_results, result_paths, write_results
     from ..evaluate.run import EvalConfig, run_eval
+    from ..format.output_safety import refuse_input_overlap
 
     hf_logging.disable_progress_bar()  # the per-model "Loading weights" bars of transformers would drown the table
+    if a.output:  # before the evaluation: its outputs must not replace any input
+        inputs = [a.base, *a.deltas, a.finetuned, a.calib, a.ppl_data, *_split(a.tasks)]
+        refuse_input_overlap(result_paths(a.output), [p for p in inputs if p and Path(p).exists()], "eval")
     config = EvalConfig(metrics=a.metrics, tasks=tuple(_split(a.tasks)), calib=a.calib, nsamples=a.nsamples,
                         seqlen=a.seqlen, seed=a.seed, ppl_data=a.ppl_data, ppl_seqlen=a.ppl_seqlen,
                         ppl_stride=a.ppl_stride, ppl_tokens=a.ppl_tokens, limit=a.limit, batch_size=a.batch_size,

@@ -24,7 +24,7 @@ from .layer_error import format_summary_table, format_type_table
 from .tables import format_grid
 
 __all__ = ["EVAL_FORMAT", "format_cell", "format_results", "format_rows", "load_eval_json", "main_table_rows",
-           "ratio_label", "rows_csv", "task_score", "write_results"]
+           "ratio_label", "result_paths", "rows_csv", "task_score", "write_results"]
 
 EVAL_FORMAT = 1
 
@@ -116,6 +116,12 @@ def format_results(results: dict, per_type: bool = False) -> str:
                 parts.append(f"Eq. 1 error per projection type ({metric})")
                 parts.append(format_type_table(le["by_type"], metric))
     return "\n\n".join(parts)
+
+
+def result_paths(path) -> list[Path]:
+    """The files write_results may write for PATH: the .json, its .csv and its .layers.csv."""
+    path = Path(path)
+    return [path, path.with_suffix(".csv"), path.with_suffix(".layers.csv")]
 
 
 def write_results(results: dict, path) -> list[Path]:

@@ -40,6 +40,7 @@ from .. import __version__
 from ..algorithms.budget import storage_ratio
 from ..algorithms.compress_matrix import compress_matrix
 from ..algorithms.compressed_linear import CompressedLinear
+from ..algorithms.lowrank_svd import FactoredDelta
 from ..calibration.data import clamp_seqlen, load_calibration
 from ..calibration.decoder_stack import DecoderStack
 from ..calibration.hessians import capture_hessians
@@ -50,9 +51,9 @@ from ..checkpoint.compatibility import CompatibilityReport, check_compatible
 from ..checkpoint.hub import resolve_model_dir
 from ..checkpoint.lora_source import LoraFinetunedReader, is_lora_adapter
 from ..checkpoint.reader import CheckpointReader
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DeltaRangeError
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
-from ..format.layer_parts import MappedCompressedLinear, read_layer_part, write_layer_part
+from ..format.resume_part import MappedCompressedLinear, part_problem, read_layer_part, write_layer_part
 from .bitdelta_distill import distill_bitdelta_scales
 from .config import CalibrationConfig, CompressJob
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
@@ -105,12 +106,17 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
 
     # 1. the pair (and calibration windows no longer than the model's context)
     base_r, ft_r, compat = open_pair(job.base, job.finetuned, job.base_revision, job.finetuned_revision)
+    check_inputs_finite(base_r, ft_r)  # an Inf in model.norm is found now, not after every layer
     if job.calibrated or job.distill_steps:
         seqlen = clamp_seqlen(job.calibration.seqlen, ft_r.config)
         job = replace(job, calibration=replace(job.calibration, seqlen=seqlen))
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
-    params = job.run_params(fingerprint["content_hash"], ft_r.content_hash())
+    # the resume key covers every byte of both models (content_hash(full=True)), not the sampled fingerprint:
+    # a model edited only in unsampled bytes must not reuse stale parts (of either: the delta is relative to
+    # the base). Cost (benchmarks/bench_resume_key.py, one core): 0.75 s per SmolLM2-135M model (269 MB bf16)
+    # against 0.12 s sampled; ~6.5 min per 140 GB model (70B), a few % of its compression.
+    params = job.run_params(base_r.content_hash(full=True), ft_r.content_hash(full=True))
     work = job.output.parent / f".{job.output.name}.partial-{_run_key(params)}"
     if not resume and work.exists():
         shutil.rmtree(work)
@@ -145,6 +151,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     for i in range(n_layers):
         emit(LayerStarted(i, n_layers))
         part_path = work / f"layer_{i:05d}.safetensors"
+        problem = part_problem(part_path) if part_path.exists() else None
+        if problem:  # damaged since it was written: compress this layer again
+            warnings.warn(f"{part_path}: {problem}; compressing layer {i} again", stacklevel=3)
+            part_path.unlink()
         resumed = part_path.exists()
         if not resumed:
             # 3a. Hessians of the layer's linears on the current hidden states
@@ -172,8 +182,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                 ratio = job.alpha if job.method == "bitdelta" else ratio_within_file(job.alpha, name, d.shape)
                 detail = {"matrix": name, "shape": list(d.shape)}
                 emit(PhaseStarted(Phase.COMPRESS, i, detail))
-                m = matrix_compressor(d.to(device), None if H is None else H.to(device), ratio, job.method,
-                                      job.config)
+                m = compress_checked(matrix_compressor, d, H, ratio, job, name, i, stack, ft_r, device)
                 # kept as its blob until the part is written: no device tensors, unpacked codes or diagnostics
                 objective = m.info.get("objective")
                 matrices[name] = MappedCompressedLinear.from_blob(m.to_blob(), m.shape, m.method,
@@ -215,6 +224,39 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     return CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(), delta.dense_delta_params(),
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
                            delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"))
+
+
+def compress_checked(matrix_compressor: MatrixCompressor, d, H, ratio: float, job: CompressJob, name: str, i: int,
+                     stack: DecoderStack, ft_r, device: torch.device) -> CompressedLinear:
+    """matrix_compressor(ΔW, H, ratio, method, config) on `device`, with a one-line DeltaRangeError (naming the
+    fine-tune, the matrix and its largest entry) for a delta the method's float32 maths or float16 fields
+    cannot hold (e.g. a 3e38 entry)."""
+    try:
+        m = matrix_compressor(d.to(device), None if H is None else H.to(device), ratio, job.method, job.config)
+    except ValueError as e:  # e.g. a 3e38 entry: its SVD or the layer's activations overflow float32
+        if H is not None and not bool(torch.isfinite(H).all()):
+            peak = max(float(ft_r.get(n, torch.float32).abs().max()) for n in stack.layer_tensor_names(i))
+            raise DeltaRangeError(f"{ft_r.path}: layer {i}'s calibration activations overflow float32 at "
+                                  f"{name!r} (the fine-tune's weights in this layer reach {peak:.3g})") from None
+        raise DeltaRangeError(f"{ft_r.path}: cannot compress the delta of {name!r} ({e}); its largest "
+                              f"entry is {_max_abs(d):.3g}") from None
+    bad = m.nonfinite_field()
+    if bad is not None:
+        raise DeltaRangeError(f"{ft_r.path}: the delta of {name!r} (largest entry {_max_abs(d):.3g}) does not "
+                              f"fit {job.method}'s float16 fields ({bad} overflows)")
+    return m
+
+
+def _max_abs(d) -> float:
+    return float(d.dense().abs().max() if isinstance(d, FactoredDelta) else d.abs().max())
+
+
+def check_inputs_finite(*readers) -> None:
+    """Read every tensor of each model once and raise CheckpointError (naming the file and tensor) for a
+    NaN/Inf, before the long per-layer work. Costs one read of each model (benchmarks/bench_resume_key.py)."""
+    for reader in readers:
+        for name in reader.tensor_names:
+            reader.get(name, dtype=None)  # check_finite: raises CheckpointError
 
 
 def open_pair(base, finetuned, base_revision: str | None = None, finetuned_revision: str | None = None

@@ -10,6 +10,7 @@ from ..algorithms.budget import parse_ratio
 from ..algorithms.compress_matrix import PrinMixConfig
 from ..algorithms.methods import METHOD_NAMES, METHODS
 from ..errors import BudgetError, PrinmixError
+from ..format.output_safety import refuse_input_overlap
 
 __all__ = ["CalibrationConfig", "CompressJob"]
 
@@ -78,6 +79,7 @@ class CompressJob:
             raise PrinmixError(f"--distill-steps must be ≥ 0, got {distill_steps}")
         if Path(output).is_dir():
             raise PrinmixError(f"{output}: is a directory; give the delta file's path (e.g. {Path(output) / 'model.delta'})")
+        refuse_input_overlap([output], [base, finetuned], "compress")
         config = config or PrinMixConfig()
         try:
             config.validate()

@@ -5,7 +5,7 @@ import torch
 
 from fixtures.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.compress_matrix import compress_matrix
-from prinmix.format.layer_parts import MappedCompressedLinear, read_layer_part, write_layer_part
+from prinmix.format.resume_part import MappedCompressedLinear, read_layer_part, write_layer_part
 
 
 def test_layer_part_round_trip(tmp_path):
