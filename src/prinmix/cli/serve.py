@@ -103,5 +103,6 @@ def add_serve_parser(sub) -> None:
                    help="most tenants served at once, start-up and runtime loads together")
     p.add_argument("--max-body-bytes", type=int, default=ServerConfig.max_body_bytes,
                    help="larger request bodies are answered 413 (default 4 MiB)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level")
     p.set_defaults(fn=cmd_serve)
