@@ -67,9 +67,9 @@ def cmd_merge(a) -> int:
 
 
 def cmd_info(a) -> int:
-    from .. import api
+    from ..format.delta_info import describe_delta  # what api.info runs, without importing the whole API
 
-    d = api.info(a.delta)
+    d = describe_delta(a.delta)
     if a.json:
         print(json.dumps(d.to_dict(), indent=2))
         return 0
