@@ -211,7 +211,7 @@ def test_disk_full_and_unwritable_outputs_give_one_line(pair, tmp_path, capsys, 
     def enospc(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "m" / "model-00001.safetensors"))
     with monkeypatch.context() as m:
-        m.setattr("prinmix.checkpoint.merge_writer.save_file", enospc)
+        m.setattr("prinmix.format.hf_checkpoint.save_file", enospc)  # the shard writer
         _fails(capsys, ["merge", str(base), str(delta), "-o", str(tmp_path / "m")], "No space left", "model-00001")
     assert not (tmp_path / "m").exists()
 
