@@ -4,49 +4,12 @@ tenant's merged dense linear; base rows untouched; load/unload; LRU swapping is 
 import pytest
 import torch
 
-from prinmix.algorithms.compress_matrix import compress_matrix
-from prinmix.algorithms.compressed import (BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES,
-                                           CompressedLinear, QuantizedMatrix, RankBlock)
+from prinmix.algorithms.compressed import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
 from prinmix.errors import PrinmixError
 from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta, TenantBatch, TenantRegistry
 from prinmix.runtime.packed import PackedLinear
 
-H_OUT, H_IN = 48, 40
-
-
-def _qm(rows, cols, bits, group, g):
-    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.uint8)
-    ng = -(-cols // group)
-    scale = (torch.rand(rows, ng, generator=g) * 0.02).half()
-    zero = torch.randint(0, 2 ** bits, (rows, ng), generator=g, dtype=torch.uint8)
-    return QuantizedMatrix(codes, scale, zero, bits, group)
-
-
-def mixed_blocks(h_out=H_OUT, h_in=H_IN, seed=0) -> CompressedLinear:
-    """Odd widths, partial scale groups, U stored plain and transposed, with and without σ, a 16-bit block."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = [
-        RankBlock(3, _qm(4, h_in, 3, 16, g), _qm(h_out, 4, 3, 3, g), sigma=(torch.rand(4, generator=g) + .5).half()),
-        RankBlock(5, _qm(3, h_in, 5, h_in, g), _qm(3, h_out, 5, 20, g), u_transposed=True),
-        RankBlock(16, (torch.randn(2, h_in, generator=g) * .05).half(), (torch.randn(h_out, 2, generator=g) * .05).half()),
-        RankBlock(8, _qm(2, h_in, 8, 7, g), _qm(2, h_out, 8, h_out, g), u_transposed=True,
-                  sigma=torch.rand(2, generator=g).half()),
-        RankBlock(1, _qm(2, h_in, 1, 40, g), _qm(h_out, 2, 1, 2, g)),
-    ]
-    return CompressedLinear((h_out, h_in), "mixed", blocks)
-
-
-def method_deltas(h_out=H_OUT, h_in=H_IN, seed=0) -> dict[str, CompressedLinear]:
-    """One compressed delta per kind: hand-built mixed blocks, PrinMix, Delta-CoMe, low-rank, BitDelta."""
-    g = torch.Generator().manual_seed(seed + 100)
-    out = {"mixed": mixed_blocks(h_out, h_in, seed)}
-    for i, method in enumerate(("prinmix", "deltacome", "lowrank", "bitdelta")):
-        u = torch.randn(h_out, 6, generator=g)
-        v = torch.randn(6, h_in, generator=g)
-        delta = (u @ v + 0.1 * torch.randn(h_out, h_in, generator=g)) * 0.01
-        out[method] = compress_matrix(delta, None, 0.25, method)
-    return out
-
+from synthetic_deltas import H_IN, H_OUT, method_deltas, mixed_blocks
 
 def _base_linear(seed=0, dtype=torch.float32, bias=True):
     torch.manual_seed(seed)

@@ -14,14 +14,14 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
 
-from test_delta_linear import H_IN, H_OUT, method_deltas  # noqa: E402
+from synthetic_deltas import H_IN, H_OUT, all_widths, method_deltas  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.fixture(scope="module")
 def deltas():
-    return method_deltas(seed=1)
+    return {**method_deltas(seed=1), "widths 2-8": all_widths(H_OUT, H_IN, seed=1)}
 
 
 def _layers(deltas, dtype):
