@@ -107,11 +107,9 @@ def worker(cfg: dict) -> dict:
                 model.decode_step(state)
             runs.append((t1 - t0, time.perf_counter() - t1))
         prefill, decode = min(runs, key=sum)
-        from prinmix.runtime.multi_tenant import _cache_tensors
-
-        kv = sum(_nbytes(kv_pair) for kv_pair in _cache_tensors(state.cache))
-        deltas = sum(model.registry.resident_bytes(t) for t in model.registry.names)
-        out.update(state_bytes=_nbytes(model.model.parameters()) + deltas + kv, delta_bytes=deltas)
+        mem = model.memory()
+        out.update(state_bytes=sum(mem.values()) + state.kv_bytes(), delta_bytes=mem["delta_bytes"],
+                   cache_bytes=mem["factor_cache_bytes"])
     out.update(prefill_s=prefill, decode_s=decode, tok_s=n * d_len / (prefill + decode),
                decode_tok_s=n * (d_len - 1) / decode if d_len > 1 else float("nan"),
                peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -200,3 +200,27 @@ def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
     with pytest.raises(PrinmixError, match="already registered"):
         served.add_tenant("lowrank", deltas["lowrank"])
     assert sorted(served.tenants) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 20_000], ids=["all cached", "cache smaller than the tenants"])
+def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
+    """The default CPU backend (auto → cached factors) serves the same logits and greedy tokens."""
+    base, deltas, refs = llama
+    model = MultiTenantModel(base, factor_cache_bytes=cache_bytes)
+    for m, path in deltas.items():
+        model.add_tenant(m, path)
+    tenants = ["lowrank", None, "deltacome", "bitdelta"]
+    prompts = _prompts((6, 11, 5, 8), seed=4)
+    ids, mask, pos = _padded(prompts)
+    logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
+    for i, (p, t) in enumerate(zip(prompts, tenants)):
+        with torch.no_grad():
+            ref = refs[t](torch.tensor([p])).logits[0]
+        assert torch.allclose(logits[i, ids.shape[1] - len(p):], ref, atol=1e-4, rtol=1e-4), t
+    out = model.generate(prompts, tenants, max_new_tokens=5)
+    for p, t, o in zip(prompts, tenants, out):
+        assert o == _greedy(refs[t], p, 5), t
+    mem = model.memory()
+    assert 0 < mem["factor_cache_bytes"] <= cache_bytes
+    assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
+    assert model.factor_cache.hits > 0
