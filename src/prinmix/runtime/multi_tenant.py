@@ -22,10 +22,10 @@ Step-level API for a continuous-batching server (token ids in, token ids out; gr
     state = DecodeState.join(state, model.prefill(...))  # new sequences join the running batch
     state.drop(seq_ids)                                # finished sequences leave
 
-KV cache: one transformers DynamicCache for the running batch, [B, kv_heads, L, head_dim] per layer,
-every sequence right-aligned (left padding) with a 0/1 attention mask [B, L] and explicit per-sequence
-position ids. Joining left-pads the shorter state's keys/values with zeros (masked out); leaving
-selects the remaining rows and trims columns that are padding for all of them. Sliding-window
+The running batch (sequences, KV cache, mask; join / drop) is runtime/decode_state.py's DecodeState;
+the per-tenant norm / embedding-row / lm_head-row wrappers are runtime/tenant_modules.py's; the
+compressed linears are DeltaLinear (runtime/delta_linear.py), which on CPU multiplies the hottest
+tenants' dequantised factors kept in a shared FactorCache (runtime/factor_cache.py). Sliding-window
 layers are kept full-length (the mask applies the window), so every layer has the same length.
 One step at a time (not thread-safe). The tenants of one running batch must fit the device budget
 together; drop a tenant's sequences before remove_tenant (a later step would name an unknown tenant).

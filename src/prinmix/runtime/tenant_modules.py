@@ -120,8 +120,12 @@ class PerTenantRows(_TenantModule):
         rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
         bias = self.base.bias
         for p, idx in segments:
+            logits = nn.functional.linear(rows_h.index_select(0, idx), p.values.to(h.dtype),
+                                          None if bias is None else bias[p.index]).to(out.dtype)
+            if p.index.numel() == out.shape[-1]:          # every row changed (sorted, unique): no scatter
+                rows_out.index_copy_(0, idx, logits)
+                continue
             o = rows_out.index_select(0, idx)
-            o[:, p.index] = nn.functional.linear(rows_h.index_select(0, idx), p.values.to(h.dtype),
-                                                 None if bias is None else bias[p.index]).to(o.dtype)
+            o[:, p.index] = logits
             rows_out.index_copy_(0, idx, o)
         return out
