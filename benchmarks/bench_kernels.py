@@ -12,7 +12,7 @@ mismatch), then timed (median of --reps, CUDA events on a GPU):
     triton / bound               the issue's target on a GPU: ≤ 2
 
     python benchmarks/bench_kernels.py                  # GPU: Qwen2.5-7B shapes
-    python benchmarks/bench_kernels.py --smoke          # CPU: Triton's interpreter, shapes / 16
+    python benchmarks/bench_kernels.py --smoke          # CPU: Triton's interpreter, shapes / 32
     python benchmarks/bench_kernels.py --sweep          # also time tile sizes (KernelBlocks) at each R
 """
 
@@ -87,7 +87,7 @@ def bandwidth(device, measure) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="CPU-sized shapes (/16), 1 rep")
+    p.add_argument("--smoke", action="store_true", help="CPU-sized shapes (/32), 2 tenants, 1 rep")
     p.add_argument("--tenants", type=int, default=32)
     p.add_argument("--rows", default="1,4,16,64")
     p.add_argument("--ratio", type=float, default=1 / 16)
@@ -97,10 +97,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    scale, reps = (16, 1) if args.smoke else (1, args.reps)
+    scale, reps = (32, 1) if args.smoke else (1, args.reps)
     rows_list = [int(r) for r in args.rows.split(",")]
     if args.smoke:
-        rows_list, args.tenants, args.distinct = rows_list[:2], min(args.tenants, 4), 1
+        rows_list, args.tenants, args.distinct = rows_list[:2], min(args.tenants, 2), 1
     from prinmix.runtime.triton_kernels import KernelBlocks, add_deltas
 
     measure = _timer(device)

@@ -10,7 +10,7 @@
 #      deltas of a realistic rank structure) for N = 1…32: prinmix vs naive vs base
 # Needs: torch (CUDA), triton, transformers and `pip install -e .` (no network, no extras).
 #   bash benchmarks/device_check.sh            # on the GPU machine
-#   bash benchmarks/device_check.sh --smoke    # anywhere: CPU, Triton's interpreter, shapes / 16
+#   bash benchmarks/device_check.sh --smoke    # anywhere: CPU, Triton's interpreter, shapes / 16–32
 # Each step has its own time limit; a step that fails or runs out of time is reported and the
 # script goes on. Work files: $PRINMIX_DEVICE_DIR (default /tmp/prinmix-device-check).
 set -uo pipefail
@@ -52,7 +52,7 @@ else
 fi
 
 if [ -n "$SMOKE" ]; then
-    step 300 "2. delta products at decode shapes" python benchmarks/bench_kernels.py --smoke --sweep --rows 1,4
+    step 300 "2. delta products at decode shapes" python benchmarks/bench_kernels.py --smoke --sweep --rows 1,3
     step 120 "3. compress time per matrix" python benchmarks/bench_compress_shapes.py --smoke
     step 180 "4a. synthetic Qwen2.5-7B-shaped pair" python benchmarks/synthetic_qwen.py "$WORK/qwen7b-smoke" --smoke
     step 300 "4b. serving, N = 1, 2" python benchmarks/bench_serving.py --base "$WORK/qwen7b-smoke/base" \
