@@ -154,6 +154,18 @@ def prepare(args) -> tuple[Path, Path, Path]:
     return base, delta, merged
 
 
+def add_pair_arguments(p: argparse.ArgumentParser, ratio: str) -> None:
+    """The options prepare() reads: which pair / delta, how to compress it, where to keep what it builds."""
+    p.add_argument("--base", help="base checkpoint dir (default: the tiny llama pair, built locally)")
+    p.add_argument("--finetuned", help="fine-tune dir, compressed when --delta is not given")
+    p.add_argument("--delta", help="a prinmix delta file of --base")
+    p.add_argument("--method", default="prinmix")
+    p.add_argument("--ratio", default=ratio)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
+
+
 def run(system: str, n: int, args, base, delta, merged) -> dict:
     cfg = {"system": system, "n": n, "base": str(base), "delta": str(delta), "merged": str(merged),
            "prefill": args.prefill, "decode": args.decode, "device": args.device, "dtype": args.dtype,
@@ -172,13 +184,7 @@ def _mb(n: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="base checkpoint dir (default: the tiny llama pair, built locally)")
-    p.add_argument("--finetuned", help="fine-tune dir, compressed when --delta is not given")
-    p.add_argument("--delta", help="a prinmix delta file of --base")
-    p.add_argument("--method", default="prinmix")
-    p.add_argument("--ratio", default="1/8")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=256)
+    add_pair_arguments(p, ratio="1/8")
     p.add_argument("--tenants", default="1,2,4,8,16,32")
     p.add_argument("--prefill", type=int, default=32, help="prompt tokens per request (512 on a GPU)")
     p.add_argument("--decode", type=int, default=16, help="generated tokens per request (128 on a GPU)")
@@ -190,7 +196,6 @@ def main(argv=None) -> int:
     p.add_argument("--naive-copies", type=int, default=8, help="dense copies really loaded for (b)")
     p.add_argument("--factor-cache-mib", type=int, default=1024,
                    help="prinmix: byte budget of the dequantised factors of the hottest tenants (0 = none)")
-    p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:

@@ -42,9 +42,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serving import prepare  # noqa: E402
+from bench_serving import add_pair_arguments, prepare  # noqa: E402
 
-from prinmix.runtime.decode_state import DecodeState  # noqa: E402
+from prinmix.runtime.decode_state import DecodeState, left_padded  # noqa: E402
 from prinmix.runtime.multi_tenant import MultiTenantModel  # noqa: E402
 
 
@@ -143,12 +143,7 @@ class NaiveServer:
 
 
 def _generate(model, prompts: list[list[int]], n_new: int) -> None:
-    length = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.tensor(p)
-        mask[i, length - len(p):] = 1
+    ids, mask, _ = left_padded(prompts)
     with torch.no_grad():
         model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                        pad_token_id=0)
@@ -166,13 +161,7 @@ def _dense_bytes(merged: Path) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="base checkpoint dir (default: the tiny llama pair, built locally)")
-    p.add_argument("--finetuned", help="fine-tune dir, compressed when --delta is not given")
-    p.add_argument("--delta", help="a prinmix delta file of --base")
-    p.add_argument("--method", default="prinmix")
-    p.add_argument("--ratio", default="1/16")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=256)
+    add_pair_arguments(p, ratio="1/16")
     p.add_argument("--tenants", default="8,32")
     p.add_argument("--popularity", default="uniform,zipf")
     p.add_argument("--zipf-s", type=float, default=1.5, help="Zipf exponent of the tenant popularity")
@@ -184,7 +173,6 @@ def main(argv=None) -> int:
     p.add_argument("--naive-slots", type=int, default=2, help="dense copies the naive server keeps")
     p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from ..errors import PrinmixError
 
-__all__ = ["DecodeState", "SequenceState", "cache_tensors", "make_cache"]
+__all__ = ["DecodeState", "SequenceState", "cache_tensors", "left_padded", "make_cache"]
 
 
 @dataclass
@@ -109,3 +109,15 @@ def make_cache(layers):
     for i, (k, v) in enumerate(layers):
         cache.update(k, v, i)
     return cache
+
+
+def left_padded(prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id lists right-aligned in one batch: ids, 0/1 attention mask and position ids, int64 [B, L]
+    (positions count each sequence's own tokens from 0; padding gets 0)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, length - len(p):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)

@@ -45,7 +45,7 @@ from ..errors import PrinmixError
 from ..format.delta_file import load_delta
 from ..models.apply_delta import check_base
 from ..models.checkpoint import CheckpointReader
-from .decode_state import DecodeState, SequenceState, make_cache
+from .decode_state import DecodeState, SequenceState, left_padded, make_cache
 from .delta_linear import BASE_SLOT, DeltaLinear, LinearDelta, TenantBatch, TenantContext, TenantRegistry
 from .factor_cache import FactorCache
 from .packed import PackedLinear
@@ -251,14 +251,8 @@ class MultiTenantModel:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PrinmixError("prefill needs at least one non-empty prompt")
         seq_ids = list(range(len(prompts))) if seq_ids is None else list(seq_ids)
-        length = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), length, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, length - len(p):] = 1
-        mask = mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, positions = left_padded(prompts)
+        mask, positions = mask.to(self.device), positions.to(self.device)
         cache = make_cache([])
         logits = self.forward(ids, tenants, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
         first = logits[:, -1].argmax(-1).tolist()
