@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--tenants", type=int, default=32)
     p.add_argument("--rows", default="1,4,16,64")
     p.add_argument("--ratio", type=float, default=1 / 16)
-    p.add_argument("--distinct", type=int, default=2, help="distinct compressions per shape (tenants cycle)")
+    p.add_argument("--distinct", type=int, default=1, help="distinct compressions per shape (tenants cycle)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--sweep", action="store_true")
     args = p.parse_args(argv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 16, in one script (< 8 minutes on one H200; prints tables):
+# The GPU check of issue 16, in one script (step limits sum to 8.5 min; expected < 8 on one H200):
 #   1. the Triton kernel tests on the GPU (pytest when installed; bench_kernels.py's own
 #      comparisons against the torch reference stand in otherwise)
 #   2. delta products at decode shapes (Qwen2.5-7B linears, R = 1…64 rows, widths 2–8 in one matrix):
@@ -7,7 +7,7 @@
 #      and a sweep of the kernels' tile sizes
 #   3. per-matrix compress time at Qwen2.5-7B shapes
 #   4. bench_serving.py on a synthetic Qwen2.5-7B-shaped model (2 layers, random weights, PrinMix 1/16
-#      deltas of a realistic rank structure) for N = 1…32: prinmix vs naive vs base
+#      deltas of a realistic rank structure) for N = 1, 4, 16, 32: prinmix vs naive vs base
 # Needs: torch (CUDA), triton, transformers and `pip install -e .` (no network, no extras).
 #   bash benchmarks/device_check.sh            # on the GPU machine
 #   bash benchmarks/device_check.sh --smoke    # anywhere: CPU, Triton's interpreter, shapes / 16–32
@@ -46,7 +46,7 @@ print(f"torch {torch.__version__}, transformers {transformers.__version__}, trit
 PY
 
 if python -c "import pytest" 2>/dev/null; then
-    step 90 "1. kernel tests" python -m pytest -q tests/runtime/test_triton_kernels.py -x
+    step 60 "1. kernel tests" python -m pytest -q tests/runtime/test_triton_kernels.py -x
 else
     echo; echo "== 1. kernel tests: pytest is not installed; step 2 compares every backend with the torch reference"
 fi
@@ -59,11 +59,11 @@ if [ -n "$SMOKE" ]; then
         --delta "$WORK/qwen7b-smoke/delta.prinmix" --tenants 1,2 --prefill 16 --decode 4 --repeat 1 \
         --naive-copies 2 --workdir "$WORK/serving-smoke"
 else
-    step 100 "2. delta products at decode shapes" python benchmarks/bench_kernels.py --sweep
-    step 60 "3. compress time per matrix" python benchmarks/bench_compress_shapes.py
-    step 90 "4a. synthetic Qwen2.5-7B-shaped pair" python benchmarks/synthetic_qwen.py "$WORK/qwen7b"
-    step 170 "4b. serving, N = 1…32" python benchmarks/bench_serving.py --base "$WORK/qwen7b/base" \
-        --delta "$WORK/qwen7b/delta.prinmix" --tenants 1,2,4,8,16,32 --prefill 128 --decode 32 --repeat 1 \
+    step 90 "2. delta products at decode shapes" python benchmarks/bench_kernels.py --sweep
+    step 90 "3. compress time per matrix" python benchmarks/bench_compress_shapes.py
+    step 120 "4a. synthetic Qwen2.5-7B-shaped pair" python benchmarks/synthetic_qwen.py "$WORK/qwen7b"
+    step 150 "4b. serving, N = 1…32" python benchmarks/bench_serving.py --base "$WORK/qwen7b/base" \
+        --delta "$WORK/qwen7b/delta.prinmix" --tenants 1,4,16,32 --prefill 128 --decode 32 --repeat 1 \
         --naive-copies 2 --dtype bfloat16 --workdir "$WORK/serving"
 fi
 echo
