@@ -4,12 +4,12 @@ a machine without the real checkpoints (no network needed).
 Qwen2.5-7B's layer shapes (hidden 3584, MLP 18944, 28 query / 4 key-value heads of 128, q/k/v biases,
 untied lm_head) with --layers decoder layers and a --vocab rows embedding (32768 by default: the real
 152064 would make the embedding and lm_head dominate a 2-layer model); random weights (std 0.02).
-The fine-tune adds to every linear weight (RMS 1 % of the weights') a synthetic update of realistic rank structure
+The fine-tune adds to every linear weight a synthetic update (RMS 1 % of the weights') of realistic rank structure
 (bench_kernels.synthetic_delta: rank-64 part with a decaying spectrum plus noise), so its delta is
 linears only. The tokenizer is the tiny byte-level BPE of prinmix.models.tiny_models (calibration
 text only needs ids below 512). Writes DIR/base, DIR/finetuned and DIR/delta.prinmix.
 
-    python benchmarks/synthetic_qwen.py DIR [--layers 2] [--smoke]      # --smoke: shapes / 16
+    python benchmarks/synthetic_qwen.py DIR [--layers 2] [--smoke]      # --smoke: shapes / 32, 1 layer
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def qwen7b_config(layers: int, vocab: int, scale: int) -> Qwen2Config:
                        tie_word_embeddings=False, rope_theta=1e6, rms_norm_eps=1e-6)
 
 
-def build(out: Path, layers: int, vocab: int, scale: int, device: str) -> Path:
+def build(out: Path, layers: int, vocab: int, scale: int, device: str, nsamples: int = 8, seqlen: int = 128) -> Path:
     """Write base/, finetuned/ and delta.prinmix under `out` (kept when present); returns the delta path."""
     delta = out / "delta.prinmix"
     if delta.exists():
@@ -60,8 +60,8 @@ def build(out: Path, layers: int, vocab: int, scale: int, device: str) -> Path:
         tokenizer.save_pretrained(out / "finetuned")
     print(f"synthetic pair written in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     t0 = time.perf_counter()
-    api.compress(out / "base", out / "finetuned", delta, ratio="1/16", method="prinmix", nsamples=8, seqlen=128,
-                 device=device)
+    api.compress(out / "base", out / "finetuned", delta, ratio="1/16", method="prinmix", nsamples=nsamples,
+                 seqlen=seqlen, device=device)
     print(f"compressed (PrinMix 1/16, {layers} layers) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return delta
 
@@ -71,11 +71,13 @@ def main(argv=None) -> int:
     p.add_argument("out")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--smoke", action="store_true", help="shapes / 16, vocab 1024")
+    p.add_argument("--smoke", action="store_true", help="shapes / 32, 1 layer, vocab 1024, 4 calibration windows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    scale = 16 if args.smoke else 1
-    print(build(Path(args.out), args.layers, 1024 if args.smoke else args.vocab, scale, args.device))
+    if args.smoke:
+        print(build(Path(args.out), 1, 1024, 32, args.device, nsamples=4, seqlen=64))
+    else:
+        print(build(Path(args.out), args.layers, args.vocab, 1, args.device))
     return 0
 
 
