@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import add_pair_arguments, prepare  # noqa: E402
@@ -175,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()
 
     base, delta, merged = prepare(args)
     vocab = AutoConfig.from_pretrained(base).get_text_config().vocab_size
