@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")          # before the first import of triton
 
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
-from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta, TenantBatch  # noqa: E402
+from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta, TenantBatch  # noqa: E402
 from prinmix.runtime.factor_cache import FactorCache  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         for slot in range(args.tenants):
             packed = PackedLinear.from_compressed(compressed[slot % len(compressed)])
             for layer in layers.values():
-                layer.load_tenant(slot, LinearDelta(packed))
+                layer.load_tenant(slot, TenantDelta(packed))
         for n_rows in rows_list:
             x = torch.randn(n_rows, h_in, device=device, dtype=dtype)
             batch = TenantBatch([r % args.tenants for r in range(n_rows)])

@@ -132,13 +132,14 @@ def _kv_bytes_per_token(model) -> int:
 def prepare(args) -> tuple[Path, Path, Path]:
     """(base dir, delta file, merged fine-tune dir), building and caching what is missing."""
     from prinmix import api
+    from prinmix.api import CalibrationConfig
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.base:
         base, ft = Path(args.base), Path(args.finetuned) if args.finetuned else None
     else:
-        from prinmix.models.tiny_models import TinyModelFactory
+        from prinmix.tiny_models import TinyModelFactory
 
         base, ft = TinyModelFactory(work / "tiny").pair("llama")
     delta = Path(args.delta) if args.delta else work / f"{base.parent.name}-{args.method}.delta"
@@ -146,8 +147,7 @@ def prepare(args) -> tuple[Path, Path, Path]:
         if ft is None:
             sys.exit("--base needs --delta or --finetuned")
         print(f"compressing {ft} against {base} ({args.method}, ratio {args.ratio}) -> {delta}", file=sys.stderr)
-        api.compress(base, ft, delta, ratio=args.ratio, method=args.method, nsamples=args.nsamples,
-                     seqlen=args.seqlen, device="cpu")
+        api.compress(base, ft, delta, ratio=args.ratio, method=args.method, device="cpu", calibration=CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen))
     merged = work / f"{delta.stem}-merged"
     if not (merged / "config.json").exists():
         api.merge(base, delta, merged, overwrite=True)

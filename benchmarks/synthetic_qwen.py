@@ -6,7 +6,7 @@ untied lm_head) with --layers decoder layers and a --vocab rows embedding (32768
 152064 would make the embedding and lm_head dominate a 2-layer model); random weights (std 0.02).
 The fine-tune adds to every linear weight a synthetic update (RMS 1 % of the weights') of realistic rank structure
 (bench_kernels.synthetic_delta: rank-64 part with a decaying spectrum plus noise), so its delta is
-linears only. The tokenizer is the tiny byte-level BPE of prinmix.models.tiny_models (calibration
+linears only. The tokenizer is the tiny byte-level BPE of prinmix.tiny_models (calibration
 text only needs ids below 512). Writes DIR/base, DIR/finetuned and DIR/delta.prinmix.
 
     python benchmarks/synthetic_qwen.py DIR [--layers 2] [--smoke]      # --smoke: shapes / 32, 1 layer
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import synthetic_delta  # noqa: E402
 
 from prinmix import api  # noqa: E402
-from prinmix.models.tiny_models import train_tokenizer  # noqa: E402
+from prinmix.tiny_models import train_tokenizer  # noqa: E402
 
 
 def qwen7b_config(layers: int, vocab: int, scale: int) -> Qwen2Config:

@@ -8,13 +8,16 @@
 
 __version__ = "0.1.0"
 
+_API_NAMES = ("compress", "merge", "load_delta", "info", "CompressSummary", "CalibrationConfig", "PrinMixConfig",
+              "DeltaInfo")
 
-def __getattr__(name):  # lazy: `import prinmix` stays cheap, torch/transformers load on first use
-    if name in ("compress", "merge", "load_delta", "info", "CompressSummary"):
+
+def __getattr__(name):  # lazy (the optional-import exception): `import prinmix` stays cheap, torch loads on first use
+    if name in _API_NAMES:
         from . import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'prinmix' has no attribute {name!r}")
 
 
-__all__ = ["compress", "merge", "load_delta", "info", "CompressSummary", "__version__"]
+__all__ = [*_API_NAMES, "__version__"]

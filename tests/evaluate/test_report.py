@@ -10,13 +10,15 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from fixtures.tiny_models import single_thread
 from scipy.stats import kendalltau
 
+from fixtures.tiny_models import single_thread
 from prinmix import api
+from prinmix.api import CalibrationConfig
 from prinmix.errors import PrinmixError
-from prinmix.evaluate.cli_commands import run_eval, write_results
 from prinmix.evaluate.report import build_report, concordance, report_data
+from prinmix.evaluate.results import write_results
+from prinmix.evaluate.run import EvalConfig, run_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -59,10 +61,10 @@ def made(tiny_pair, tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
     with single_thread():
         pm = work / "pm.safetensors"
-        api.compress(base, ft, pm, ratio="1/8", method="prinmix", nsamples=4, seqlen=32, device="cpu")
+        api.compress(base, ft, pm, ratio="1/8", method="prinmix", device="cpu", calibration=CalibrationConfig(nsamples=4, seqlen=32))
         low = work / "low.safetensors"
         api.compress(base, ft, low, ratio="1/8", method="lowrank", device="cpu")
-        res = run_eval(base, [pm, low], finetuned=ft, metrics="error", nsamples=2, seqlen=16, device="cpu")
+        res = run_eval(base, [pm, low], finetuned=ft, config=EvalConfig(metrics="error", nsamples=2, seqlen=16, device="cpu"))
         eval_json = write_results(res, work / "results.json")[0]
         page = build_report(pm, work / "full", eval_json=eval_json, base=base, finetuned=ft, nsamples=2, seqlen=32,
                             device="cpu")
@@ -176,7 +178,7 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
 def test_cli_parsers_and_stored_view(made, tmp_path, capsys):
     import argparse
 
-    from prinmix.evaluate.cli_commands import add_eval_parser, add_report_parser
+    from prinmix.cli.evaluate import add_eval_parser, add_report_parser
 
     base, ft, pm, low, _ = made
     parser = argparse.ArgumentParser(prog="prinmix")

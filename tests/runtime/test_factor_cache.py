@@ -5,11 +5,11 @@ its byte budget, its LRU order and never serves a replaced tenant's stale factor
 import pytest
 import torch
 
-from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta, TenantBatch
+from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta, TenantBatch
 from prinmix.runtime.factor_cache import FactorCache, dense_factors
 from prinmix.runtime.packed import PackedLinear
 
-from synthetic_deltas import all_widths, method_deltas
+from fixtures.compressed_deltas import all_widths, method_deltas
 
 H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mid-row
 
@@ -53,7 +53,7 @@ def _layers(deltas, cache, dtype=torch.float32):
     for slot, m in enumerate(deltas.values()):
         bias = torch.randn(H_OUT) * 0.01 if slot % 2 else None
         for layer in (ref, fast):
-            layer.load_tenant(slot, LinearDelta(PackedLinear.from_compressed(m), bias=bias))
+            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(m), bias=bias))
     return base, ref, fast
 
 
@@ -115,7 +115,7 @@ def test_reloaded_slot_never_serves_stale_factors(deltas):
     with torch.no_grad():
         for name in ("prinmix", "lowrank"):                          # same slot, another tenant
             for lay in (layer, ref):
-                lay.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas[name])))
+                lay.load_tenant(0, TenantDelta(PackedLinear.from_compressed(deltas[name])))
             assert torch.allclose(layer(x, [0, 0, 0]), ref(x, [0, 0, 0]), atol=1e-5)
         layer.unload_tenant(0)
         assert len(cache) == 0
@@ -127,7 +127,7 @@ def test_auto_uses_the_cache_only_when_given(deltas):
     cache = FactorCache(1 << 30)
     with_cache, without = DeltaLinear(base, factor_cache=cache), DeltaLinear(base)
     for layer in (with_cache, without):
-        layer.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas["prinmix"])))
+        layer.load_tenant(0, TenantDelta(PackedLinear.from_compressed(deltas["prinmix"])))
     x = torch.randn(2, H_IN)
     with torch.no_grad():
         assert torch.allclose(with_cache(x, [0, 0]), without(x, [0, 0]), atol=1e-5)

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from prinmix import api
-from prinmix.algorithms.compressed import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
+from prinmix.algorithms.compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
+from prinmix.api import CalibrationConfig
 from prinmix.errors import BaseMismatchError, PrinmixError
 from prinmix.format.delta_file import load_delta, save_delta
 from prinmix.runtime.decode_state import left_padded
@@ -27,8 +28,7 @@ def llama(tiny_pair, tmp_path_factory):
     deltas, refs = {}, {None: AutoModelForCausalLM.from_pretrained(base).eval()}
     for m in METHODS:
         deltas[m] = work / f"{m}.delta"
-        api.compress(base, ft, deltas[m], ratio="1/8", method=m, calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
+        api.compress(base, ft, deltas[m], ratio="1/8", method=m, device="cpu", calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
         refs[m] = AutoModelForCausalLM.from_pretrained(api.merge(base, deltas[m], work / f"merged_{m}")).eval()
     return base, deltas, refs
 

@@ -21,7 +21,7 @@ diagnostics such as the original rank index are not stored):
   ranks not stored get width 0. τ is then taken over all min(h_out, h_in) ranks, as in C.7. The
   difference term uses X = the fine-tune's inputs to that linear on held-out text (seed 1234):
   difference(i, b) = ΔVᵢ(b) H ΔVᵢ(b)ᵀ with H = XXᵀ / n_tokens and ΔVᵢ(b) = Vᵢ − GPTQ_b(Vᵢ), exactly the
-  compressor's simulation (prinmix.algorithms.compress_matrix.simulate_width_errors) divided by σᵢ².
+  compressor's simulation (prinmix.algorithms.width_simulation.simulate_width_errors) divided by σᵢ².
 * without them: σⱼ is estimated from the stored factors as ‖B₍:,ⱼ₎‖·‖Âⱼ‖, the kept ranks are ordered
   by that estimate, τ is taken over the kept ranks only, and the difference term is not shown.
 
@@ -42,10 +42,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
+from ..algorithms.compressed_linear import block_nbytes
+from ..algorithms.prinmix_config import DEFAULT_WIDTHS, PrinMixConfig
+from ..algorithms.width_simulation import simulate_width_errors
+from ..calibration.data import load_calibration
+from ..calibration.decoder_stack import DecoderStack
+from ..calibration.hessians import capture_hessians
+from ..checkpoint.apply_delta import check_base
+from ..checkpoint.compatibility import check_compatible
+from ..checkpoint.reader import CheckpointReader
+from ..device import resolve_device
 from ..errors import PrinmixError
+from ..format.delta_file import load_delta
 from ..format.output_safety import REPORT, check_output_directory, refuse_input_overlap, write_marker
 from .layer_error import depth_group, layer_index_of, projection_type
+from .results import load_eval_json, main_table_rows
 
 FLOAT_BITS = 16
 
@@ -152,8 +165,6 @@ def analyse_delta(delta, base_r=None, ft_r=None, device="cpu", keep_svd: set[str
 
     keep_svd: names whose (S, Vh) of the true ΔW are returned too, as {name: (S, Vh)}.
     """
-    from ..algorithms.compressed import block_nbytes
-
     out, svd_kept = [], {}
     names = sorted(delta.matrices, key=lambda n: (layer_index_of(n) if layer_index_of(n) is not None else -1, n))
     for n_done, name in enumerate(names):
@@ -196,11 +207,6 @@ def analyse_delta(delta, base_r=None, ft_r=None, device="cpu", keep_svd: set[str
 def heldout_hessians(ft_r, names: list[str], calib=None, nsamples=8, seqlen=256, seed=1234, device="cpu",
                      batch_size=4) -> dict[str, torch.Tensor]:
     """{weight name: XXᵀ / n_tokens} of the fine-tune's inputs to those linears on held-out windows."""
-    from transformers import AutoTokenizer
-
-    from ..models.calibration import load_calibration
-    from ..models.decoder import DecoderStack, capture_hessians
-
     stack = DecoderStack(ft_r)
     wanted: dict[int, list[str]] = {}
     for i in range(stack.num_layers):
@@ -554,8 +560,6 @@ class _Page:
 
 
 def _eval_section(page: _Page, results: dict, source: str) -> None:
-    from .cli_commands import main_table_rows
-
     page.add(f"<h2>Evaluation results</h2><p class='note'>from <code>{html.escape(source)}</code></p>")
     rows = main_table_rows(results)
     if rows:
@@ -587,13 +591,6 @@ def _eval_section(page: _Page, results: dict, source: str) -> None:
 def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=None, calib=None, nsamples: int = 8,
                  seqlen: int = 256, matrices: list[str] | None = None, device: str = "auto", log=None) -> Path:
     """Write out_dir/index.html (+ PNGs) for a delta file; returns the HTML path (see the module docstring)."""
-    from ..algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, simulate_width_errors
-    from ..api import resolve_device
-    from ..format.delta_file import load_delta
-    from ..models.apply_delta import check_base
-    from ..models.checkpoint import CheckpointReader, check_compatible
-    from .cli_commands import load_eval_json
-
     log = log or (lambda m: None)
     try:
         import matplotlib  # noqa: F401
@@ -745,9 +742,6 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
 
 def report_data(delta_path, base=None, finetuned=None, device="cpu") -> list[MatrixStats]:
     """The per-matrix analysis behind the page (for scripts and tests)."""
-    from ..format.delta_file import load_delta
-    from ..models.checkpoint import CheckpointReader
-
     delta = load_delta(delta_path)
     if base is None:
         return analyse_delta(delta)[0]

@@ -31,7 +31,7 @@ from .factor_cache import FactorCache, dense_factors
 from .packed import PackedLinear, StackedPacks, stack_tenants
 from .tenant_registry import TenantRegistry
 
-__all__ = ["BASE_SLOT", "DeltaLinear", "LinearDelta", "RowGroups", "TenantBatch", "TenantContext",
+__all__ = ["BASE_SLOT", "DeltaLinear", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
            "TenantRegistry", "triton_available"]
 
 BASE_SLOT = -1
@@ -111,7 +111,7 @@ class TenantContext:
 # ---- the per-tenant payload of one linear ------------------------------------------------------
 
 @dataclass
-class LinearDelta:
+class TenantDelta:
     """What one tenant adds to one linear: a packed low-rank/sign delta and/or a bias delta (float32 [h_out])."""
 
     packed: PackedLinear | None = None
@@ -121,8 +121,8 @@ class LinearDelta:
         b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return b + (self.packed.resident_bytes if self.packed is not None else 0)
 
-    def to(self, device) -> "LinearDelta":
-        return LinearDelta(None if self.packed is None else self.packed.to(device),
+    def to(self, device) -> "TenantDelta":
+        return TenantDelta(None if self.packed is None else self.packed.to(device),
                            None if self.bias is None else self.bias.to(device))
 
 
@@ -156,7 +156,7 @@ class DeltaLinear(nn.Module):
             raise PrinmixError(f"unknown DeltaLinear backend {backend!r}: use {', '.join(self.BACKENDS)}")
         self.backend = backend
         self.factor_cache = factor_cache
-        self.tenants: dict[int, LinearDelta] = {}
+        self.tenants: dict[int, TenantDelta] = {}
         self._stack: StackedPacks | None = None
 
     # nn.Linear's attributes, for code that inspects the module
@@ -180,7 +180,7 @@ class DeltaLinear(nn.Module):
         return f"tenants={sorted(self.tenants)}, backend={self.backend}"
 
     # ---- tenants -------------------------------------------------------------------------------
-    def load_tenant(self, slot: int, delta: LinearDelta) -> None:
+    def load_tenant(self, slot: int, delta: TenantDelta) -> None:
         """Make `delta` this layer's delta for `slot` (moved to the base weight's device)."""
         if slot < 0:
             raise PrinmixError(f"tenant slot must be >= 0, got {slot}")

@@ -43,10 +43,10 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta
-from ..models.apply_delta import check_base
-from ..models.checkpoint import CheckpointReader
+from ..checkpoint.apply_delta import check_base
+from ..checkpoint.reader import CheckpointReader
 from .decode_state import DecodeState, SequenceState, left_padded, make_cache
-from .delta_linear import BASE_SLOT, DeltaLinear, LinearDelta, TenantBatch, TenantContext, TenantRegistry
+from .delta_linear import BASE_SLOT, DeltaLinear, TenantDelta, TenantBatch, TenantContext, TenantRegistry
 from .factor_cache import FactorCache
 from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
@@ -70,7 +70,7 @@ class MultiTenantModel:
 
     Public surface beyond the step API: add_tenant / remove_tenant / tenants / tenant_bytes,
     memory() (bytes by kind), registry (TenantRegistry: residency, swaps) and factor_cache (hits,
-    misses, used_bytes). A tenant's delta of any nn.Linear — lm_head included — is a LinearDelta
+    misses, used_bytes). A tenant's delta of any nn.Linear — lm_head included — is a TenantDelta
     served by a DeltaLinear under the module's name.
     """
 
@@ -114,7 +114,7 @@ class MultiTenantModel:
         payloads = {path: payload for path, (_, payload) in plan.items()}
         self.registry.register(name, payloads)
         linear = sum(p.packed.resident_bytes for p in payloads.values()
-                     if isinstance(p, LinearDelta) and p.packed is not None)
+                     if isinstance(p, TenantDelta) and p.packed is not None)
         info = {"delta": str(delta_path), "method": delta.method, "linear_bytes": linear,
                 "other_bytes": self.registry.nbytes(name) - linear, "file_linear_bytes": delta.linear_bytes()}
         self.tenant_info[name] = info
@@ -144,8 +144,8 @@ class MultiTenantModel:
             raise PrinmixError(f"{delta_path}: the fine-tune removes tensors of the base; serve its merged model")
         plan: dict[str, tuple[str, object]] = {}
 
-        def linear_delta(path) -> LinearDelta:
-            kind, payload = plan.setdefault(path, ("linear", LinearDelta()))
+        def linear_delta(path) -> TenantDelta:
+            kind, payload = plan.setdefault(path, ("linear", TenantDelta()))
             if kind != "linear":
                 raise PrinmixError(f"{delta_path}: {path} changes in two incompatible ways")
             return payload

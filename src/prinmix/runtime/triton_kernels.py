@@ -21,8 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .packed import (BITS, K, META_FIELDS, RANK_OFF, SIGMA, U_DATA, U_GROUP, U_NGROUPS, U_SCALE, U_T, U_ZERO,
-                     V_DATA, V_GROUP, V_NGROUPS, V_SCALE, V_ZERO, StackedPacks)
+from .packed import (
+    BITS,
+    META_FIELDS,
+    RANK_OFF,
+    SIGMA,
+    U_DATA,
+    U_GROUP,
+    U_NGROUPS,
+    U_SCALE,
+    U_T,
+    U_ZERO,
+    V_DATA,
+    V_GROUP,
+    V_NGROUPS,
+    V_SCALE,
+    V_ZERO,
+    K,
+    StackedPacks,
+)
 
 
 
