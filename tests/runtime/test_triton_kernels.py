@@ -11,16 +11,17 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"          # must precede the first import of triton
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from fixtures.compressed_deltas import H_IN, H_OUT, method_deltas  # noqa: E402
 from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
+
+from fixtures.compressed_deltas import H_IN, H_OUT, all_widths, method_deltas  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.fixture(scope="module")
 def deltas():
-    return method_deltas(seed=1)
+    return {**method_deltas(seed=1), "widths 2-8": all_widths(H_OUT, H_IN, seed=1)}
 
 
 def _layers(deltas, dtype):
