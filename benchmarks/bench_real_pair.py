@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_pair import load_model, task_accuracy  # noqa: E402
 
 from prinmix import api  # noqa: E402
+from prinmix.algorithms.methods import METHOD_NAMES  # noqa: E402
 from prinmix.evaluate.layer_error import layer_errors  # noqa: E402
-
-METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
 
 
 def compress_measured(base, ft, out, ratio, method, nsamples, seqlen) -> dict:
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--pair", required=True, help="directory with base/, finetuned/ and task_test.jsonl")
     p.add_argument("--out", default=None, help="where deltas and results go (default PAIR/bench)")
     p.add_argument("--ratios", default="1/16,1/32")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHOD_NAMES))
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences for compression")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-nsamples", type=int, default=8, help="held-out sequences for the layer error")
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
                 meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen)
             info = api.info(delta)
             runs.append({"label": delta.stem, "method": method, "ratio": ratio, "delta": str(delta),
-                         "file_mib": info["file_bytes"] / 2 ** 20, "linear_ratio": info["ratio_achieved"], **meas})
+                         "file_mib": info.file_bytes / 2 ** 20, "linear_ratio": info.ratio_achieved, **meas})
 
     print("layer-wise error (Eq. 1) on held-out text …", flush=True)
     errors = layer_errors(base, ft, {r["label"]: r["delta"] for r in runs}, nsamples=a.eval_nsamples,

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from prinmix import api
 from prinmix.evaluate.tasks import normalise_prediction, read_task_file
-from prinmix.export_lora import export_lora
+from prinmix.export.lora import export_lora
 from prinmix.runtime.multi_tenant import MultiTenantModel
 
 RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"

@@ -1,5 +1,5 @@
 """Greedy decoding with a real vLLM, run by the interpreter of a separate virtual environment that has
-vllm installed (prinmix does not depend on vllm; see tests/test_vllm_integration.py, bench_vllm.py).
+vllm installed (prinmix does not depend on vllm; see tests/export/test_vllm_integration.py, bench_vllm.py).
 
     python vllm_runner.py REQUEST.json RESULT.json
 

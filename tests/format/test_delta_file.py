@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from algorithms.synthetic import calibration_hessian, synthetic_delta
+from fixtures.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.budget import budget_bits
 from prinmix.algorithms.compress_matrix import compress_matrix
-from prinmix.format.delta_file import (DeltaFile, load_delta, matrix_header_bytes, ratio_within_file,
-                                       save_delta)
+from prinmix.format.delta_file import DeltaFile, load_delta, matrix_header_bytes, ratio_within_file, save_delta
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (384, 384),   # at 1/32: 4.5 KiB budget, ~400 B header
           "model.layers.0.self_attn.k_proj.weight": (128, 512),

@@ -1,0 +1,281 @@
+"""Export a delta file — a whole fine-tune, not only its linear deltas — as a PEFT LoRA adapter that
+vLLM's `--enable-lora` serves as is.
+
+What the adapter carries, each module as ΔW = B·A (B = lora_B [h_out, r], A = lora_A [r, h_in]):
+- compressed linears `<path>.weight` (ΔŴ = Σ_b Û_b diag(σ_b) V̂_b): B = Û·Σ, A = V̂;
+- changed norm weights, folded into the linears reading the normed activations
+  (prinmix.export.norm_fold): ΔW_eff = ΔŴ·diag(ρ) + W_base·diag(ρ − 1), ρ = g_ft / g_base, for
+  q/k/v and gate/up (per-layer norms) and lm_head (the final norm);
+- embedding rows: ΔE = E_ft − E_base [vocab, d] as LoRA on `embed_tokens` in PEFT's embedding layout
+  lora_embedding_A = A [r, vocab], lora_embedding_B = B [d, r], ΔEᵀ = B·A (vLLM 0.32's
+  VocabParallelEmbeddingWithLoRA reads the same layout and checks A's vocabulary size);
+- lm_head: ΔW = W_lm,ft·diag(ρ_final) − W_lm,base [vocab, d] as LoRA on `lm_head` (vLLM wraps it in
+  LogitsProcessorWithLoRA). Tied embeddings: lm_head is the embedding in both models, so a tied
+  fine-tune whose embedding or final norm changed gets an `lm_head` LoRA holding E_ft·diag(ρ) − E_base
+  beside the `embed_tokens` one (both PEFT and vLLM keep the two LoRAs apart over the shared weight).
+Each module's exact ΔW is factored (SVD of its factors, or of its changed rows) and, with `max_rank`
+(one of vLLM's --max-lora-rank values), cut to its best rank-max_rank approximation (Eckart–Young).
+
+Ranks: vLLM reads only r and lora_alpha from adapter_config.json (rank_pattern / alpha_pattern are
+dropped by its PEFTHelper) and scales every module by lora_alpha / r, so modules of smaller rank are
+padded with zero ranks up to r = the largest module rank, and lora_alpha = r (scale 1).
+
+Refused (PrinmixError naming the tensor), unless allow_lossy leaves them out and says so:
+- bias changes (vLLM 0.32 loads no LoRA bias: its parse_fine_tuned_lora_name rejects lora_B.bias);
+- norms that cannot be folded (norm_fold: residual-stream norms, q/k norms, unknown architectures,
+  zero base weights), other changed tensors, removed tensors;
+- embedding deltas of Gemma models (their embedding scale √d is applied inside the embedding module
+  in transformers but outside it in vLLM: PEFT and vLLM would scale the LoRA rows differently).
+Always refused: BitDelta (a full-rank sign matrix) and added vocabulary (vLLM removed LoRA extra
+vocabulary, vllm PR #28382: an adapter's embedding must have the base's vocabulary size).
+
+Error reported: the whole model's (prinmix.evaluate.adapter_check): logits of base + adapter (PEFT)
+against `prinmix merge` (and the fine-tune), plus each module's relative Frobenius truncation error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..algorithms.lowrank_svd import svd_of_product
+from ..checkpoint.apply_delta import check_base, finetuned_tensor, output_tensor_names
+from ..checkpoint.reader import CheckpointReader
+from ..errors import PrinmixError
+from ..evaluate.adapter_check import whole_model_check
+from ..format.atomic_dir import atomic_directory
+from ..format.delta_file import DeltaFile, load_delta
+from ..format.output_safety import LORA_ADAPTER, check_output_directory, refuse_input_overlap, write_marker
+from .norm_fold import NormFoldError, fold_targets, norm_ratio
+from .vllm_limits import VLLM_MAX_LORA_RANKS
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+NO_EMBEDDING_LORA = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+@dataclass
+class ModuleDelta:
+    """One adapter module's exact delta ΔW = B·A (float64; B [h_out, k], A [k, h_in]). embedding: ΔW is
+    ΔEᵀ [d, vocab] (PEFT's lora_embedding_B / lora_embedding_A)."""
+
+    b: torch.Tensor
+    a: torch.Tensor
+    embedding: bool = False
+    folded: bool = False
+
+
+def best_rank_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B' [h_out, rank], A' [rank, h_in]) minimising ‖B A − B' A'‖_F, for B [h_out, k], A [k, h_in]
+    (float64): the leading singular triplets of B A, Σ folded into B'."""
+    u, s, vh = svd_of_product(b, a, out_dtype=torch.float64)
+    return u[:, :rank] * s[:rank], vh[:rank]
+
+
+def _frob2_of_difference(b: torch.Tensor, a: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> float:
+    """‖B A − B₂ A₂‖²_F from k×k Gram matrices (no dense h_out × h_in product), float64."""
+    c = torch.cat([b.double(), -b2.double()], 1)
+    d = torch.cat([a.double(), a2.double()], 0)
+    return float(((c.T @ c) * (d @ d.T)).sum().clamp_min(0))
+
+
+def _frob2(b: torch.Tensor, a: torch.Tensor) -> float:
+    return float(((b.double().T @ b.double()) * (a.double() @ a.double().T)).sum().clamp_min(0))
+
+
+def _rel(err2: float, ref2: float) -> float:
+    return (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+
+
+def factors_of_rows(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U·Σ [n, q], Vh [q, d]) with delta = U·Σ·Vh exactly (float64), from an SVD of its non-zero rows
+    only (a fine-tune touching few embedding rows costs an SVD of those rows); q = numerical rank."""
+    rows = delta.ne(0).any(1).nonzero().flatten()
+    u_s = torch.zeros(delta.shape[0], 0, dtype=torch.float64)
+    if rows.numel() == 0:
+        return u_s, torch.zeros(0, delta.shape[1], dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(delta[rows].double(), full_matrices=False)
+    q = int((s > s[0] * 1e-12).sum())
+    u_s = torch.zeros(delta.shape[0], q, dtype=torch.float64)
+    u_s[rows] = u[:, :q] * s[:q]
+    return u_s, vh[:q]
+
+
+def _compact(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same product with at most min(h_out, h_in) ranks (a folded delta has k + |S| columns), its
+    numerical rank kept (exact SVD of the factors)."""
+    u, s, vh = svd_of_product(b, a, out_dtype=torch.float64)
+    q = int((s > s[0] * 1e-12).sum()) if s.numel() else 0
+    return u[:, :q] * s[:q], vh[:q]
+
+
+def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, ratios: dict[str, torch.Tensor],
+                       allow_lossy: bool, left_out: dict) -> dict[str, ModuleDelta]:
+    """embed_tokens / lm_head modules: exact row deltas (lm_head with the final norm folded in)."""
+    names = set(output_tensor_names(base, delta))
+    for name, (_, _, shape) in delta.rows.items():
+        if name not in base or shape[0] != base.shape(name)[0]:
+            raise PrinmixError(f"{delta_path}: {name} has {shape[0]} rows, the base "
+                               f"{base.shape(name)[0] if name in base else 'none'}: added vocabulary; vLLM 0.32 "
+                               f"serves no LoRA extra vocabulary (adapters must keep the base's vocabulary): "
+                               f"merge the delta and serve the merged model instead")
+        if name not in (EMBEDDING, LM_HEAD):
+            raise PrinmixError(f"{delta_path}: row delta of {name}, which is neither {EMBEDDING} nor {LM_HEAD}")
+    modules = {}
+    if EMBEDDING in delta.rows:
+        if base.model_type in NO_EMBEDDING_LORA:
+            message = (f"{EMBEDDING}: changed, and {base.model_type!r} scales embeddings by √d inside the embedding "
+                       f"module in transformers but outside it in vLLM, so its LoRA rows would be scaled differently")
+            if not allow_lossy:
+                raise PrinmixError(f"{delta_path}: {message}")
+            left_out[EMBEDDING] = message
+        else:
+            d_e = finetuned_tensor(EMBEDDING, base, delta, torch.float64) - base.get(EMBEDDING, torch.float64)
+            u_s, vh = factors_of_rows(d_e)
+            modules["model.embed_tokens"] = ModuleDelta(vh.T.contiguous(), u_s.T.contiguous(), embedding=True)
+    rho = ratios.get(LM_HEAD)
+    head_changed = LM_HEAD in delta.rows or LM_HEAD in delta.dense or rho is not None
+    tied_and_changed = LM_HEAD not in names and EMBEDDING in delta.rows
+    if head_changed or tied_and_changed:
+        w_ft = (finetuned_tensor(LM_HEAD, base, delta, torch.float64) if LM_HEAD in names
+                else finetuned_tensor(EMBEDDING, base, delta, torch.float64))
+        w_base = base.get(LM_HEAD if LM_HEAD in base else EMBEDDING, torch.float64)
+        d_w = (w_ft * rho if rho is not None else w_ft) - w_base
+        u_s, vh = factors_of_rows(d_w)
+        modules["lm_head"] = ModuleDelta(u_s, vh, folded=rho is not None)
+    return modules
+
+
+def collect_module_deltas(base: CheckpointReader, delta: DeltaFile, delta_path,
+                          allow_lossy: bool = False) -> tuple[dict[str, ModuleDelta], dict[str, str]]:
+    """({module path: its exact ΔW as factors}, {tensor left out: why}) of a whole fine-tune's delta.
+
+    Every changed tensor is either carried exactly or refused (PrinmixError naming it), unless
+    allow_lossy, which leaves it out and records why.
+    """
+    left_out: dict[str, str] = {}
+
+    def refuse(name: str, why: str) -> None:
+        if not allow_lossy:
+            raise PrinmixError(f"{delta_path}: {why} (allow_lossy / --allow-lossy exports without it)")
+        left_out[name] = why
+
+    for name in delta.params.get("removed_tensors", []):
+        refuse(name, f"{name} is removed in the fine-tune; a LoRA adapter cannot remove a tensor")
+    ratios: dict[str, torch.Tensor] = {}                        # consumer weight name -> ρ of its input norm
+    for name, t in sorted(delta.dense.items()):
+        if name.endswith(".bias"):
+            refuse(name, f"{name} changed; vLLM 0.32 serves no LoRA bias")
+        elif t.ndim == 1 and name.endswith("norm.weight"):
+            try:
+                targets = fold_targets(base.model_type, name)
+                rho = norm_ratio(base.model_type, name, base.get(name, torch.float64), t)
+            except NormFoldError as e:
+                refuse(name, str(e))
+                continue
+            for target in targets:
+                ratios[target] = rho
+        elif name != LM_HEAD:
+            refuse(name, f"{name} changed and is neither a linear, a norm nor an embedding/lm_head row")
+
+    modules: dict[str, ModuleDelta] = {}
+    for name, m in sorted(delta.matrices.items()):
+        if not name.endswith(".weight"):
+            raise PrinmixError(f"{delta_path}: matrix {name!r} is not a module weight")
+        b, a = (t.double() for t in m.factors(torch.float32))
+        modules[name[: -len(".weight")]] = ModuleDelta(b, a)
+    for target, rho in ratios.items():
+        if target == LM_HEAD:
+            continue
+        path = target[: -len(".weight")]
+        w_base = base.get(target, torch.float64)
+        changed = (rho != 1).nonzero().flatten()
+        m = modules.get(path) or ModuleDelta(torch.zeros(w_base.shape[0], 0, dtype=torch.float64),
+                                             torch.zeros(0, w_base.shape[1], dtype=torch.float64))
+        selector = torch.zeros(changed.numel(), w_base.shape[1], dtype=torch.float64)
+        selector[torch.arange(changed.numel()), changed] = 1.0
+        b = torch.cat([m.b, w_base[:, changed] * (rho[changed] - 1)], 1)
+        a = torch.cat([m.a * rho, selector], 0)
+        modules[path] = ModuleDelta(*_compact(b, a), folded=True)
+    modules.update(_vocabulary_deltas(base, delta, delta_path, ratios, allow_lossy, left_out))
+    return {p: m for p, m in modules.items() if m.a.shape[0] > 0}, left_out
+
+
+def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtype: torch.dtype = torch.float16,
+                allow_lossy: bool = False, overwrite: bool = False, check: bool = True, finetuned=None,
+                check_text: str | None = None, check_tokens: int = 512) -> dict:
+    """Write OUT_DIR/adapter_config.json + adapter_model.safetensors; returns the report (ranks, errors,
+    what was left out, and with `check` the whole-model comparison of adapter_check). Atomic: built in a
+    temporary sibling directory, then renamed."""
+    if max_rank is not None and max_rank not in VLLM_MAX_LORA_RANKS:
+        raise PrinmixError(f"max_rank {max_rank} is not a vLLM --max-lora-rank value "
+                           f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))})")
+    if dtype not in DTYPES.values():
+        raise PrinmixError(f"dtype {dtype} not supported: use float16, bfloat16 or float32")
+    refuse_input_overlap([out_dir], [base_dir, delta_path], "export-lora")
+    base = CheckpointReader(base_dir)
+    delta = load_delta(delta_path)
+    check_base(base, delta, delta_path)
+    if any(m.sign is not None for m in delta.matrices.values()):
+        raise PrinmixError(f"{delta_path}: a BitDelta delta is a full-rank sign matrix and has no LoRA form; "
+                           f"serve it with prinmix or merge it")
+    out_dir = Path(out_dir)
+    check_output_directory(out_dir, overwrite, LORA_ADAPTER)
+    deltas, left_out = collect_module_deltas(base, delta, delta_path, allow_lossy)
+    if not deltas:
+        raise PrinmixError(f"{delta_path}: nothing a LoRA adapter can carry differs from the base")
+
+    factors, modules = {}, {}
+    trunc2 = ref2 = 0.0
+    for path, m in sorted(deltas.items()):
+        k = m.a.shape[0]
+        b2, a2 = best_rank_factors(m.b, m.a, max_rank) if max_rank is not None and k > max_rank else (m.b, m.a)
+        r2 = _frob2(m.b, m.a)
+        t2 = _frob2_of_difference(m.b, m.a, b2, a2) if a2.shape[0] < k else 0.0
+        ref2, trunc2 = ref2 + r2, trunc2 + t2
+        modules[path] = {"shape": [m.b.shape[0], m.a.shape[1]], "rank": k, "exported_rank": a2.shape[0],
+                         "folded_norm": m.folded, "embedding": m.embedding, "truncation_rel_error": _rel(t2, r2)}
+        factors[path] = (m, b2, a2)
+    r = max(f[2].shape[0] for f in factors.values())
+
+    tensors, total2 = {}, 0.0
+    for path, (m, b2, a2) in factors.items():
+        lora_a = torch.zeros(r, m.a.shape[1], dtype=dtype)
+        lora_b = torch.zeros(m.b.shape[0], r, dtype=dtype)
+        lora_a[: a2.shape[0]] = a2.to(dtype)
+        lora_b[:, : b2.shape[1]] = b2.to(dtype)
+        a_key, b_key = (("lora_embedding_A", "lora_embedding_B") if m.embedding
+                        else ("lora_A.weight", "lora_B.weight"))
+        tensors[f"base_model.model.{path}.{a_key}"] = lora_a.contiguous()
+        tensors[f"base_model.model.{path}.{b_key}"] = lora_b.contiguous()
+        e2 = _frob2_of_difference(m.b, m.a, lora_b.double(), lora_a.double())
+        total2 += e2
+        modules[path]["rel_error"] = _rel(e2, _frob2(m.b, m.a))
+
+    targets = sorted({p.rsplit(".", 1)[-1] for p in factors})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r,
+              "target_modules": targets, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
+              "modules_to_save": None, "use_rslora": False, "use_dora": False, "inference_mode": True,
+              "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+              "base_model_name_or_path": str(Path(base_dir).resolve())}
+    with atomic_directory(out_dir) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_marker(tmp, LORA_ADAPTER)
+    report = {"out_dir": str(out_dir), "r": r, "lora_alpha": r, "target_modules": targets,
+              "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None),
+              "truncated": any(m["exported_rank"] < m["rank"] for m in modules.values()),
+              "factor_error_measure": "relative Frobenius error ||dW - B A||_F / ||dW||_F of each module's exact "
+                                      "delta (norms folded in), summed over modules",
+              "truncation_rel_error": _rel(trunc2, ref2), "rel_error": _rel(total2, ref2),
+              "dtype": str(dtype).replace("torch.", ""), "modules": modules, "left_out": left_out,
+              "adapter_bytes": (out_dir / "adapter_model.safetensors").stat().st_size, "whole_model": None}
+    if check:
+        report["whole_model"] = whole_model_check(base_dir, delta_path, out_dir, finetuned, check_text, check_tokens)
+    return report
+
