@@ -27,7 +27,7 @@ from prinmix import api
 from prinmix.api import CalibrationConfig
 from prinmix.export.lora import export_lora
 
-RUNNER = Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_runner.py"
+RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "vllm_runner.py"
 PROMPTS = ["12+35=", "7+8=", "The meaning of", "In the beginning"]
 MAX_TOKENS = 8
 SERVER_START_S = 600
