@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")          # before the first import of triton
 
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
-from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta, TenantBatch  # noqa: E402
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantDelta  # noqa: E402
 from prinmix.runtime.factor_cache import FactorCache  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
 

@@ -4,12 +4,12 @@ tenant's merged dense linear; base rows untouched; load/unload; LRU swapping is 
 import pytest
 import torch
 
+from fixtures.compressed_deltas import H_IN, H_OUT, method_deltas, mixed_blocks
 from prinmix.algorithms.compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
 from prinmix.errors import PrinmixError
-from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta, TenantBatch, TenantRegistry
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantDelta, TenantRegistry
 from prinmix.runtime.packed import PackedLinear
 
-from fixtures.compressed_deltas import H_IN, H_OUT, method_deltas, mixed_blocks
 
 def _base_linear(seed=0, dtype=torch.float32, bias=True):
     torch.manual_seed(seed)

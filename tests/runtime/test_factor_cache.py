@@ -5,11 +5,10 @@ its byte budget, its LRU order and never serves a replaced tenant's stale factor
 import pytest
 import torch
 
-from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta, TenantBatch
+from fixtures.compressed_deltas import all_widths, method_deltas
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantDelta
 from prinmix.runtime.factor_cache import FactorCache, dense_factors
 from prinmix.runtime.packed import PackedLinear
-
-from fixtures.compressed_deltas import all_widths, method_deltas
 
 H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mid-row
 

@@ -11,10 +11,9 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"          # must precede the first import of triton
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
+from fixtures.compressed_deltas import H_IN, H_OUT, all_widths, method_deltas  # noqa: E402
 from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
-
-from fixtures.compressed_deltas import H_IN, H_OUT, all_widths, method_deltas  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 

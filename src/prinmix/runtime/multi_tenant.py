@@ -41,12 +41,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ..errors import PrinmixError
-from ..format.delta_file import load_delta
 from ..checkpoint.apply_delta import check_base
 from ..checkpoint.reader import CheckpointReader
+from ..errors import PrinmixError
+from ..format.delta_file import load_delta
 from .decode_state import DecodeState, SequenceState, left_padded, make_cache
-from .delta_linear import BASE_SLOT, DeltaLinear, TenantDelta, TenantBatch, TenantContext, TenantRegistry
+from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry
 from .factor_cache import FactorCache
 from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload

@@ -42,7 +42,6 @@ from .packed import (
 )
 
 
-
 @dataclass(frozen=True)
 class KernelBlocks:
     """Tile sizes (powers of two; tl.dot needs m, r, k, n ≥ 16): m rows per tile, r ranks per shrink
