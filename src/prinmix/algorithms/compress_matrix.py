@@ -18,7 +18,7 @@ from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, Ra
 from .gptq import gptq_quantize, prepare_hessian
 from .lowrank_svd import FactoredDelta, thin_svd
 from .quantize import dequantize_codes
-from .rtc import correct_reconstruction_target
+from .rtc import correct_reconstruction_target, correct_reconstruction_target_rows
 
 DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
 
@@ -85,8 +85,12 @@ class WidthSimulation:
 
 
 def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig,
-                          chunk_bytes: int | None = None):
+                          chunk_bytes: int | None = None, rank_iso: torch.Tensor | None = None,
+                          H_quant: torch.Tensor | None = None):
     """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
+
+    rank_iso [r] (row-weighted objective, see compress_prinmix): E[i, j] += σᵢ² ρᵢ ‖ΔVᵢ‖², ρᵢ = Σ_t c_t U_ti².
+    H_quant: the Hessian GPTQ quantises V with (default H).
 
     GPTQ quantises V stacked once per non-zero width (rows are independent under a shared H, so this
     equals one run per width), in as few calls as fit `chunk_bytes` of float32 rows each, all sharing
@@ -101,20 +105,26 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     E = torch.zeros(r, len(widths), dtype=torch.float64)
     sigma2 = S.double() ** 2
 
-    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ H ΔVᵢᵀ per rank
-        return sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+    iso = None if rank_iso is None else rank_iso.to(device=Vh.device, dtype=torch.float64)
+    H_quant = H if H_quant is None else H_quant
+
+    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ (H + ρᵢ I) ΔVᵢᵀ per rank
+        quad = ((dV @ H) * dV).sum(1).double()
+        if iso is not None:
+            quad = quad + iso * (dV * dV).sum(1).double()
+        return (sigma2.to(quad.device) * quad).cpu()
 
     if 0 in column:  # a dropped rank's error is all of it: ΔV = V
         E[:, column[0]] = weighted(Vh)
     sim = None
     if nonzero and r:
-        prepared = prepare_hessian(H, cfg.percdamp)
+        prepared = prepare_hessian(H_quant, cfg.percdamp)
         per_call = max(1, chunk_bytes // max(1, 4 * r * h_in))
         parts = []
         for c in range(0, len(nonzero), per_call):
             chunk = nonzero[c:c + per_call]
             row_bits = torch.tensor(chunk, device=Vh.device).repeat_interleave(r)
-            res = gptq_quantize(Vh.repeat(len(chunk), 1), H, row_bits, bits_axis="row", scale_axis="row",
+            res = gptq_quantize(Vh.repeat(len(chunk), 1), H_quant, row_bits, bits_axis="row", scale_axis="row",
                                 group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                 clip_search=cfg.clip_search, prepared=prepared)
             for k, b in enumerate(chunk):
@@ -127,20 +137,30 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     return E.clamp_min(0.0), sim, nonzero
 
 
-def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
-                     config: PrinMixConfig | None = None) -> CompressedLinear:
+def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMixConfig | None = None,
+                     row_weights: torch.Tensor | None = None, budget: int | None = None) -> CompressedLinear:
     """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
     RTC (Eq. 7) → Û by column-wise GPTQ at the same widths. Σ is folded into U's per-column scales.
 
     delta ΔW [h_out, h_in] (a tensor, or a FactoredDelta: its SVD then comes from the factors);
-    H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta.
+    H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta; budget: the blob's bits
+    (overrides ratio; the vocabulary parts of a whole delta get theirs from the shared budget).
+
+    row_weights c [h_out] ≥ 0 (vocabulary matrices, see vocab_delta.py): the objective becomes
+    Σ_t r_t (H + c_t I) r_tᵀ for the residual rows r_t of ΔW − ΔŴ (output row t's error is also paid
+    c_t times in plain squared norm: an embedding row looked up c_t times). It stays exact where
+    PrinMix's derivation allows: Eq. 5's per-rank error becomes σᵢ² ΔVᵢ (H + ρᵢ I) ΔVᵢᵀ with
+    ρᵢ = Σ_t c_t U_ti² (exact, U orthonormal), and RTC solves each row's own system (rtc.py). The two
+    GPTQ runs need one Hessian for all rows: V uses H + ρ̄ I (ρ̄ the σ²-weighted mean of ρᵢ), U uses
+    V̂ (H + c̄ I) V̂ᵀ (c̄ the mean row weight) — approximations of the quantiser only, not of the
+    errors the allocation sees.
     """
     cfg = config or PrinMixConfig()
     cfg.validate()
     W, H = _prepare(delta, H)
     h_out, h_in = W.shape
     widths = tuple(sorted(cfg.widths))
-    total = budget_bits(ratio, h_out, h_in)
+    total = budget_bits(ratio, h_out, h_in) if budget is None else int(budget)
     if total < 8 * BLOB_HEADER_BYTES:
         raise BudgetError(f"ratio {ratio:g} leaves {total} bits for a {h_out}x{h_in} matrix; "
                           f"its header alone needs {8 * BLOB_HEADER_BYTES}")
@@ -148,7 +168,18 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
     budget = total - prinmix_fixed_overhead_bits(n_blocks)
 
     U, S, Vh = thin_svd(W)
-    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg)
+    rank_iso = H_v = H_u_extra = None
+    if row_weights is not None:
+        c = row_weights.to(device=W.device, dtype=torch.float32)
+        if c.shape != (h_out,) or not torch.isfinite(c).all() or (c < 0).any():
+            raise ValueError(f"row_weights must be finite, ≥ 0 and of shape [{h_out}]")
+        rank_iso = (c[:, None] * U * U).sum(0)                       # ρᵢ = Σ_t c_t U_ti²
+        s2 = S.double() ** 2
+        rho_bar = float((s2 * rank_iso.double()).sum() / s2.sum().clamp_min(1e-300)) if S.numel() else 0.0
+        eye = torch.eye(h_in, dtype=torch.float32, device=W.device)
+        H_v = H + rho_bar * eye
+        H_u_extra = float(c.mean()) * eye
+    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg, rank_iso=rank_iso, H_quant=H_v)
     costs = np.array([prinmix_rank_cost_bits(b, h_out, h_in, cfg.v_group) for b in widths], dtype=np.int64)
     alloc = allocate_bits(E.numpy(), costs, max(budget, 0), cfg.fmax)
     rank_bits = np.asarray(widths)[alloc.choice]
@@ -164,13 +195,15 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
     else:
         v_hat = torch.zeros(0, h_in, device=W.device)
 
-    if cfg.rtc:
+    if cfg.rtc and row_weights is not None:
+        u_target = correct_reconstruction_target_rows(W, H, v_hat, row_weights.to(W.device), cfg.rtc_damp)
+    elif cfg.rtc:
         u_target = correct_reconstruction_target(W, H, v_hat, cfg.rtc_damp)
     else:
         u_target = U[:, kept_t] * S[kept_t]
     blocks: list[RankBlock] = []
     if kept:
-        H_u = v_hat @ H @ v_hat.T
+        H_u = v_hat @ (H if H_u_extra is None else H + H_u_extra) @ v_hat.T
         uq = gptq_quantize(u_target, H_u, bits_k, bits_axis="col", scale_axis="col",
                            blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
         start = 0
@@ -192,18 +225,23 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
 
 
 def compress_matrix(delta, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
-                    config: PrinMixConfig | None = None) -> CompressedLinear:
+                    config: PrinMixConfig | None = None, row_weights: torch.Tensor | None = None) -> CompressedLinear:
     """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α.
 
     delta: a dense tensor, or a FactoredDelta (LoRA: ΔW = s·B·A), which the SVD-based methods never
-    expand (BitDelta, which needs every entry's sign, expands it)."""
+    expand (BitDelta, which needs every entry's sign, expands it).
+    row_weights c [h_out] (vocabulary matrices): PrinMix minimises Σ_t r_t (H + c_t I) r_tᵀ (see
+    compress_prinmix); Delta-CoMe, which has one Hessian per matrix by design, quantises with
+    H + mean(c)·I; low-rank and BitDelta use no Hessian and ignore it."""
     from . import baselines
 
     if method == "prinmix":
-        return compress_prinmix(delta, H, ratio, config)
+        return compress_prinmix(delta, H, ratio, config, row_weights=row_weights)
     fn = {"deltacome": baselines.compress_deltacome, "lowrank": baselines.compress_lowrank,
           "bitdelta": baselines.compress_bitdelta}.get(method)
     if fn is None:
         raise ValueError(f"unknown method {method!r}: choose prinmix, deltacome, lowrank or bitdelta")
     W, H = _prepare(delta, H)
+    if row_weights is not None and method == "deltacome":
+        H = H + float(row_weights.float().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return fn(W, H, ratio, config or PrinMixConfig())
