@@ -29,9 +29,10 @@ from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
 from .format.atomic_dir import atomic_directory, check_output_directory
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
-                                 output_tensor_names, split_aux_files)
+                                 output_tensor_names, split_aux_files, stored_form)
 from .models.checkpoint import CheckpointReader, check_compatible
 from .models.offload import PackedLinear
+from .whole_delta import compress_vocab_parts, plan_whole_budget
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
 CALIBRATED = ("prinmix", "deltacome")
@@ -51,6 +52,15 @@ class CompressSummary:
     layers: int
     linear_header_bytes: int = 0  # the linear deltas' entries in the file header (upper bound)
     lora_adapter_bytes: int | None = None  # FINETUNED was a LoRA adapter: its factors' 16-bit size
+    whole_params: int = 0      # entries of everything that differs (the whole delta's 16-bit size / 2)
+    weight_bytes: dict | None = None  # DeltaFile.weight_bytes(): linear / vocab {name} / exact / total
+    exact_embeddings: bool = False
+
+    @property
+    def ratio_whole(self) -> float:
+        """All bytes stored for weights (with their header entries) / 16-bit size of what differs."""
+        return self.weight_bytes["total"] / (2 * self.whole_params) if self.whole_params and self.weight_bytes \
+            else 0.0
 
     @property
     def ratio_achieved(self) -> float:
@@ -103,7 +113,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
              nsamples: int = 128, seqlen: int = 2048, widths=DEFAULT_WIDTHS, fmax: int = 4,
              device: str = "auto", batch_size: int = 8, seed: int = 0, resume: bool = True, offload=None,
              progress=None, config: PrinMixConfig | None = None, on_hessians=None,
-             distill_steps: int = 0) -> CompressSummary:
+             distill_steps: int = 0, exact_embeddings: bool = False) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     ratio: '1/16', 0.0625 or '16x'. progress: None or a callable(done_layers, total_layers, message).
@@ -111,6 +121,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     offload: None or a directory: the calibration hidden states live there in memory-mapped files, not in RAM.
     FINETUNED may be a PEFT LoRA adapter directory (see models/lora_source.py).
     distill_steps: BitDelta only — Adam steps of scale distillation on the calibration set (0 = off).
+    exact_embeddings: α holds for the decoder linears only and every other tensor that differs is stored
+    exactly (the earlier behaviour); default: α holds for the whole delta (see whole_delta.py).
     """
     t0 = time.time()
     if method not in METHODS:
@@ -143,13 +155,16 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     fingerprint = base_fingerprint(base_r)
     params = {"method": method, "ratio": alpha, "budget": "blob+header", "exact": "base-dtype", "config": asdict(cfg),
               "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
-              "finetuned": ft_r.content_hash(), "distill_steps": distill_steps}
+              "finetuned": ft_r.content_hash(), "distill_steps": distill_steps,
+              "whole": not exact_embeddings}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
     if not resume and work.exists():
         shutil.rmtree(work)
 
-    inputs = None
+    plan = None if exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, alpha)
+    layer_alpha = alpha if plan is None else plan.linear_alpha
+    inputs = ids = None
     if method in CALIBRATED:
         ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)
         hidden_files = None
@@ -170,7 +185,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     delta = DeltaFile(method, alpha, {"config": asdict(cfg) if method == "prinmix" else {},
                                       "calib": calib, "nsamples": nsamples, "seqlen": seqlen,
                                       "removed_tensors": compat.only_in_base, "aux_from_base": aux_from_base,
-                                      **getattr(ft_r, "delta_params", {})},
+                                      "whole": not exact_embeddings, **getattr(ft_r, "delta_params", {})},
                       base_fingerprint=fingerprint, aux_files=aux_files)
     n_layers = stack.num_layers
     for i in range(n_layers):
@@ -180,8 +195,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         if part.exists():
             layer_delta = _load_layer_part(part)
         else:
-            layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size,
-                                          on_hessians)
+            layer_delta = _compress_layer(i, stack, base_r, ft_r, inputs, layer_alpha, method, cfg, dev, batch_size,
+                                          on_hessians, whole=plan is not None)
             work.mkdir(parents=True, exist_ok=True)  # made only now: a run failing on its inputs leaves nothing
             _save_layer_part(layer_delta, part)
         delta.matrices.update(_mapped_blobs(part))  # bit-packed, memory-mapped from the part: not process RAM
@@ -198,10 +213,22 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         if progress:
             progress(i + 1, n_layers, f"layer {i}")
 
+    counts = head_H = None
+    if plan is not None and inputs is not None and any("head" in p.roles for p in plan.vocab if p.changed.numel()):
+        # the reconstructed model's last-layer outputs, through the (exactly stored) final norm
+        head_H = stack.head_hessian(ft_r, ids, inputs.hidden, dev, batch_size).cpu()
+    if plan is not None and ids is not None:
+        counts = torch.bincount(ids.flatten().cpu(), minlength=plan.vocab[0].shape[0] if plan.vocab else 0)
     if inputs is not None and hidden_files:
         inputs = None
         hidden_files.close()
-    _add_non_layer_tensors(delta, stack, base_r, ft_r, compat)
+    inputs = None
+    vocab_report = {}
+    if plan is None:
+        _add_non_layer_tensors(delta, stack, base_r, ft_r, compat)
+    else:
+        _add_non_layer_tensors(delta, stack, base_r, ft_r, compat, skip={p.name for p in plan.vocab})
+        vocab_report = compress_vocab_parts(delta, plan, base_r, ft_r, method, cfg, counts, head_H, dev)
     if method == "bitdelta" and distill_steps > 0:
         from .models.bitdelta_distill import distill_bitdelta_scales
 
@@ -210,14 +237,18 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         delta.params["distill_steps"] = distill_steps
     delta.stats = {"layers": n_layers, "objective": {n: m.info.get("objective") for n, m in delta.matrices.items()
                                                      if m.info.get("objective") is not None}}
+    if plan is not None:
+        delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
     file_bytes = save_delta(delta, output)
     shutil.rmtree(work, ignore_errors=True)
     return CompressSummary(str(output), method, alpha, delta.linear_bytes(), delta.dense_delta_params(),
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
-                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"))
+                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"),
+                           delta.whole_delta_params(), delta.weight_bytes(), exact_embeddings)
 
 
-def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size, on_hessians) -> DeltaFile:
+def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, batch_size, on_hessians,
+                    whole: bool = False) -> DeltaFile:
     """Compress every linear of layer i whose weight differs; keep other differing tensors exactly."""
     from .models.decoder import capture_hessians
 
@@ -250,37 +281,16 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
                 continue
             H = hessians.pop(name, None)  # the last user of a shared H frees it
             # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)
-            ratio = alpha if method == "bitdelta" else ratio_within_file(alpha, name, d.shape)
+            # (whole-delta mode: headers are paid in the plan, alpha is already the blob's ratio)
+            ratio = alpha if method == "bitdelta" or whole else ratio_within_file(alpha, name, d.shape)
             out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
-            out.matrices[name] = _to_cpu(out.matrices[name])
+            out.matrices[name] = out.matrices[name].stored_copy()  # blobs are built on CPU
             d = H = None
         else:
-            stored = _stored_form(ft_t, base_t)
+            stored = stored_form(ft_t, base_t)
             if not (stored.dtype == base_t.dtype and torch.equal(stored, base_t)):
                 out.dense[name] = stored
     return out
-
-
-def _stored_form(ft_t: torch.Tensor, base_t: torch.Tensor) -> torch.Tensor:
-    """A fine-tune tensor kept exactly (norm, bias, embedding rows) as the delta stores it: in its own dtype,
-    except that a wider float over a 16-bit base (an fp32 fine-tune of a bf16 model) is stored in the base's
-    dtype. merge writes every tensor in the base's dtype (base + ΔŴ for linears, rows into the base), so the
-    extra bits would be bytes without effect: SmolLM2's fp32 fine-tune stored 108 MiB of embedding rows."""
-    if base_t.dtype in (torch.bfloat16, torch.float16) and ft_t.is_floating_point() \
-            and ft_t.element_size() > base_t.element_size():
-        return ft_t.to(base_t.dtype)
-    return ft_t
-
-
-def _to_cpu(m):
-    """Blobs are built on CPU; round-trip through the blob also drops device tensors and diagnostics
-    that must not reach the file, while `info` is kept for the caller."""
-    from .algorithms.compressed import CompressedLinear
-
-    info = m.info
-    back = CompressedLinear.from_blob(m.to_blob(), m.shape, m.method)
-    back.info = {k: v for k, v in info.items() if k in ("objective", "certified", "rank_index")}
-    return back
 
 
 def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
@@ -334,16 +344,18 @@ def _load_layer_part(path: Path) -> DeltaFile:
     return out
 
 
-def _add_non_layer_tensors(delta: DeltaFile, stack, base_r, ft_r, compat) -> None:
-    """Embeddings, final norm, lm_head…: exact where they differ; vocabulary rows as row deltas."""
+def _add_non_layer_tensors(delta: DeltaFile, stack, base_r, ft_r, compat, skip=()) -> None:
+    """Embeddings, final norm, lm_head… (but `skip`): exact where they differ; vocabulary rows as row deltas."""
     vocab = getattr(ft_r.config.get_text_config(), "vocab_size", None)
     for name in stack.non_layer_tensor_names:
+        if name in skip:
+            continue
         ft_t = ft_r.get(name, dtype=None)
         if name not in base_r:
             delta.dense[name] = ft_t
             continue
         base_t = base_r.get(name, dtype=None)
-        ft_t = _stored_form(ft_t, base_t)
+        ft_t = stored_form(ft_t, base_t)
         if ft_t.ndim == 2 and (name in compat.resized_vocab or ft_t.shape[0] == vocab):
             n = min(base_t.shape[0], ft_t.shape[0])
             same = (base_t[:n] == ft_t[:n].to(base_t.dtype)).all(dim=1) & (base_t.dtype == ft_t.dtype)
@@ -419,8 +431,12 @@ def info(delta_path) -> dict:
                             "ratio": 8 * m.nbytes() / (16 * m.shape[0] * m.shape[1])}
     params = delta.dense_delta_params()
     linear, header = delta.linear_bytes(), delta.linear_header_bytes()
+    weights, whole_params = delta.weight_bytes(), delta.whole_delta_params()
     adapter_bytes = delta.params.get("lora_adapter_bytes")  # set when FINETUNED was a LoRA adapter
     return {"path": str(path), "method": delta.method, "ratio_requested": delta.ratio,
+            "whole_mode": bool(delta.params.get("whole", False)),
+            "ratio_whole": weights["total"] / (2 * whole_params) if whole_params else 0.0,
+            "whole_params": whole_params, "weight_bytes": weights,
             "lora_adapter_bytes": adapter_bytes,
             "ratio_vs_adapter": linear / adapter_bytes if adapter_bytes else None,
             "ratio_achieved": 8 * linear / (16 * params) if params else 0.0,
@@ -429,4 +445,6 @@ def info(delta_path) -> dict:
             "file_bytes": path.stat().st_size, "linear_bytes": linear,
             "other_bytes": delta.dense_bytes(), "aux_bytes": delta.aux_bytes(),
             "dense_delta_params": params, "base": delta.base_fingerprint, "matrices": per_matrix,
-            "other_tensors": sorted(delta.dense) + sorted(delta.rows)}
+            "other_tensors": sorted(delta.dense) + sorted(delta.rows),
+            "vocab": {n: {"shape": shape, "rows": int(idx.numel()), "rank": m.rank, "bytes": weights["vocab"][n]}
+                      for n, (idx, m, shape) in delta.vocab.items()}}

@@ -53,14 +53,22 @@ def finetuned_tensor(name: str, base: CheckpointReader | None, delta: DeltaFile,
         if tuple(w.shape) != m.shape:
             raise BaseMismatchError(f"delta matrix {name!r} is {list(m.shape)}, base tensor is {list(w.shape)}")
         return (w.to(torch.float32) + m.reconstruct(torch.float32)).to(out_dtype)
-    if name in delta.rows:
-        idx, values, shape = delta.rows[name]
+    if name in delta.rows or name in delta.vocab:
+        shape = (delta.rows.get(name) or delta.vocab[name])[2]
         if w.ndim != 2 or w.shape[1] != shape[1]:
             raise BaseMismatchError(f"delta rows of {name!r} have width {shape[1]}, base tensor is {list(w.shape)}")
-        out = torch.zeros(shape, dtype=values.dtype)
+        # compressed rows: base + ΔŴ in float32, rounded once to the output dtype (as for linears)
+        work = torch.float32 if name in delta.vocab else delta.rows[name][1].dtype
+        out = torch.zeros(shape, dtype=work)
         n = min(shape[0], w.shape[0])
-        out[:n] = w[:n].to(values.dtype)
-        out[idx] = values
+        out[:n] = w[:n].to(work)
+        if name in delta.vocab:
+            idx, m, _ = delta.vocab[name]
+            out[idx] += m.reconstruct(torch.float32)
+            out = out.to(out_dtype)
+        if name in delta.rows:
+            idx, values, _ = delta.rows[name]
+            out[idx] = values.to(out.dtype)
         return out.to(out_dtype)
     return w.to(out_dtype)
 
@@ -93,3 +101,14 @@ def merged_aux_files(base: CheckpointReader, delta: DeltaFile, delta_path) -> di
                                     f"from it (sha256 mismatch)")
         files[name] = data
     return files
+
+
+def stored_form(ft_t: torch.Tensor, base_t: torch.Tensor) -> torch.Tensor:
+    """A fine-tune tensor kept exactly (norm, bias, embedding rows) as the delta stores it: in its own dtype,
+    except that a wider float over a 16-bit base (an fp32 fine-tune of a bf16 model) is stored in the base's
+    dtype. merge writes every tensor in the base's dtype (base + ΔŴ for linears, rows into the base), so the
+    extra bits would be bytes without effect: SmolLM2's fp32 fine-tune stored 108 MiB of embedding rows."""
+    if base_t.dtype in (torch.bfloat16, torch.float16) and ft_t.is_floating_point() \
+            and ft_t.element_size() > base_t.element_size():
+        return ft_t.to(base_t.dtype)
+    return ft_t
