@@ -163,7 +163,7 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         shutil.rmtree(work)
 
     plan = None if exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, alpha)
-    layer_alpha = alpha if plan is None else plan.linear_alpha
+    layer_alpha = alpha if plan is None or method == "bitdelta" else plan.linear_alpha  # BitDelta: fixed size
     inputs = ids = None
     if method in CALIBRATED:
         ids = _load_calibration_ids(ft_r, calib, nsamples, seqlen, seed)

@@ -45,8 +45,17 @@ def cmd_compress(a) -> int:
     s = api.compress(a.base, a.finetuned, a.output, ratio=a.ratio, method=a.method, calib=a.calib,
                      nsamples=a.nsamples, seqlen=a.seqlen, widths=widths, fmax=a.fmax, device=a.device,
                      batch_size=a.batch_size, resume=not a.no_resume, progress=LayerProgress("compress"),
-                     distill_steps=a.distill_steps, offload=a.offload)
-    rows = [("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"),
+                     distill_steps=a.distill_steps, offload=a.offload, exact_embeddings=a.exact_embeddings)
+    w = s.weight_bytes
+    rows = [("whole delta (all weight bytes / 16-bit size of what differs)",
+             f"{s.ratio_whole:.6g} (1/{1 / s.ratio_whole:.4g}): {_fmt_bytes(w['total'])} of "
+             f"{_fmt_bytes(2 * s.whole_params)}" if s.ratio_whole else "-"),
+            ("  decoder linears (+ header entries)", _fmt_bytes(w["linear"])),
+            *((f"  {name} (compressed rows)", _fmt_bytes(b)) for name, b in w["vocab"].items()),
+            ("  exact tensors (norms, biases, rows)", _fmt_bytes(w["exact"])),
+            ("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"
+                                   + (" of the linears only (--exact-embeddings)" if s.exact_embeddings
+                                      else " of the whole delta")),
             ("ratio achieved (linear deltas, all stored bytes)",
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
             ("ratio on disk (+ their header entries)",
@@ -81,6 +90,13 @@ def cmd_info(a) -> int:
         print(json.dumps(d, indent=2))
         return 0
     print(f"delta          {d['path']}")
+    w = d["weight_bytes"]
+    print(f"whole delta    {d['ratio_whole']:.6g} (all {_fmt_bytes(w['total'])} stored for weights, header entries "
+          f"included / 16-bit size {_fmt_bytes(2 * d['whole_params'])} of what differs"
+          + ("; the ratio was requested for the linears only: --exact-embeddings)" if not d["whole_mode"] else ")"))
+    print(f"  parts        decoder linears {_fmt_bytes(w['linear'])}, "
+          + "".join(f"{n} {_fmt_bytes(b)}, " for n, b in w["vocab"].items())
+          + f"exact tensors {_fmt_bytes(w['exact'])}")
     print(f"method         {d['method']}")
     print(f"ratio          requested {d['ratio_requested']:.6g}, achieved {d['ratio_achieved']:.6g} "
           f"(all stored bytes of the linear deltas / their 16-bit size)")
@@ -97,6 +113,9 @@ def cmd_info(a) -> int:
         widths = " ".join(f"{b}:{k}" for b, k in m["widths"].items())
         print(f"{name:<48} {'x'.join(map(str, m['shape'])):>12} {m['rank']:>5} {m['bytes']:>9} "
               f"{m['ratio']:>8.5f}  {widths}")
+    for name, v in d["vocab"].items():
+        print(f"{name:<48} {'x'.join(map(str, v['shape'])):>12} {v['rank']:>5} {v['bytes']:>9}  "
+              f"compressed delta of {v['rows']} changed rows")
     if d["other_tensors"]:
         print(f"other tensors stored exactly: {', '.join(d['other_tensors'])}")
     return 0
@@ -130,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--offload", metavar="DIR", default=None,
                    help="keep the calibration hidden states in memory-mapped files in DIR instead of RAM "
                         "(for models whose calibration activations do not fit in memory)")
+    c.add_argument("--exact-embeddings", action="store_true",
+                   help="earlier behaviour, for comparison: --ratio holds for the decoder linears only and "
+                        "embedding / lm_head rows, norms and biases that differ are stored exactly")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="bitdelta: Adam steps of scale distillation against the fine-tune's logits (0 = off)")
     c.set_defaults(fn=cmd_compress)
