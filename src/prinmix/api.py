@@ -162,7 +162,8 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     if not resume and work.exists():
         shutil.rmtree(work)
 
-    plan = None if exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, alpha)
+    plan = None if exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, alpha,
+                                                           fixed_size=method == "bitdelta")
     layer_alpha = alpha if plan is None or method == "bitdelta" else plan.linear_alpha  # BitDelta: fixed size
     inputs = ids = None
     if method in CALIBRATED:

@@ -87,8 +87,9 @@ def _changed_rows(base_t: torch.Tensor, ft_t: torch.Tensor) -> tuple[torch.Tenso
     return torch.nonzero(~same).flatten(), torch.arange(n, ft_t.shape[0])
 
 
-def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float) -> WholeBudget:
-    """Scan what differs (exact tensors read and compared; linears counted whole) and fix α'."""
+def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, fixed_size: bool = False) -> WholeBudget:
+    """Scan what differs (exact tensors read and compared; linears counted whole) and fix α'.
+    fixed_size: the method's size is fixed by its format (BitDelta): report, never refuse."""
     vocab_names = _vocab_matrix_names(stack, ft_r, compat)
     head = stack.output_embedding_name()
     tied = bool(getattr(ft_r, "tied_embeddings", False))
@@ -124,11 +125,11 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float) -> WholeBudget:
     total = budget_bits(alpha, 1, linear_params + vocab_params + exact_params)
     compressed = linear_params + vocab_params
     left = total - 8 * (exact_bytes + overhead)
-    if compressed and left <= 0:
+    if compressed and left <= 0 and not fixed_size:
         raise BudgetError(f"ratio {alpha:g} of the whole delta ({total // 8} B) does not even pay for the tensors "
                           f"stored exactly ({exact_bytes} B: norms, biases, added vocabulary rows) and the "
                           f"header entries ({overhead} B)")
-    linear_alpha = min(alpha, left / (16 * compressed)) if compressed else alpha
+    linear_alpha = min(alpha, max(left, 0) / (16 * compressed)) if compressed else alpha
     return WholeBudget(alpha, total, linear_params, vocab_params, exact_params, exact_bytes, overhead,
                        linear_alpha, parts)
 

@@ -8,7 +8,9 @@ checks the delta was made for this base, and makes every module the delta touche
     other small changed tensors (dense/…)   PerTenantParams: e.g. RMSNorm/LayerNorm weights; the module
                                             is re-run with the tenant's parameters on that tenant's rows
     changed embedding / lm_head rows        PerTenantEmbedding / PerTenantRows: only the changed rows are
-    (rows/…)                                kept; a tied lm_head follows the tenant's embedding rows
+    (vocab/… compressed, rows/… exact)      kept, compressed rows in their packed form (vocab_rows.py: a
+                                            lookup gathers the batch's token rows, the head adds h ΔŴ_Rᵀ);
+                                            a tied lm_head follows the tenant's embedding rows
 Refused with a one-line PrinmixError (serve `prinmix merge`'s output instead): a dense replacement of
 a whole linear or embedding weight, a changed vocabulary size, tensors removed or added relative to
 the base, a bias the base lacks, and modules the runtime cannot wrap (non-nn.Linear / nn.Embedding).
@@ -47,9 +49,25 @@ from ..models.apply_delta import check_base
 from ..models.checkpoint import CheckpointReader
 from .delta_linear import BASE_SLOT, DeltaLinear, LinearDelta, TenantBatch, TenantContext, TenantRegistry
 from .packed import PackedLinear
+from .vocab_rows import VocabPayload
 
 
 # ---- per-tenant payloads of non-linear modules --------------------------------------------------
+
+def _vocab_payload(delta, name: str) -> VocabPayload:
+    """The compressed (delta.vocab) and exact (delta.rows) rows of vocabulary matrix NAME, rows sorted."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    index, packed = empty, None
+    if name in delta.vocab:
+        index, m, _ = delta.vocab[name]           # row sets are stored sorted
+        packed = PackedLinear.from_compressed(m)
+    exact_index, exact_values = empty, torch.zeros(0, 0)
+    if name in delta.rows:
+        idx, values, _ = delta.rows[name]
+        order = torch.argsort(idx)
+        exact_index, exact_values = idx[order].to(torch.int64), values[order]   # stored dtype; cast at use
+    return VocabPayload(index.to(torch.int64), packed, exact_index, exact_values)
+
 
 @dataclass
 class TensorsPayload:
@@ -62,20 +80,6 @@ class TensorsPayload:
 
     def to(self, device) -> "TensorsPayload":
         return TensorsPayload({k: v.to(device) for k, v in self.tensors.items()})
-
-
-@dataclass
-class RowsPayload:
-    """A tenant's changed rows of an embedding / output matrix: sorted row ids int64 [n], values [n, d]."""
-
-    index: torch.Tensor
-    values: torch.Tensor
-
-    def nbytes(self) -> int:
-        return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
-
-    def to(self, device) -> "RowsPayload":
-        return RowsPayload(self.index.to(device), self.values.to(device))
 
 
 class _TenantModule(nn.Module):
@@ -124,7 +128,7 @@ class PerTenantParams(_TenantModule):
 
 
 class PerTenantEmbedding(_TenantModule):
-    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences)."""
+    """nn.Embedding whose rows some tenants change (VocabPayload.lookup per token of their sequences)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
@@ -133,15 +137,13 @@ class PerTenantEmbedding(_TenantModule):
             return out
         flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
         for p, idx in segments:
-            tok = flat_ids.index_select(0, idx)
-            pos = torch.searchsorted(p.index, tok).clamp(max=p.index.numel() - 1)
-            hit = p.index[pos] == tok
-            rows_out.index_copy_(0, idx[hit], p.values[pos[hit]].to(rows_out.dtype))
+            rows = p.lookup(flat_ids.index_select(0, idx), rows_out.index_select(0, idx))
+            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
         return out
 
 
 class PerTenantRows(_TenantModule):
-    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed."""
+    """An output nn.Linear (lm_head) whose weight rows some tenants change (VocabPayload.head)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
@@ -149,12 +151,9 @@ class PerTenantRows(_TenantModule):
         if not segments:
             return out
         rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
-        bias = self.base.bias
         for p, idx in segments:
-            o = rows_out.index_select(0, idx)
-            o[:, p.index] = nn.functional.linear(rows_h.index_select(0, idx), p.values.to(h.dtype),
-                                                 None if bias is None else bias[p.index]).to(o.dtype)
-            rows_out.index_copy_(0, idx, o)
+            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
+            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
         return out
 
 
@@ -351,18 +350,19 @@ class MultiTenantModel:
                 kind, payload = plan.setdefault(path, ("params", TensorsPayload({})))
                 payload.tensors[pname] = t.to(base_t.dtype)
         tied = self._tied
-        for rname, (idx, values, shape) in delta.rows.items():
+        for rname in sorted(set(delta.rows) | set(delta.vocab)):
             path, module = self._module_of(rname, "weight", delta_path)
             kind = "embedding" if type(module) is nn.Embedding else "rows" if type(module) is nn.Linear else None
             if kind is None:
                 raise PrinmixError(f"{delta_path}: rows of {rname} change, but {path} is a {type(module).__name__}")
+            shape = (delta.rows.get(rname) or delta.vocab[rname])[2]
             if shape[0] != module.weight.shape[0]:
                 raise PrinmixError(f"{delta_path}: the fine-tune changes the vocabulary size of {rname} "
                                    f"({module.weight.shape[0]} -> {shape[0]}); serve its merged model")
-            order = torch.argsort(idx)
-            payload = RowsPayload(idx[order].to(torch.int64), values[order])      # stored dtype; cast at use
+            payload = _vocab_payload(delta, rname)
             plan[path] = (kind, payload)
-            if kind == "embedding" and tied and tied[0] == path and f"{tied[1]}.weight" not in delta.rows:
+            if kind == "embedding" and tied and tied[0] == path and f"{tied[1]}.weight" not in delta.rows \
+                    and f"{tied[1]}.weight" not in delta.vocab:
                 plan[tied[1]] = ("rows", payload)        # a tied lm_head follows the embedding
         return plan
 
