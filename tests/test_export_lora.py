@@ -29,6 +29,7 @@ def pair(tiny_pair, tmp_path_factory):
     delta = load_delta(full)
     delta.dense.clear()
     delta.rows.clear()
+    delta.vocab.clear()
     linear_only = work / "dc_linear.delta"
     save_delta(delta, linear_only)
     merged = AutoModelForCausalLM.from_pretrained(api.merge(base, linear_only, work / "merged")).eval()

@@ -15,7 +15,8 @@ adapter has less. Error measure reported: relative Frobenius error ‖ΔŴ − B
 and over all exported modules (√ of summed squares), before and after casting to `dtype`.
 
 Not exportable: BitDelta (a full-rank sign matrix) and, unless allow_lossy, tensors that differ
-outside the linears (norms, biases, embedding / lm_head rows), which a LoRA adapter cannot carry.
+outside the linears (norms, biases, embedding / lm_head rows, exact or compressed), which this export
+does not carry.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
     left_out = {n: t.numel() * t.element_size() for n, t in delta.dense.items()}
     left_out.update({n: i.numel() * i.element_size() + v.numel() * v.element_size()
                      for n, (i, v, _) in delta.rows.items()})
+    left_out.update({n: b for n, b in delta.vocab_bytes().items()})     # compressed embedding / lm_head rows
     left_out.update({n: 0 for n in delta.params.get("removed_tensors", [])})
     if left_out and not allow_lossy:
         raise PrinmixError(f"{delta_path}: {len(left_out)} tensors outside the linear layers differ "
