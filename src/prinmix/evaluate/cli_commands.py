@@ -8,7 +8,7 @@ fine-tune where the metric applies) and returns one JSON-ready dict:
 
     {"prinmix_eval": 1, "base", "finetuned", "settings",
      "models": [{"label", "kind": base|finetuned|delta, "path", "method", "ratio_requested", "ratio_achieved",
-                 "linear_bytes"}],
+                 "linear_bytes", "ratio_whole", "part_bytes"}],
      "layer_error": LayerErrorResult.to_dict() (Eq. 1; deltas only; needs FT),
      "perplexity": {"settings", "results": {label: {"ppl", "nll", "tokens", ...}}},
      "tasks": {"settings", "results": {label: {task: {"accuracy", "correct", "n", ...} or lm-eval metrics}}}}
@@ -155,6 +155,12 @@ def _ratio(m: dict) -> str:
     return f"1/{1 / r:.3g}" if r else "-"
 
 
+def _part_mib(parts: dict, key: str) -> str:
+    """MiB of the compressed vocabulary part whose tensor name contains `key` ("lm_head", "embed")."""
+    hit = [b for n, b in parts.items() if key in n and n not in ("linears", "exact")]
+    return f"{sum(hit) / 2 ** 20:.3f}" if hit else "-"
+
+
 def main_table_rows(results: dict) -> list[dict]:
     """One row per model: method, ratio, bytes, Eq. 1 (all layers: all/out/rel), ppl, task scores."""
     summary = results.get("layer_error", {}).get("summary", {})
@@ -164,8 +170,13 @@ def main_table_rows(results: dict) -> list[dict]:
     rows = []
     for m in results["models"]:
         label = m["label"]
-        row = {"model": label, "method": m.get("method", m["kind"]), "ratio": _ratio(m),
-               "linear_MiB": f"{m['linear_bytes'] / 2 ** 20:.3f}" if m.get("linear_bytes") is not None else "-"}
+        parts = m.get("part_bytes") or {}
+        row = {"model": label, "method": m.get("method", m["kind"]),
+               "whole_ratio": f"1/{1 / m['ratio_whole']:.3g}" if m.get("ratio_whole") else "-",
+               "ratio": _ratio(m),
+               "linear_MiB": f"{m['linear_bytes'] / 2 ** 20:.3f}" if m.get("linear_bytes") is not None else "-",
+               "lm_head_MiB": _part_mib(parts, "lm_head"), "embed_MiB": _part_mib(parts, "embed"),
+               "exact_MiB": f"{parts['exact'] / 2 ** 20:.3f}" if "exact" in parts else "-"}
         if "layer_error" in results:
             s = summary.get(label, {}).get("all", {})
             for k in ("all", "out", "rel"):

@@ -78,6 +78,8 @@ class ModelEntry:
     ratio_requested: float | None = None
     ratio_achieved: float | None = None
     linear_bytes: int | None = None
+    ratio_whole: float | None = None       # all weight bytes / 16-bit size of what differs
+    part_bytes: dict | None = None         # {"linears", "<vocabulary matrix>"…, "exact"}: bytes with header entries
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -90,8 +92,10 @@ def delta_entries(deltas) -> list[ModelEntry]:
     out = []
     for label, path in label_deltas(deltas).items():
         d = info(path)
+        w = d["weight_bytes"]
         out.append(ModelEntry(label, "delta", str(path), d["method"], d["ratio_requested"], d["ratio_achieved"],
-                              d["linear_bytes"]))
+                              d["linear_bytes"], d["ratio_whole"],
+                              {"linears": w["linear"], **w["vocab"], "exact": w["exact"]}))
     return out
 
 

@@ -657,7 +657,13 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
     for s in rank_stats:
         for w in s.widths_stored:
             widths_hist[w] = widths_hist.get(w, 0) + 1
+    weights, whole_params = delta.weight_bytes(), delta.whole_delta_params()
     overview = [
+        ["whole delta (all weight bytes with header entries / 16-bit size of what differs)",
+         _f(weights["total"] / (2 * whole_params), 6) if whole_params else "-"],
+        ["  decoder linears (bytes)", f"{weights['linear']:,}"],
+        *[[f"  {n} (compressed rows, bytes)", f"{b:,}"] for n, b in weights["vocab"].items()],
+        ["  exact tensors: norms, biases, rows (bytes)", f"{weights['exact']:,}"],
         ["method", delta.method],
         ["ratio requested", _f(delta.ratio, 6)],
         ["ratio achieved (linear deltas, all stored bytes / 16-bit)",
