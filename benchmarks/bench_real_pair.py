@@ -11,7 +11,11 @@ Whole-delta columns: the bytes stored for weights (all parts, with their header 
 to the 16-bit size of everything that differs, the bytes of each part (decoder linears, lm_head,
 embedding, exact tensors), and the logit error against the fine-tune on held-out text
 (‖z − z_ft‖² / ‖z_ft − z_base‖² over every position, and the mean KL(ft ‖ merged) in nats/token).
-`--runs method@ratio[:exact],…` lists runs explicitly (":exact" = `--exact-embeddings`).
+`--runs method@ratio[:variant],…` lists runs explicitly: ":exact" = `--exact-embeddings`; derived from the
+whole delta of method@ratio without compressing again (CPU is scarce): ":exact-rows" = its linears and norms
+with the embedding / lm_head rows stored exactly instead (what exact embeddings cost on top of the same
+linears), ":no-vocab" = its linears and norms with the embedding / lm_head changes dropped (what the file
+size of the linears buys without the embedding delta).
 Prints one table; writes results.json beside the deltas. Not run in CI (minutes to hours on CPU).
 """
 
@@ -36,6 +40,24 @@ from prinmix import api  # noqa: E402
 from prinmix.evaluate.layer_error import layer_errors  # noqa: E402
 
 METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
+
+
+def derive_delta(whole: Path, out: Path, variant: str, base: Path, ft: Path) -> None:
+    """A variant of a whole delta (see the module docstring): its vocabulary rows exact, or dropped."""
+    from prinmix.format.delta_file import save_delta
+    from prinmix.models.checkpoint import CheckpointReader
+
+    delta = api.load_delta(whole)
+    ft_r = CheckpointReader(ft)
+    for name, (idx, _, shape) in list(delta.vocab.items()):
+        if variant == "exact-rows":
+            exact = ft_r.get(name, dtype=CheckpointReader(base).dtype(name))
+            old = delta.rows.get(name)
+            rows = idx if old is None else torch.cat([idx, old[0]])
+            delta.rows[name] = (rows, exact[rows].contiguous(), shape)
+        del delta.vocab[name]
+    delta.params["derived"] = f"{variant} of {whole.name}"
+    save_delta(delta, out)
 
 
 def compress_measured(base, ft, out, ratio, method, nsamples, seqlen, exact_embeddings=False) -> dict:
@@ -121,22 +143,30 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = []
     if a.runs:
-        plan = [(r.split("@")[0], r.split("@")[1].removesuffix(":exact"), r.endswith(":exact"))
-                for r in a.runs.split(",")]
+        plan = []
+        for r in a.runs.split(","):
+            method, rest = r.split("@")
+            ratio, _, variant = rest.partition(":")
+            plan.append((method, ratio, variant))
     else:
-        plan = [(m, r, False) for r in a.ratios.split(",") for m in a.methods.split(",")]
-    for method, ratio, exact in plan:
+        plan = [(m, r, "") for r in a.ratios.split(",") for m in a.methods.split(",")]
+    for method, ratio, variant in plan:
         if method == "bitdelta" and eval(ratio.replace("x", "")) < 1 / 16:  # noqa: S307 - "1/32" style
             continue
-        delta = out / f"{method}-{ratio.replace('/', 'over')}{'-exact' if exact else ''}.delta"
+        stem = f"{method}-{ratio.replace('/', 'over')}"
+        delta = out / f"{stem}{'-' + variant if variant else ''}.delta"
+        exact = variant in ("exact", "exact-rows")
         meas = {"seconds": None, "peak_rss_gib": None}
-        if not (a.reuse and delta.exists()):
+        if variant in ("exact-rows", "no-vocab"):
+            derive_delta(out / f"{stem}.delta", delta, variant, base, ft)
+        elif not (a.reuse and delta.exists()):
             print(f"compress {method} at {ratio}{' (exact embeddings)' if exact else ''} …", flush=True)
             meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen, exact)
         info = api.info(delta)
         w = info["weight_bytes"]
         vocab = {("lm_head" if "lm_head" in n else "embed"): b for n, b in w["vocab"].items()}
         runs.append({"label": delta.stem, "method": method, "ratio": ratio, "exact_embeddings": exact,
+                     "variant": variant,
                      "delta": str(delta), "file_mib": info["file_bytes"] / 2 ** 20,
                      "linear_ratio": info["ratio_achieved"], "whole_ratio": info["ratio_whole"],
                      "weight_mib": w["total"] / 2 ** 20, "linear_mib": w["linear"] / 2 ** 20,
@@ -184,10 +214,10 @@ def main(argv=None) -> int:
               f"{r['accuracy']:>6.3f}")
     print()
     print("whole delta: bytes stored for weights (MiB, with header entries) / 16-bit size of what differs; parts")
-    print(f"{'method':<10} {'α':>5} {'embeds':>7} {'weights':>8} {'whole':>8} {'linears':>8} {'lm_head':>8} "
+    print(f"{'method':<10} {'α':>5} {'vocab':>7} {'weights':>8} {'whole':>8} {'linears':>8} {'lm_head':>8} "
           f"{'embed':>8} {'exact':>8} {'logit rel':>9} {'KL':>8} {'acc':>6}")
     for r in runs:
-        print(f"{r['method']:<10} {r['ratio']:>5} {'exact' if r['exact_embeddings'] else 'compr.':>7} "
+        print(f"{r['method']:<10} {r['ratio']:>5} {r['variant'] or 'compr.':>7} "
               f"{r['weight_mib']:>8.2f} {r['whole_ratio']:>8.5f} {r['linear_mib']:>8.2f} {r['lm_head_mib']:>8.2f} "
               f"{r['embed_mib']:>8.2f} {r['exact_mib']:>8.2f} {r['logit_rel']:>9.4f} {r['logit_kl']:>8.4f} "
               f"{r['accuracy']:>6.3f}")

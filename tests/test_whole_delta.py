@@ -10,7 +10,6 @@ import struct
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prinmix import api

@@ -44,7 +44,7 @@ from .format.delta_file import (DeltaFile, dense_header_bytes, matrix_header_byt
                                 rows_header_bytes, vocab_header_bytes)
 from .models.apply_delta import stored_form
 
-__all__ = ["VocabPart", "WholeBudget", "plan_whole_budget", "compress_vocab_parts"]
+__all__ = ["VocabPart", "WholeBudget", "compress_vocab_parts", "plan_whole_budget"]
 
 
 @dataclass

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from prinmix.algorithms.compress_matrix import PrinMixConfig, compress_matrix
+from prinmix.algorithms.compress_matrix import PrinMixConfig, simulate_width_errors
 from prinmix.algorithms.rtc import correct_reconstruction_target, correct_reconstruction_target_rows
 from prinmix.algorithms.vocab_delta import (decode_row_set, encode_row_set, lookup_weights, prinmix_error_curve,
                                             row_set_nbytes, split_budget, vocab_objective)
@@ -62,8 +62,6 @@ def test_row_weighted_rtc_is_per_row_least_squares():
 def test_rank_error_with_row_weights_is_exact_brute_force():
     """Eq. 5 with row weights: a rank-1 delta σ u vᵀ with V quantised has J = σ² ΔV (H + ρ I) ΔVᵀ,
     ρ = Σ_t c_t u_t² — checked against the row-by-row float64 objective of the quantised rank."""
-    from prinmix.algorithms.compress_matrix import simulate_width_errors
-
     g = torch.Generator().manual_seed(2)
     n, d = 50, 16
     u = torch.randn(n, generator=g)

@@ -39,8 +39,8 @@ from .budget import prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
 from .compress_matrix import PrinMixConfig, simulate_width_errors
 from .lowrank_svd import thin_svd
 
-__all__ = ["LOOKUP_UNIFORM_SHARE", "lookup_weights", "vocab_objective", "encode_row_set", "decode_row_set",
-           "row_set_nbytes", "prinmix_error_curve", "split_budget"]
+__all__ = ["LOOKUP_UNIFORM_SHARE", "decode_row_set", "encode_row_set", "lookup_weights", "prinmix_error_curve",
+           "row_set_nbytes", "split_budget", "vocab_objective"]
 
 LOOKUP_UNIFORM_SHARE = 0.5   # share of the lookup weight spread uniformly over the vocabulary (the floor)
 ROW_SET_LIST, ROW_SET_MASK = 0, 1

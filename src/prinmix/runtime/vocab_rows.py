@@ -41,7 +41,7 @@ def values_at(m: PackedMatrix, rows: torch.Tensor, cols: torch.Tensor) -> torch.
 
 def gather_rows(p: PackedLinear, positions: torch.Tensor) -> torch.Tensor:
     """ΔŴ[positions] [T, h_in] float32 of a packed [h_out, h_in] delta, reading only those rows' codes."""
-    h_out, h_in = p.shape
+    h_in = p.shape[1]
     pos = positions.to(torch.int64)
     if p.sign is not None:
         flat = pos[:, None] * h_in + torch.arange(h_in, device=pos.device)[None, :]
@@ -62,7 +62,7 @@ def gather_rows(p: PackedLinear, positions: torch.Tensor) -> torch.Tensor:
 
 def delta_rows(p: PackedLinear, xs: torch.Tensor) -> torch.Tensor:
     """xs ΔŴᵀ [n, h_out] float32 (xs [n, h_in]): shrink by V̂, expand by Û (or the signs)."""
-    h_out, h_in = p.shape
+    h_out = p.shape[0]
     if p.sign is not None:
         return xs @ gather_rows(p, torch.arange(h_out, device=xs.device)).T
     out = torch.zeros(xs.shape[0], h_out, device=xs.device)
