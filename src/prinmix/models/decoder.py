@@ -600,12 +600,21 @@ class DecoderStack:
         Runs the model's own forward with the decoder layers replaced, so whatever follows the
         layers (final norm, lm_head, logit soft-capping, ...) is applied with weights from `reader`.
         """
+        model, recorders = self._runner(reader, device)
+        parts = []
+        for output in self._run_injected(model, recorders, input_ids, final_hidden, device, batch_size):
+            if output is None:
+                raise CheckpointError(f"{self._path}: the model forward stopped before producing logits")
+            parts.append(output.logits.detach().float())
+        return torch.cat(parts)
+
+    def _run_injected(self, model, recorders, input_ids, final_hidden, device, batch_size):
+        """Yield the model's output per batch of input_ids [n, seq] with the last layer's outputs replaced by
+        final_hidden [n, seq, d] (None where a hook stopped the forward)."""
         if final_hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"final_hidden {list(final_hidden.shape)} does not match input_ids {list(input_ids.shape)}")
         input_ids = input_ids.to(device=device, dtype=torch.long)
-        model, recorders = self._runner(reader, device)
         return_tuple = False
-        parts = []
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size]
             injected = final_hidden[start : start + batch_size].to(device=device, dtype=torch.float32)
@@ -615,10 +624,7 @@ class DecoderStack:
                 if not session.needs_tuple:
                     break
                 return_tuple = True
-            if output is None:
-                raise CheckpointError(f"{self._path}: the model forward stopped before producing logits")
-            parts.append(output.logits.detach().float())
-        return torch.cat(parts)
+            yield output
 
     def head_hessian(
         self,
@@ -633,9 +639,6 @@ class DecoderStack:
 
         Runs the model's forward after the layers (final norm, …, with `reader`'s weights) up to the output
         embedding's input, then stops: the logits are never computed."""
-        if final_hidden.shape[:2] != input_ids.shape:
-            raise ValueError(f"final_hidden {list(final_hidden.shape)} does not match input_ids {list(input_ids.shape)}")
-        input_ids = input_ids.to(device=device, dtype=torch.long)
         model, recorders = self._runner(reader, device)
         head = model.get_output_embeddings()
         if head is None:
@@ -649,16 +652,8 @@ class DecoderStack:
 
         hook = head.register_forward_pre_hook(record, prepend=True)  # before its weights would be loaded
         try:
-            return_tuple = False
-            for start in range(0, input_ids.shape[0], batch_size):
-                ids = input_ids[start : start + batch_size]
-                injected = final_hidden[start : start + batch_size].to(device=device, dtype=torch.float32)
-                for _attempt in range(2):
-                    session = _RecordingSession(self.num_layers, "inject", return_tuple, injected)
-                    self._run(model, recorders, session, ids)
-                    if not session.needs_tuple:
-                        break
-                    return_tuple = True
+            for _ in self._run_injected(model, recorders, input_ids, final_hidden, device, batch_size):
+                pass
         finally:
             hook.remove()
         if "H" not in acc:
