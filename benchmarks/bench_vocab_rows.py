@@ -13,6 +13,13 @@ Representations:
                        remaining budget to prinmix-weighted on the other rows
     lowrank            truncated SVD in float16
 Calibration: the built-in text, --nsamples × --seqlen tokens (default 32 × 256).
+
+With --eval N, each representation is also put into the fine-tune in place of its embedding (everything
+else exact) and measured: task accuracy on N held-out items and the logit error against the fine-tune on
+held-out text (‖z − z_ft‖² / ‖z_ft − z_base‖², mean KL(ft ‖ model)); beside them the fine-tune with the
+base's embedding (the embedding delta dropped: what the same bytes buy when embedding rows can only be
+stored exactly, since they alone are 3× the whole 1/16 budget). The ratio the embedding gets is the α'
+of `compress`'s whole-delta plan (whole_delta.plan_whole_budget) unless --ratio-own is given.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from real_pair import load_model, read_jsonl  # noqa: E402
+from real_pair import load_model, read_jsonl, task_accuracy  # noqa: E402
 
 from prinmix.algorithms.budget import parse_ratio  # noqa: E402
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
 from prinmix.algorithms.vocab_delta import lookup_weights, vocab_objective  # noqa: E402
 from prinmix.models.calibration import load_calibration  # noqa: E402
+from prinmix.models.checkpoint import CheckpointReader, check_compatible  # noqa: E402
+from prinmix.models.decoder import DecoderStack  # noqa: E402
+from prinmix.whole_delta import plan_whole_budget  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,10 +50,18 @@ def main(argv=None) -> int:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--tops", default="64,512,4096")
+    p.add_argument("--eval", type=int, default=0, help="task items for the accuracy of each variant (0: none)")
+    p.add_argument("--ratio-own", action="store_true", help="the embedding at α itself, not the plan's α'")
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     pair = Path(a.pair)
     alpha = parse_ratio(a.ratio)
+    if not a.ratio_own:
+        base_r, ft_r = CheckpointReader(pair / "base"), CheckpointReader(pair / "finetuned")
+        plan = plan_whole_budget(DecoderStack(ft_r), base_r, ft_r, check_compatible(base_r, ft_r), alpha)
+        print(f"whole-delta plan at α={a.ratio}: α' = {plan.linear_alpha:.6f} for every compressed part "
+              f"(exact {plan.exact_bytes} B, overheads {plan.overhead_bytes} B)")
+        alpha = plan.linear_alpha
     base, tok = load_model(pair / "base")
     ft, _ = load_model(pair / "finetuned")
     name = "model.embed_tokens.weight"
@@ -60,7 +78,31 @@ def main(argv=None) -> int:
         for i in range(ids.shape[0]):
             h = ft(input_ids=ids[i:i + 1], output_hidden_states=True).hidden_states[-1][0].float()
             H += h.T @ h
-    del base, ft
+    held = load_calibration(None, tok, 4, 256, 1234)
+    z_ft, z_base = (torch.cat([m(input_ids=held[i:i + 1]).logits.float() for i in range(held.shape[0])])
+                    for m in (ft, base))
+    logp_ft = torch.log_softmax(z_ft, -1)
+    emb = ft.get_input_embeddings().weight
+    E1_copy = emb.detach().clone()
+
+    def measure(new_emb: torch.Tensor) -> str:
+        """Task accuracy and logit error of the fine-tune with its embedding (tied: also its head) = new_emb."""
+        if not a.eval:
+            return ""
+        emb.data.copy_(new_emb.to(emb.dtype))
+        z = torch.cat([ft(input_ids=held[i:i + 1]).logits.float() for i in range(held.shape[0])])
+        rel = float((z - z_ft).pow(2).sum() / (z_ft - z_base).pow(2).sum())
+        kl = float((logp_ft.exp() * (logp_ft - torch.log_softmax(z, -1))).sum(-1).mean())
+        acc = task_accuracy(ft, tok, pair / "task_test.jsonl", limit=a.eval)
+        emb.data.copy_(E1_copy)
+        return f" {rel:>9.4f} {kl:>8.4f} {acc:>6.3f}"
+
+    def with_rows(approx: torch.Tensor) -> torch.Tensor:
+        out = E0.clone()
+        out[changed] += approx
+        return out
+
+    del base
     task_tokens = {t for r in read_jsonl(pair / "task_test.jsonl") for t in tok(r["prompt"] + " " + r["answer"]).input_ids}
     pos = {int(r): i for i, r in enumerate(changed.tolist())}
     task_rows = torch.tensor([pos[t] for t in task_tokens if t in pos])
@@ -77,9 +119,12 @@ def main(argv=None) -> int:
         head = vocab_objective(R, None, Hz)
         task = float((R[task_rows] ** 2).sum() / (dE[task_rows] ** 2).sum()) if len(task_rows) else float("nan")
         print(f"{label:<24} {nbytes / 2**20:>8.3f} {(look + head) / J0:>9.4f} {look / J0:>9.4f} {head / J0:>9.4f} "
-              f"{task:>9.4f}", flush=True)
+              f"{task:>9.4f}" + measure(with_rows(approx)), flush=True)
 
-    print(f"{'representation':<24} {'MiB':>8} {'J/J0':>9} {'lookup':>9} {'head':>9} {'task rows':>9}")
+    print(f"{'representation':<24} {'MiB':>8} {'J/J0':>9} {'lookup':>9} {'head':>9} {'task rows':>9}"
+          + (f" {'logit rel':>9} {'KL':>8} {'acc':>6}" if a.eval else ""))
+    report("exact (fine-tune)", dE, n * (2 * d + 4))
+    report("dropped (base rows)", torch.zeros_like(dE), 0)
     m = compress_matrix(dE, Hz, alpha, "prinmix", row_weights=c)
     report("prinmix-weighted", m.reconstruct(), m.nbytes())
     m = compress_matrix(dE, H, alpha, "prinmix")
