@@ -23,18 +23,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .algorithms.budget import parse_ratio
-from .algorithms.compress_matrix import DEFAULT_WIDTHS, PrinMixConfig, compress_matrix
+from .algorithms.compress_matrix import DEFAULT_WIDTHS, METHODS, PrinMixConfig, compress_matrix
 from .algorithms.lowrank_svd import FactoredDelta
-from .errors import BudgetError, CheckpointError, DeviceError, PrinmixError
-from .format.atomic_dir import atomic_directory, check_output_directory
+from .errors import BudgetError, CheckpointError, DeltaFormatError, DeltaRangeError, DeviceError, PrinmixError
+from .format.atomic_dir import atomic_directory
+from .format.output_safety import MERGED_CHECKPOINT, check_output_directory, refuse_input_overlap, write_marker
 from .format.delta_file import DeltaFile, load_delta as _load_delta, ratio_within_file, save_delta
+from .format.resume_part import CHECKSUMS_KEY, part_checksums, part_problem
 from .models.apply_delta import (base_fingerprint, check_base, finetuned_tensor, merged_aux_files,
                                  output_tensor_names, split_aux_files, stored_form)
 from .models.checkpoint import CheckpointReader, check_compatible
 from .models.offload import PackedLinear
 from .whole_delta import compress_vocab_parts, plan_whole_budget
 
-METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
 CALIBRATED = ("prinmix", "deltacome")
 
 
@@ -140,8 +141,10 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         raise PrinmixError(f"--distill-steps must be ≥ 0, got {distill_steps}")
     if Path(output).is_dir():
         raise PrinmixError(f"{output}: is a directory; give the delta file's path (e.g. {Path(output) / 'model.delta'})")
+    refuse_input_overlap([output], [base, finetuned], "compress")
     dev = resolve_device(device)
     base_r, ft_r, compat = _open_pair(base, finetuned)
+    check_inputs_finite(base_r, ft_r)  # an Inf in model.norm is found now, not after every layer
     cfg = config or PrinMixConfig(widths=tuple(widths), fmax=fmax)
     try:
         cfg.validate()
@@ -154,9 +157,13 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
     stack = DecoderStack(ft_r)
     fingerprint = base_fingerprint(base_r)
     params = {"method": method, "ratio": alpha, "budget": "blob+header", "exact": "base-dtype", "config": asdict(cfg),
-              "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "base": fingerprint["content_hash"],
-              "finetuned": ft_r.content_hash(), "distill_steps": distill_steps,
-              "whole": not exact_embeddings}
+              "calib": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+              # every byte of both models (content_hash(full=True)), not the sampled fingerprint: a model edited
+              # only in unsampled bytes must not reuse stale parts (of either: the delta is relative to the base).
+              # Cost (benchmarks/bench_resume_key.py, one core): 0.75 s per SmolLM2-135M model (269 MB bf16,
+              # 360 MB/s) against 0.12 s sampled; ~6.5 min per 140 GB model (70B), a few % of its compression.
+              "base": base_r.content_hash(full=True), "finetuned": ft_r.content_hash(full=True),
+              "distill_steps": distill_steps, "whole": not exact_embeddings}
     key = _run_key(params)
     work = output.parent / f".{output.name}.partial-{key}"
     if not resume and work.exists():
@@ -193,6 +200,10 @@ def compress(base, finetuned, output, ratio="1/16", method: str = "prinmix", cal
         part = work / f"layer_{i:05d}.safetensors"
         prefix = stack.layer_prefix(i)
         names = stack.layer_tensor_names(i)
+        problem = part_problem(part) if part.exists() else None
+        if problem:  # damaged since it was written: compress this layer again
+            warnings.warn(f"{part}: {problem}; compressing layer {i} again", stacklevel=2)
+            part.unlink()
         if part.exists():
             layer_delta = _load_layer_part(part)
         else:
@@ -284,8 +295,21 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
             # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)
             # (whole-delta mode: headers are paid in the plan, alpha is already the blob's ratio)
             ratio = alpha if method == "bitdelta" or whole else ratio_within_file(alpha, name, d.shape)
-            out.matrices[name] = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
-            out.matrices[name] = out.matrices[name].stored_copy()  # blobs are built on CPU
+            try:
+                m = compress_matrix(d.to(dev), None if H is None else H.to(dev), ratio, method, cfg)
+            except ValueError as e:  # e.g. a 3e38 entry: its SVD or the layer's activations overflow float32
+                if H is not None and not bool(torch.isfinite(H).all()):
+                    peak = max(float(ft_r.get(n, torch.float32).abs().max()) for n in stack.layer_tensor_names(i))
+                    raise DeltaRangeError(f"{ft_r.path}: layer {i}'s calibration activations overflow float32 at "
+                                          f"{name!r} (the fine-tune's weights in this layer reach {peak:.3g})"
+                                          ) from None
+                raise DeltaRangeError(f"{ft_r.path}: cannot compress the delta of {name!r} ({e}); its largest "
+                                      f"entry is {_max_abs(d):.3g}") from None
+            bad = m.nonfinite_field()
+            if bad is not None:
+                raise DeltaRangeError(f"{ft_r.path}: the delta of {name!r} (largest entry {_max_abs(d):.3g}) does not "
+                                      f"fit {method}'s float16 fields ({bad} overflows)")
+            out.matrices[name] = m.stored_copy()  # blobs are built on CPU
             d = H = None
         else:
             stored = stored_form(ft_t, base_t)
@@ -294,12 +318,25 @@ def _compress_layer(i, stack, base_r, ft_r, inputs, alpha, method, cfg, dev, bat
     return out
 
 
+def _max_abs(d) -> float:
+    return float(d.dense().abs().max() if isinstance(d, FactoredDelta) else d.abs().max())
+
+
+def check_inputs_finite(*readers) -> None:
+    """Read every tensor of each model once and raise CheckpointError (naming the file and tensor) for a
+    NaN/Inf, before the long per-layer work. Costs one read of each model (benchmarks/bench_resume_key.py)."""
+    for reader in readers:
+        for name in reader.tensor_names:
+            reader.get(name, dtype=None)  # check_finite: raises CheckpointError
+
+
 def _save_layer_part(part_delta: DeltaFile, path: Path) -> None:
     tensors = {f"linear/{n}": m.to_blob() for n, m in part_delta.matrices.items()}
     tensors.update({f"dense/{n}": t.contiguous() for n, t in part_delta.dense.items()})
     meta = {"shapes": json.dumps({n: list(m.shape) for n, m in part_delta.matrices.items()}),
             "method": part_delta.method,
             "objective": json.dumps({n: m.info.get("objective") for n, m in part_delta.matrices.items()})}
+    meta[CHECKSUMS_KEY] = part_checksums(tensors, meta)  # verified before reuse (format/resume_part.py)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     import os
 
@@ -377,11 +414,12 @@ def load_delta(path):
 def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> Path:
     """Write base + delta as a standard HF checkpoint directory (safetensors + the fine-tune's
     config/tokenizer files). Atomic: built in a temporary sibling directory, then renamed."""
+    refuse_input_overlap([output], [base, delta_path], "merge")
     base_r = CheckpointReader(base)
     delta = load_delta(delta_path)
     check_base(base_r, delta, delta_path)
     output = Path(output)
-    check_output_directory(output, overwrite)
+    check_output_directory(output, overwrite, MERGED_CHECKPOINT)
     aux_files = merged_aux_files(base_r, delta, delta_path)  # checked before any work
     with atomic_directory(output) as tmp:
         names = output_tensor_names(base_r, delta)
@@ -399,6 +437,8 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
 
         for j, name in enumerate(names):
             t = finetuned_tensor(name, base_r, delta).contiguous()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # e.g. a delta overflowing fp16
+                raise DeltaFormatError(f"{delta_path}: base + delta of {name!r} is not finite in {t.dtype}")
             shard[name] = t
             shard_bytes += t.numel() * t.element_size()
             if shard_bytes >= limit:
@@ -414,6 +454,7 @@ def merge(base, delta_path, output, overwrite: bool = False, progress=None) -> P
                 {"metadata": {"total_size": total}, "weight_map": index}, indent=2))
         for fname, data in aux_files.items():
             (tmp / fname).write_bytes(data)
+        write_marker(tmp, MERGED_CHECKPOINT)
     return output
 
 

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from safetensors import SafetensorError
+
 from .errors import BudgetError, PrinmixError
 
 
@@ -198,6 +200,19 @@ def main(argv=None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except (OSError, SafetensorError) as e:  # read-only output, disk full, --offload on a read-only path…
+        print(f"prinmix: error: {_io_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _io_error_line(e: Exception) -> str:
+    """One line for an I/O failure: the file (the destination of a rename) and the system's reason.
+    safetensors reports write errors as SafetensorError('Error while serializing: IoError(Os {…})')."""
+    if isinstance(e, OSError):
+        where = e.filename2 or e.filename
+        return f"{where}: {e.strerror or e}" if where else f"{e.strerror or e}"
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"cannot write a safetensors file: {text}"
 
 
 if __name__ == "__main__":

@@ -25,5 +25,9 @@ class DeltaFormatError(PrinmixError):
     """A delta file is truncated, corrupted, or of an unknown format version."""
 
 
+class DeltaRangeError(PrinmixError):
+    """A fine-tune's delta holds values a method cannot store (beyond its float16 fields or float32 maths)."""
+
+
 class DeviceError(PrinmixError):
     """The requested device is not available."""

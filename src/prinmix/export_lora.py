@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 from .algorithms.lowrank_svd import svd_of_product
 from .errors import PrinmixError
-from .format.atomic_dir import atomic_directory, check_output_directory
+from .format.atomic_dir import atomic_directory
+from .format.output_safety import LORA_ADAPTER, check_output_directory, refuse_input_overlap, write_marker
 from .format.delta_file import load_delta
 from .models.apply_delta import check_base
 from .models.checkpoint import CheckpointReader
@@ -69,6 +70,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
                            f"({', '.join(map(str, VLLM_MAX_LORA_RANKS))})")
     if dtype not in DTYPES.values():
         raise PrinmixError(f"dtype {dtype} not supported: use float16, bfloat16 or float32")
+    refuse_input_overlap([out_dir], [base_dir, delta_path], "export-lora")
     base = CheckpointReader(base_dir)
     delta = load_delta(delta_path)
     check_base(base, delta, delta_path)
@@ -86,7 +88,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
                            f"{', …' if len(left_out) > 3 else ''}); a LoRA adapter cannot carry them "
                            f"(allow_lossy / --allow-lossy exports without them)")
     out_dir = Path(out_dir)
-    check_output_directory(out_dir, overwrite)
+    check_output_directory(out_dir, overwrite, LORA_ADAPTER)
 
     factors, modules = {}, {}
     trunc2 = total2 = ref2 = 0.0
@@ -132,6 +134,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
     with atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_marker(tmp, LORA_ADAPTER)
     return {"out_dir": str(out_dir), "r": r, "lora_alpha": r, "target_modules": targets,
             "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None),
             "truncated": any(m["exported_rank"] < m["rank"] for m in modules.values()),

@@ -39,7 +39,7 @@ from .algorithms.budget import budget_bits
 from .algorithms.compress_matrix import PrinMixConfig, compress_matrix
 from .algorithms.compressed import BLOB_HEADER_BYTES
 from .algorithms.vocab_delta import lookup_weights, prinmix_error_curve, row_set_nbytes, split_budget
-from .errors import BudgetError
+from .errors import BudgetError, DeltaRangeError
 from .format.delta_file import (DeltaFile, dense_header_bytes, matrix_header_bytes, ratio_within_file,
                                 rows_header_bytes, vocab_header_bytes)
 from .models.apply_delta import stored_form
@@ -197,8 +197,15 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
         if method != "bitdelta" and budget_bits(ratio, n, d) < 8 * BLOB_HEADER_BYTES:
             raise BudgetError(f"ratio {plan.alpha:g}: {p.name}'s share of the whole-delta budget ({bits} bits) "
                               f"is below a blob's header")
-        m = compress_matrix(d_rows.to(device), None if H is None else H.to(device), ratio, method, cfg,
-                            row_weights=None if w is None else w.to(device))
+        try:
+            m = compress_matrix(d_rows.to(device), None if H is None else H.to(device), ratio, method, cfg,
+                                row_weights=None if w is None else w.to(device))
+        except ValueError as e:  # e.g. an entry whose SVD overflows float32
+            raise DeltaRangeError(f"{ft_r.path}: cannot compress the changed rows of {p.name!r} ({e})") from None
+        bad = m.nonfinite_field()
+        if bad is not None:
+            raise DeltaRangeError(f"{ft_r.path}: the changed rows of {p.name!r} do not fit {method}'s float16 "
+                                  f"fields ({bad} overflows)")
         delta.vocab[p.name] = (p.changed, m.stored_copy(), list(p.shape))
         report[p.name] = {"budget_bits": int(bits), "roles": list(p.roles), "rows": int(n)}
     return report

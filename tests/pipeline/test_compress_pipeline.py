@@ -132,7 +132,7 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
     capsys.readouterr()
     _fails(capsys, ["merge", str(qbase), str(delta), "-o", str(tmp_path / "m1")], "llama")
     _fails(capsys, ["merge", str(ft), str(delta), "-o", str(tmp_path / "m2")], "another base")
-    _fails(capsys, ["merge", str(base), str(delta), "-o", str(delta)], "not a directory")
+    _fails(capsys, ["merge", str(base), str(delta), "-o", str(delta)], "is an input of this merge")  # the delta itself
     assert delta.is_file()
     assert not (tmp_path / "m2").exists()
 

@@ -189,6 +189,7 @@ def test_biases_norms_tied_embedding_rows_and_sliding_window(tmp_path, method, e
 def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
     base, deltas, _ = llama
     delta = load_delta(deltas["lowrank"])
+    delta.matrices.pop("model.layers.0.mlp.up_proj.weight")  # stored as both is refused by load_delta already
     delta.dense["model.layers.0.mlp.up_proj.weight"] = torch.zeros(128, 64)
     save_delta(delta, tmp_path / "dense_linear.delta")
     with pytest.raises(PrinmixError, match="dense replacement"):

@@ -22,7 +22,12 @@ DELTACOME_GROUP = 128
 
 def compress_lowrank(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None) -> CompressedLinear:
     """Truncated SVD (Ryu et al. 2023): the largest rank k whose float16 factors
-    B = U_k Σ_k [h_out, k] and A = V_k [k, h_in] fit the budget. H is not used."""
+    B = U_k Σ_k^½ [h_out, k] and A = Σ_k^½ V_k [k, h_in] fit the budget. H is not used.
+
+    Σ is split evenly between the factors (decision): with Σ in B alone, one delta entry of 1e5 gives
+    σ₁ ≈ 1e5 > 65504 and an Inf in B; balanced, |entries| ≤ √σ₁, finite up to σ₁ ≈ 4·10⁹, and small
+    deltas keep their factors out of float16's subnormal range too. Larger σ₁ leave an Inf, which
+    compress refuses (DeltaRangeError)."""
     h_out, h_in = W.shape
     total = budget_bits(ratio, h_out, h_in) // 8
     per_rank = 2 * (h_out + h_in)
@@ -33,7 +38,8 @@ def compress_lowrank(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None) -
     if k:
         U, S, Vh = thin_svd(W)
         k = min(k, S.numel())  # a factored delta has no more ranks than its factors
-        blocks.append(RankBlock(FLOAT_BITS, Vh[:k].half(), (U[:, :k] * S[:k]).half()))
+        root = S[:k].sqrt()
+        blocks.append(RankBlock(FLOAT_BITS, (root[:, None] * Vh[:k]).half(), (U[:, :k] * root).half()))
     return CompressedLinear((h_out, h_in), "lowrank", blocks, info={"rank_index": list(range(k))})
 
 
@@ -43,13 +49,15 @@ def compress_bitdelta(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None) 
 
     Its size is fixed: 1 bit per entry + one float16 scale + a 3-byte header, i.e. just over 1/16.
     Requested ratios ≥ 1/16 are met up to those 5 bytes; a smaller ratio is refused (BudgetError).
+    The mean is taken in float64 (a float32 sum of 3e38 entries overflows); a mean beyond float16's
+    65504 leaves an Inf scale, which compress refuses (DeltaRangeError).
     """
     h_out, h_in = W.shape
     if budget_bits(ratio, h_out, h_in) < h_out * h_in:
         raise BudgetError(f"BitDelta stores 1 bit per delta entry (ratio 1/16); ratio {ratio:g} is below it")
     if isinstance(W, FactoredDelta):  # signs need every entry
         W = W.dense()
-    scale = W.abs().mean().half()
+    scale = W.abs().double().mean().half()
     return CompressedLinear((h_out, h_in), "bitdelta", sign=SignDelta(W >= 0, scale))
 
 
@@ -114,6 +122,11 @@ def compress_deltacome(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None)
         plan = _truncate_plan(plan, S.numel())
         k = S.numel()
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    # σ is stored in float16: a σ beyond its range (one delta entry of 1e5) is moved into V's row, which
+    # GPTQ quantises with its own per-group scales (row scaling commutes with it), so σ' = σ/c stays
+    # ≤ 2^15 and σ'·V' = σ·V. Unchanged for every σ ≤ 2^15.
+    c = (S / 2 ** 15).clamp_min(1.0)
+    S, Vh = S / c, Vh * c[:, None]
     bits = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in plan]).to(W.device)
     vq = gptq_quantize(Vh, H, bits, bits_axis="row", scale_axis="row", group_size=DELTACOME_GROUP,
                        percdamp=percdamp)

@@ -17,10 +17,11 @@ from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_
 from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
 from .gptq import gptq_quantize, prepare_hessian
 from .lowrank_svd import FactoredDelta, thin_svd
-from .quantize import dequantize_codes
+from .quantize import FP16_MAX_SCALE, dequantize_codes
 from .rtc import correct_reconstruction_target, correct_reconstruction_target_rows
 
 DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
+METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")  # every method a delta file may name
 
 
 @dataclass
@@ -137,6 +138,24 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     return E.clamp_min(0.0), sim, nonzero
 
 
+def _balance_ranks(v_hat: torch.Tensor, v_scale: torch.Tensor, u_target: torch.Tensor):
+    """Move excess magnitude of Û's columns into V̂'s rows, by powers of two: (V̂ [k, h_in], its scales
+    [k, groups], U target [h_out, k]) → (2^e V̂, 2^e scales, U 2^-e) with e ≥ 0 per rank, the smallest
+    keeping every |U| column ≤ 2^14.
+
+    Û is stored with one float16 scale per rank: a column spanning more than 65504·(2^b − 1) (σ of a
+    1e7 delta entry) would saturate and give a silently wrong ΔŴ. V̂'s codes are kept, its scales
+    multiplied by 2^e (exact in float16 while they stay ≤ 65504; beyond that the stored scale is Inf,
+    which compress refuses), so V̂ and the product U V̂ are unchanged. e = 0 — nothing changes — for
+    every delta whose σ stays below ~2^14."""
+    span = u_target.abs().amax(dim=0)
+    e = torch.ceil(torch.log2(span / 2 ** 14)).clamp_min(0)
+    if not bool((e > 0).any()):
+        return v_hat, v_scale, u_target
+    c = torch.exp2(e)
+    return v_hat * c[:, None], v_scale * c[:, None], u_target / c
+
+
 def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMixConfig | None = None,
                      row_weights: torch.Tensor | None = None, budget: int | None = None) -> CompressedLinear:
     """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
@@ -203,9 +222,12 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
         u_target = U[:, kept_t] * S[kept_t]
     blocks: list[RankBlock] = []
     if kept:
+        v_hat, v_scale, u_target = _balance_ranks(v_hat, v_scale, u_target)
         H_u = v_hat @ (H if H_u_extra is None else H + H_u_extra) @ v_hat.T
         uq = gptq_quantize(u_target, H_u, bits_k, bits_axis="col", scale_axis="col",
                            blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
+        if bool((uq.scale >= FP16_MAX_SCALE).any()):
+            raise ValueError("a rank of Û spans more than float16 scales can hold (it would saturate)")
         start = 0
         for b in sorted(set(bits_k.tolist()), reverse=True):
             end = start + int((bits_k == b).sum())

@@ -148,6 +148,23 @@ class CompressedLinear:
         return (torch.cat([b.u_matrix(dtype) for b in self.blocks], 1),
                 torch.cat([b.v_matrix(dtype) for b in self.blocks], 0))
 
+    def nonfinite_field(self) -> str | None:
+        """Which stored float16 field holds NaN/Inf ('block 0 scales of V', …), or None when all are finite.
+
+        Every float a blob stores is float16 (scales, σ, raw factors, BitDelta's scale); finite fields
+        give a finite ΔŴ in float32 (|entries| ≤ 65504² · 255² · rank)."""
+        if self.sign is not None:
+            return None if bool(torch.isfinite(self.sign.scale).all()) else "the sign scale"
+        for i, b in enumerate(self.blocks):
+            fields = {"V": b.v.scale if isinstance(b.v, QuantizedMatrix) else b.v,
+                      "U": b.u.scale if isinstance(b.u, QuantizedMatrix) else b.u}
+            if b.sigma is not None:
+                fields["sigma"] = b.sigma
+            for what, t in fields.items():
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    return f"block {i} ({b.bits}-bit) {what}"
+        return None
+
     def reconstruct(self, dtype=torch.float32) -> torch.Tensor:
         """ΔŴ [h_out, h_in]."""
         if self.sign is not None:
@@ -206,6 +223,8 @@ class CompressedLinear:
             n = h_out * h_in
             bits_ = unpack_codes(reader.raw(packed_nbytes(n, 1)), 1, n)
             reader.finish()
+            if not bool(torch.isfinite(scale)):
+                raise ValueError("the sign scale holds NaN/Inf")
             return cls(shape, method, sign=SignDelta(bits_.reshape(h_out, h_in).bool(), scale))
         if kind != 0:
             raise ValueError(f"unknown blob kind {kind}")
@@ -223,7 +242,11 @@ class CompressedLinear:
             sigma = reader.tensor(torch.float16, k) if flags & 1 else None
             blocks.append(RankBlock(bits, v, u, u_t, sigma))
         reader.finish()
-        return cls(shape, method, blocks=blocks)
+        out = cls(shape, method, blocks=blocks)
+        bad = out.nonfinite_field()
+        if bad is not None:
+            raise ValueError(f"{bad} holds NaN/Inf")
+        return out
 
 
 def _group(m) -> int:

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..errors import PrinmixError
+from ..format.output_safety import refuse_input_overlap
 
 EVAL_FORMAT = 1
 ALL_METRICS = ("error", "ppl", "tasks")
@@ -235,6 +236,12 @@ def format_results(results: dict, per_type: bool = False) -> str:
     return "\n\n".join(parts)
 
 
+def result_paths(path) -> list[Path]:
+    """The files write_results may write for PATH: the .json, its .csv and its .layers.csv."""
+    path = Path(path)
+    return [path, path.with_suffix(".csv"), path.with_suffix(".layers.csv")]
+
+
 def write_results(results: dict, path) -> list[Path]:
     """results.json, plus results.csv (the side-by-side table) and results.layers.csv (per-linear Eq. 1)."""
     path = Path(path)
@@ -294,6 +301,9 @@ def cmd_eval(a) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    if a.output:  # before the evaluation: its outputs must not replace any input
+        inputs = [a.base, *a.deltas, a.finetuned, a.calib, a.ppl_data, *_split(a.tasks)]
+        refuse_input_overlap(result_paths(a.output), [p for p in inputs if p and Path(p).exists()], "eval")
     results = run_eval(a.base, a.deltas, finetuned=a.finetuned, metrics=a.metrics, tasks=_split(a.tasks),
                        calib=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, ppl_data=a.ppl_data,
                        ppl_seqlen=a.ppl_seqlen, ppl_stride=a.ppl_stride, ppl_tokens=a.ppl_tokens, limit=a.limit,

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import PrinmixError
+from ..format.output_safety import REPORT, check_output_directory, refuse_input_overlap, write_marker
 from .layer_error import depth_group, layer_index_of, projection_type
 
 FLOAT_BITS = 16
@@ -611,7 +612,10 @@ def build_report(delta_path, out_dir=None, eval_json=None, base=None, finetuned=
         check_compatible(base_r, ft_r)
         check_base(base_r, delta, delta_path)
     out_dir = Path(out_dir) if out_dir else delta_path.parent / f"{delta_path.stem}-report"
+    refuse_input_overlap([out_dir], [delta_path, base, finetuned, eval_json], "report")
+    check_output_directory(out_dir, overwrite=True, kind=REPORT)  # rewrites only an earlier report
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, REPORT)
 
     probe_stats, _ = analyse_delta(delta)  # stored view first: to choose the Fig. 2 matrices cheaply
     if matrices:

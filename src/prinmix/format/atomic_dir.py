@@ -9,16 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import PrinmixError
+from .output_safety import apply_umask, check_output_directory
 
-
-def check_output_directory(output, overwrite: bool) -> None:
-    """Refuse an OUTPUT that is a file, or a non-empty directory unless overwrite (one-line PrinmixError)."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise PrinmixError(f"{output}: exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise PrinmixError(f"{output}: exists and is not empty (pass overwrite / --force to replace it)")
+__all__ = ["atomic_directory", "check_output_directory"]
 
 
 @contextmanager
@@ -34,7 +27,11 @@ def atomic_directory(output) -> Iterator[Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        apply_umask(tmp, directory=True)  # mkdtemp makes 0700; the output gets the mode mkdir would give
         yield tmp
+        for path in tmp.rglob("*"):  # safetensors' save_file (0.8) creates 0600 files, whatever the umask
+            if not path.is_symlink():
+                apply_umask(path, directory=path.is_dir())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,8 +16,15 @@ Metadata (the safetensors header's string map)
     "prinmix"              JSON: format_version, method, ratio, params, matrices {name: [h_out, h_in]},
                            rows {name: [n_rows_final, d]}, vocab {name: [n_rows_final, d, n]} (version 2),
                            base fingerprint, stats, and a sha256 per tensor.
+                           Its field "metadata_sha256" is the sha256 (hex) of the canonical JSON of the
+                           other fields (json.dumps(sort_keys=True), see metadata_digest).
 
-Nothing in the file can execute code; every field is validated before use.
+Nothing in the file can execute code; every field is validated before use (`read_metadata`,
+`load_delta`; against the base in models/apply_delta.check_base). The checksums detect accidental
+corruption only: whoever crafts a file recomputes them. What protects a machine reading a crafted
+file is the validation: aux file names are plain names (format/file_names.py), every JSON field has
+its type, every stored float is finite, every tensor the metadata names is checked against the base
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -34,13 +41,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..algorithms.budget import budget_bits
+from ..algorithms.compress_matrix import METHODS
 from ..algorithms.compressed import CompressedLinear
 from ..algorithms.vocab_delta import decode_row_set, encode_row_set
 from ..errors import DeltaFormatError
+from .file_names import aux_name_problem
+from .output_safety import apply_umask
 
 FORMAT_VERSION = 2            # 2: compressed vocabulary-row deltas ("vocab"); version-1 files are still read
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "prinmix"
+METADATA_SHA256_FIELD = "metadata_sha256"
+TENSOR_NAME_MAX_CHARS = 1000
 
 
 @dataclass
@@ -166,7 +178,7 @@ def ratio_within_file(alpha: float, name: str, shape) -> float:
     return (budget - reserve) / (16 * h_out * h_in)
 
 
-def _sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 of the tensor's bytes, read in place (no copy of a multi-GB embedding)."""
     flat = t.reshape(-1).contiguous().view(torch.uint8)
     return hashlib.sha256(memoryview(flat.numpy())).hexdigest()
@@ -197,20 +209,51 @@ def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:
         "vocab": {n: [int(shape[0]), int(shape[1]), int(m.shape[0])] for n, (_, m, shape) in delta.vocab.items()},
         "base_fingerprint": delta.base_fingerprint,
         "stats": delta.stats,
-        "checksums": {n: _sha256(t) for n, t in tensors.items()},
+        "checksums": {n: tensor_sha256(t) for n, t in tensors.items()},
     }
     return tensors, meta
 
 
+def nonfinite_problem(delta: DeltaFile) -> str | None:
+    """The first stored tensor of DELTA holding NaN/Inf ('dense tensor X', 'matrix Y block 0 …'), or None.
+
+    Matrices still packed from a resume part (PackedLinear) are skipped: they were checked when
+    compressed, before their part was written, and the part's checksums are verified at reuse."""
+    for name, t in delta.dense.items():
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            return f"dense tensor {name!r} holds NaN/Inf"
+    for name, (_, values, _) in delta.rows.items():
+        if values.is_floating_point() and values.numel() and not bool(torch.isfinite(values).all()):
+            return f"rows of {name!r} hold NaN/Inf"
+    for name, m in delta.matrices.items():
+        if isinstance(m, CompressedLinear):
+            bad = m.nonfinite_field()
+            if bad is not None:
+                return f"matrix {name!r}: {bad} holds NaN/Inf"
+    for name, (_, m, _) in delta.vocab.items():
+        bad = m.nonfinite_field()
+        if bad is not None:
+            return f"compressed rows of {name!r}: {bad} hold NaN/Inf"
+    return None
+
+
 def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
-    """Write atomically (temp file in the same directory + rename). Returns the file size in bytes."""
+    """Write atomically (temp file in the same directory + rename). Returns the file size in bytes.
+
+    Refuses (DeltaFormatError) a delta with a NaN/Inf in any stored tensor: a reader refuses it too."""
     path = Path(path)
+    bad = nonfinite_problem(delta)
+    if bad is not None:
+        raise DeltaFormatError(f"{path}: not written: {bad}")
     tensors, meta = _to_tensors(delta)
+    meta[METADATA_SHA256_FIELD] = metadata_digest(meta)
+    raw = json.dumps(meta, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        save_file(tensors, tmp, metadata={METADATA_KEY: raw})  # one key: safetensors orders keys at random
+        apply_umask(tmp)  # mkstemp made 0600; the delta gets the mode open() would give
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -220,6 +263,80 @@ def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
+def metadata_digest(meta: dict) -> str:
+    """sha256 (hex) of the canonical JSON (sorted keys, ASCII) of META without its own digest field."""
+    rest = {k: v for k, v in meta.items() if k != METADATA_SHA256_FIELD}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+def _is_shape(v) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 0 < x < 2 ** 40 for x in v)
+
+
+def _is_tensor_name(v) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= TENSOR_NAME_MAX_CHARS and v.isprintable()
+
+
+def metadata_problem(meta) -> str | None:
+    """Why the decoded "prinmix" JSON is not a valid delta description (types and names), or None."""
+    if not isinstance(meta, dict):
+        return "metadata is not a JSON object"
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS or not _is_int(version):
+        return (f"format version {version!r} is not supported "
+                f"(this prinmix reads {', '.join(map(str, READABLE_VERSIONS))})")
+    for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
+        if key not in meta:
+            return f"metadata lacks '{key}'"
+    if meta["method"] not in METHODS:
+        return f"unknown method {meta['method']!r} (known: {', '.join(METHODS)})"
+    ratio = meta["ratio"]
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < float("inf"):
+        return f"ratio {ratio!r} is not a positive number"
+    for key in ("params", "matrices", "rows", "base_fingerprint", "checksums", "stats"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"'{key}' is a {type(meta[key]).__name__}, not a JSON object"
+    for key in ("matrices", "rows"):
+        for name, shape in meta[key].items():
+            if not _is_tensor_name(name) or not _is_shape(shape):
+                return f"'{key}' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [int, int] of positive sizes"
+    vocab = meta.get("vocab", {})
+    if not isinstance(vocab, dict):
+        return "'vocab' is not a JSON object"
+    for name, shape in vocab.items():
+        if not _is_tensor_name(name) or not isinstance(shape, list) or len(shape) != 3 \
+                or not _is_shape(shape[:2]) or not _is_int(shape[2]) or not 0 < shape[2] <= shape[0]:
+            return f"'vocab' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [rows, d, changed rows]"
+    for name, digest in meta["checksums"].items():
+        if not _is_sha256(digest):
+            return f"checksum of {name[:80]!r} is not a sha256 hex digest"
+    fp = meta["base_fingerprint"]
+    if not all(isinstance(fp.get(k), str) for k in ("model_type", "content_hash")):
+        return "base_fingerprint lacks its model_type / content_hash strings"
+    params = meta["params"]
+    removed = params.get("removed_tensors", [])
+    if not isinstance(removed, list) or not all(_is_tensor_name(n) for n in removed):
+        return "params.removed_tensors is not a list of tensor names"
+    from_base = params.get("aux_from_base", {})
+    if not isinstance(from_base, dict):
+        return "params.aux_from_base is not a JSON object"
+    for name, digest in from_base.items():
+        problem = aux_name_problem(name)
+        if problem:
+            return f"params.aux_from_base: {problem}"
+        if not _is_sha256(digest):
+            return f"params.aux_from_base: the digest of {name!r} is not a sha256 hex digest"
+    return None
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The JSON metadata of a delta file, validated; raises DeltaFormatError naming the file."""
     path = Path(path)
@@ -227,27 +344,51 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise DeltaFormatError(f"{path}: no such delta file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
+            header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise DeltaFormatError(f"{path}: not a readable delta file (truncated or corrupted?): {e}") from None
+    raw = header.get(METADATA_KEY)
     if raw is None:
         raise DeltaFormatError(f"{path}: a safetensors file, but not a prinmix delta (no '{METADATA_KEY}' metadata)")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise DeltaFormatError(f"{path}: corrupted metadata: {e}") from None
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise DeltaFormatError(f"{path}: format version {version!r} is not supported "
-                               f"(this prinmix reads {', '.join(map(str, READABLE_VERSIONS))})")
-    for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
-        if key not in meta:
-            raise DeltaFormatError(f"{path}: metadata lacks '{key}'")
+    if not isinstance(meta, dict):
+        raise DeltaFormatError(f"{path}: metadata is not a JSON object")
+    digest = meta.get(METADATA_SHA256_FIELD)
+    if digest is None:
+        raise DeltaFormatError(f"{path}: its metadata has no checksum ('{METADATA_SHA256_FIELD}'; written by a "
+                               f"prinmix before metadata checksums?): compress it again")
+    if digest != metadata_digest(meta):
+        raise DeltaFormatError(f"{path}: checksum mismatch in its metadata (corrupted file)")
+    problem = metadata_problem(meta)
+    if problem:
+        raise DeltaFormatError(f"{path}: {problem}")
     return meta
 
 
+def _tensor_key_problem(key: str, meta: dict) -> str | None:
+    """Why safetensors key KEY is not one the metadata describes, or None."""
+    kind, _, name = key.partition("/")
+    if kind == "linear" and name in meta["matrices"]:
+        return None
+    if kind == "dense" and _is_tensor_name(name):
+        return None
+    if kind == "rows" and (name.endswith("/index") or name.endswith("/values")) \
+            and name.rsplit("/", 1)[0] in meta["rows"]:
+        return None
+    if kind == "vocab" and (name.endswith("/rows") or name.endswith("/delta")) \
+            and name.rsplit("/", 1)[0] in meta.get("vocab", {}):
+        return None
+    if kind == "aux":
+        return aux_name_problem(name)
+    return f"tensor {key[:80]!r} is not one the format defines"
+
+
 def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
-    """Read and validate a delta file (checksums, blob structure, shapes)."""
+    """Read and validate a delta file: metadata (types, names), checksums, blob structure, shapes, dtypes,
+    finiteness. Raises DeltaFormatError naming the file; the base-dependent checks are in check_base."""
     path = Path(path)
     meta = read_metadata(path)
     checksums: dict = meta["checksums"]
@@ -257,9 +398,13 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
             keys = set(f.keys())
             if keys != set(checksums):
                 raise DeltaFormatError(f"{path}: tensor list does not match its metadata")
+            for k in sorted(keys):  # names first: nothing is read for a file naming a forbidden path
+                problem = _tensor_key_problem(k, meta)
+                if problem:
+                    raise DeltaFormatError(f"{path}: {problem}")
             for k in sorted(keys):
                 t = f.get_tensor(k)
-                if verify and _sha256(t) != checksums[k]:
+                if verify and tensor_sha256(t) != checksums[k]:
                     raise DeltaFormatError(f"{path}: checksum mismatch in tensor '{k}' (corrupted file)")
                 tensors[k] = t
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -269,23 +414,25 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
                       base_fingerprint=meta["base_fingerprint"], stats=meta.get("stats", {}))
     for name, shape in meta["matrices"].items():
         blob = tensors.get(f"linear/{name}")
-        if blob is None or blob.dtype != torch.uint8 or len(shape) != 2:
+        if blob is None or blob.dtype != torch.uint8 or blob.ndim != 1:
             raise DeltaFormatError(f"{path}: matrix '{name}' is missing or malformed")
         try:
-            delta.matrices[name] = CompressedLinear.from_blob(blob, (int(shape[0]), int(shape[1])), delta.method)
+            delta.matrices[name] = CompressedLinear.from_blob(blob, (shape[0], shape[1]), delta.method)
         except ValueError as e:
             raise DeltaFormatError(f"{path}: matrix '{name}' is corrupted: {e}") from None
     for name, shape in meta["rows"].items():
         idx, values = tensors.get(f"rows/{name}/index"), tensors.get(f"rows/{name}/values")
-        if idx is None or values is None or values.ndim != 2 or idx.numel() != values.shape[0] \
+        if idx is None or values is None or idx.dtype != torch.int64 or idx.ndim != 1 \
+                or not values.is_floating_point() or values.ndim != 2 or idx.numel() != values.shape[0] \
                 or values.shape[1] != shape[1] or (idx.numel() and (idx.min() < 0 or idx.max() >= shape[0])):
             raise DeltaFormatError(f"{path}: row delta '{name}' is malformed")
-        delta.rows[name] = (idx, values, [int(s) for s in shape])
+        delta.rows[name] = (idx, values, list(shape))
     for name, shape in meta.get("vocab", {}).items():
         rows, blob = tensors.get(f"vocab/{name}/rows"), tensors.get(f"vocab/{name}/delta")
         try:
             n_rows, d, n = (int(v) for v in shape)
-            if rows is None or blob is None or rows.dtype != torch.uint8 or blob.dtype != torch.uint8:
+            if rows is None or blob is None or rows.dtype != torch.uint8 or blob.dtype != torch.uint8 \
+                    or rows.ndim != 1 or blob.ndim != 1:
                 raise ValueError("its tensors are missing")
             idx = decode_row_set(rows, n_rows)
             if idx.numel() != n:
@@ -298,5 +445,10 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
         if k.startswith("dense/"):
             delta.dense[k[len("dense/"):]] = t
         elif k.startswith("aux/"):
+            if t.dtype != torch.uint8 or t.ndim != 1:
+                raise DeltaFormatError(f"{path}: file '{k}' is not stored as bytes")
             delta.aux_files[k[len("aux/"):]] = t.numpy().tobytes()
+    bad = nonfinite_problem(delta)
+    if bad is not None:
+        raise DeltaFormatError(f"{path}: {bad}")
     return delta

@@ -6,8 +6,9 @@ import hashlib
 
 import torch
 
-from ..errors import BaseMismatchError
+from ..errors import BaseMismatchError, DeltaFormatError
 from ..format.delta_file import DeltaFile
+from ..format.file_names import aux_name_problem
 from .checkpoint import CheckpointReader
 
 
@@ -27,6 +28,55 @@ def check_base(base: CheckpointReader, delta: DeltaFile, delta_path) -> None:
     if want.get("content_hash") != base.content_hash():
         raise BaseMismatchError(f"{delta_path}: made for another base model than {base.path} "
                                 f"(weights fingerprint differs)")
+    problem = names_problem(base, delta)
+    if problem:
+        raise DeltaFormatError(f"{delta_path}: {problem}")
+
+
+def names_problem(base: CheckpointReader, delta: DeltaFile) -> str | None:
+    """Why the tensors DELTA names do not fit BASE, or None. A crafted file passes its own checksums
+    and the fingerprint check (both copied from a genuine file), so every name and shape it claims is
+    checked here against the base: compressed matrices and row deltas replace base tensors of the same
+    name and shape (width); dense tensors replace a base tensor of the same shape or add a new one;
+    removed tensors exist; no name is claimed twice (exact rows and compressed rows of one matrix are
+    one claim: added rows exact, changed existing rows compressed). Row deltas may grow a vocabulary only
+    by rows they store (bounds the memory merge allocates)."""
+    claimed: set[str] = set()
+    for name, m in delta.matrices.items():
+        if name not in base:
+            return f"compressed matrix {name!r} is not a tensor of the base"
+        if tuple(base.shape(name)) != tuple(m.shape):
+            return f"compressed matrix {name!r} is {list(m.shape)}, the base's tensor is {list(base.shape(name))}"
+        claimed.add(name)
+    for name, (idx, _, shape) in delta.rows.items():
+        if name not in base or len(base.shape(name)) != 2:
+            return f"row delta {name!r} is not a 2-D tensor of the base"
+        rows, width = base.shape(name)
+        if width != shape[1] or shape[0] > rows + idx.numel():
+            return f"row delta {name!r} of {list(shape)} does not fit the base's {[rows, width]}"
+        if name in claimed:
+            return f"tensor {name!r} is stored twice"
+        claimed.add(name)
+    for name, (idx, m, shape) in delta.vocab.items():   # compressed rows: existing rows of a base matrix
+        if name not in base or len(base.shape(name)) != 2:
+            return f"compressed rows {name!r} are not rows of a 2-D tensor of the base"
+        rows, width = base.shape(name)
+        exact = delta.rows.get(name)
+        if width != shape[1] or m.shape[1] != width or (idx.numel() and int(idx.max()) >= rows) \
+                or (exact is None and shape[0] != rows) or (exact is not None and list(exact[2]) != list(shape)):
+            return f"compressed rows {name!r} of {list(shape)} do not fit the base's {[rows, width]}"
+        if name in delta.matrices:
+            return f"tensor {name!r} is stored twice"
+        claimed.add(name)
+    for name, t in delta.dense.items():
+        if name in claimed:
+            return f"tensor {name!r} is stored twice"
+        if name in base and tuple(base.shape(name)) != tuple(t.shape):
+            return f"dense tensor {name!r} is {list(t.shape)}, the base's tensor is {list(base.shape(name))}"
+    for name in delta.params.get("removed_tensors", []):
+        if name not in base or name in claimed or name in delta.dense:
+            return f"removed tensor {name!r} is not an unchanged tensor of the base"
+    return None
 
 
 def output_tensor_names(base: CheckpointReader, delta: DeltaFile) -> list[str]:
@@ -90,6 +140,9 @@ def merged_aux_files(base: CheckpointReader, delta: DeltaFile, delta_path) -> di
     the base (verified against their recorded sha256; BaseMismatchError naming the file otherwise)."""
     files = dict(delta.aux_files)
     for name, digest in sorted(delta.params.get("aux_from_base", {}).items()):
+        problem = aux_name_problem(name)  # load_delta checked already; a DeltaFile built in memory is not
+        if problem:
+            raise DeltaFormatError(f"{delta_path}: aux_from_base: {problem}")
         path = base.path / name
         try:
             data = path.read_bytes()

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from prinmix.errors import CheckpointError
+from prinmix.format.file_names import aux_name_problem
 from prinmix.models.checkpoint import AUX_SUFFIXES, CheckpointReader, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -293,18 +294,20 @@ class LoraFinetunedReader:
         """The base's side files, with the adapter's tokenizer files (if any) taking precedence."""
         files = self.base.aux_files()
         for item in sorted(self._path.iterdir()):
-            if item.is_file() and item.name.startswith(TOKENIZER_FILE_PREFIXES) and item.name.endswith(AUX_SUFFIXES):
+            if item.is_file() and item.name.startswith(TOKENIZER_FILE_PREFIXES) and item.name.endswith(AUX_SUFFIXES) \
+                    and not aux_name_problem(item.name):
                 files[item.name] = item.read_bytes()
         return files
 
-    def content_hash(self, names: list[str] | None = None) -> str:
-        """sha256 over the base's content hash (of `names`), the adapter config and the adapter weights."""
+    def content_hash(self, names: list[str] | None = None, full: bool = False) -> str:
+        """sha256 over the base's content hash (of `names`), the adapter config and the adapter weights
+        (sampled as CheckpointReader.content_hash; every byte with `full`)."""
         digest = hashlib.sha256(self.base.content_hash(
-            None if names is None else [n for n in names if n in self.base]).encode())
+            None if names is None else [n for n in names if n in self.base], full=full).encode())
         digest.update(json.dumps(self.adapter_config, sort_keys=True).encode())
         size = self._weights.stat().st_size
         with open(self._weights, "rb") as handle:
-            if size <= HASH_FULL_BYTES:
+            if full or size <= HASH_FULL_BYTES:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
             else:
