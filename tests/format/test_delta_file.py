@@ -13,8 +13,8 @@ from algorithms.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.budget import budget_bits
 from prinmix.algorithms.compress_matrix import compress_matrix
 from prinmix.errors import DeltaFormatError
-from prinmix.format.delta_file import (DeltaFile, load_delta, matrix_header_bytes, ratio_within_file,
-                                       save_delta)
+from prinmix.format.delta_file import (METADATA_SHA256_FIELD, DeltaFile, load_delta, matrix_header_bytes,
+                                       metadata_digest, ratio_within_file, save_delta)
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (384, 384),   # at 1/32: 4.5 KiB budget, ~400 B header
           "model.layers.0.self_attn.k_proj.weight": (128, 512),
@@ -104,6 +104,8 @@ def test_malformed_vocab_rows_are_refused(tmp_path, damage):
         tensors.pop("vocab/model.embed_tokens.weight/delta")
         m_json = json.loads(meta["prinmix"])
         m_json["checksums"].pop("vocab/model.embed_tokens.weight/delta")
+        m_json.pop(METADATA_SHA256_FIELD)
+        m_json[METADATA_SHA256_FIELD] = metadata_digest(m_json)      # a consistent file, one tensor short
         save_file(tensors, str(path), metadata={"prinmix": json.dumps(m_json)})
     with pytest.raises(DeltaFormatError, match="embed_tokens"):
         load_delta(path)
