@@ -195,8 +195,10 @@ def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
     with pytest.raises(PrinmixError, match="dense replacement"):
         served.add_tenant("x", tmp_path / "dense_linear.delta")
     delta = load_delta(deltas["lowrank"])
-    idx, m, shape = delta.vocab["model.embed_tokens.weight"]
-    delta.vocab["model.embed_tokens.weight"] = (idx, m, [shape[0] + 1, shape[1]])
+    idx, m, shape = delta.vocab["model.embed_tokens.weight"]          # one token added (an exact row)
+    grown = [shape[0] + 1, shape[1]]
+    delta.vocab["model.embed_tokens.weight"] = (idx, m, grown)
+    delta.rows["model.embed_tokens.weight"] = (torch.tensor([shape[0]]), torch.zeros(1, shape[1]), grown)
     save_delta(delta, tmp_path / "vocab.delta")
     with pytest.raises(PrinmixError, match="vocabulary size"):
         served.add_tenant("y", tmp_path / "vocab.delta")
