@@ -20,6 +20,16 @@ distribution is taken as the mixture ½·(calibration frequencies) + ½·uniform
 to N positions: c_t = ½ count_t + ½ N / V. A token absent from calibration keeps the weight of a token
 seen N/(2V) times, never 0 (at 0 its row would be free to drop).
 
+Representation (decision): one compressed delta of all changed rows by the chosen method, PrinMix with
+the row-weighted objective — it spends bits where rows are used (the allocation sees each rank's exact
+weighted error), needs no second format, and the runtime serves it from the packed form. Alternatives
+are measured by benchmarks/bench_vocab_rows.py at the same bytes (objective J, and the fine-tune's task
+accuracy / logit error with only its embedding replaced): PrinMix without row weights, the k rows of
+largest weighted error stored exactly plus PrinMix on the rest, low-rank. Its run on the SmolLM2 pair did
+not finish on the shared 2-core machine when this was written (see benchmarks/README.md); the table
+belongs here once measured. Known limit: PrinMix's SVD basis is the plain SVD of ΔE_R (as for every
+linear), not a weighted one, so the row weights act through the allocation, RTC and the quantisers only.
+
 Budget sharing (split_budget): parts are given bits so as to minimise the sum of their *relative*
 errors J_p(B_p) / J_p(0) under Σ B_p = B — one exchange rate between error units, since at the optimum
 every part's marginal relative error reduction per bit is the same λ (the Lagrange multiplier of Eq. 8
