@@ -26,6 +26,7 @@ import numpy as np
 
 from prinmix.algorithms.allocation import allocate_bits
 from prinmix.algorithms.allocation_milp import solve_allocation_milp
+from prinmix.algorithms.budget import budget_bits, prinmix_rank_cost_bits
 
 WIDTHS = np.array([0, 2, 3, 4, 5, 6, 7, 8])
 QWEN25_7B = {  # name: (h_out, h_in)
@@ -53,11 +54,8 @@ def error_table(h_out: int, h_in: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def rank_costs(h_out: int, h_in: int) -> np.ndarray:
-    return np.where(WIDTHS > 0, WIDTHS * (h_in + h_out) + 48, 0).astype(np.int64)
-
-
-def budget_bits(alpha: float, h_out: int, h_in: int) -> int:
-    return int(Fraction(alpha).limit_denominator(1 << 20) * 16 * h_out * h_in)
+    """Stored bits of one rank at each width in PrinMix's layout (budget.prinmix_rank_cost_bits)."""
+    return np.array([prinmix_rank_cost_bits(int(b), h_out, h_in) for b in WIDTHS], dtype=np.int64)
 
 
 def time_ours(E, costs, budget, fmax, repeats=5):
@@ -146,7 +144,7 @@ def main():
     for layer in range(N_LAYERS):
         for m, (name, (h_out, h_in)) in enumerate(QWEN25_7B.items()):
             E = error_table(h_out, h_in, np.random.default_rng([args.seed, 1000 + layer, m]))
-            costs, budget = rank_costs(h_out, h_in), budget_bits(Fraction(1, 16), h_out, h_in)
+            costs, budget = rank_costs(h_out, h_in), budget_bits(1 / 16, h_out, h_in)
             t0, c0 = time.perf_counter(), time.process_time()
             a = allocate_bits(E, costs, budget, 4)
             total += time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""Memory (and time) of `prinmix.api.compress` at Llama-70B layer shapes, on a 2–3-layer synthetic pair.
+"""Memory (and time) of the sequential compressor (`prinmix.pipeline.compress`) at Llama-70B layer shapes, on a 2–3-layer synthetic pair.
 
     python benchmarks/bench_memory.py build --out /work/pairs/l70-shapes --layers 2
     python benchmarks/bench_memory.py run --pair /work/pairs/l70-shapes [--compressor bitdelta] [--offload]
@@ -11,7 +11,7 @@ and a fine-tune = base + (low-rank rank-64 + noise) delta on every linear, plus 
 norms; embeddings and lm_head unchanged. Written as sharded safetensors (≤ 2 GB per shard, with an
 index) with a small BPE tokenizer trained on the built-in text.
 
-run: api.compress (method prinmix, calibrated: Hessians H = XXᵀ captured per layer, float32 on the
+run: the sequential compressor (prinmix.pipeline.compress; method prinmix, calibrated: Hessians H = XXᵀ captured per layer, float32 on the
 device) in a child process, whose RSS and RssAnon (/proc) the parent samples every 0.2 s; the child is
 killed when RssAnon passes --max-rss GiB (default: 85 % of MemAvailable at start) so that a run too big
 for the machine fails alone. --compressor {prinmix,lowrank,bitdelta} picks what compresses each
@@ -69,7 +69,7 @@ def _tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from prinmix.models.calibration import builtin_text
+    from prinmix.calibration.data import builtin_text
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -198,41 +198,35 @@ class _Phases:
                           "peak_gib": max(self.peak, now) / 1024 ** 2, **extra}), flush=True)
         self.peak = 0
 
-    def wrap(self, fn, name: str, describe=None):
-        def wrapped(*a, **k):
-            extra = describe(*a) if describe else {}
-            self.event(f"{name} start", **extra)
-            out = fn(*a, **k)
-            self.event(f"{name} done", **extra)
-            return out
-        return wrapped
-
 
 def _child_compress(args) -> None:
-    """In the child: api.compress with the chosen per-matrix compressor; phases and progress as JSON lines."""
-    from prinmix import api
+    """In the child: the sequential compressor with the chosen per-matrix compressor; its phase events and
+    layer progress as JSON lines (a listener of prinmix.pipeline.events)."""
     from prinmix.algorithms.compress_matrix import compress_matrix
-    from prinmix.models import decoder
+    from prinmix.pipeline.compress import run_compress
+    from prinmix.pipeline.config import CalibrationConfig, CompressJob
+    from prinmix.pipeline.events import LayerDone, PhaseDone, PhaseStarted
 
     phases = _Phases()
     compressor = args.compressor
-    def per_matrix(d, H, ratio, method, cfg):
-        # api passes PrinMix's ratio less the matrix's header reserve; BitDelta's size is fixed at 1/16
-        return compress_matrix(d, H, max(ratio, 1 / 16) if compressor == "bitdelta" else ratio, compressor, cfg)
-
-    api.compress_matrix = phases.wrap(per_matrix, "compress", lambda d, *rest: {"shape": list(d.shape)})
-    decoder.capture_hessians = phases.wrap(decoder.capture_hessians, "capture")
-    decoder.run_layer = phases.wrap(decoder.run_layer, "propagate")
-    decoder.DecoderStack.embed = phases.wrap(decoder.DecoderStack.embed, "embed")
     t0 = time.time()
 
-    def progress(done, total, message):
-        phases.event("layer done", layer=done)
-        print(json.dumps({"layer_done": done, "t": time.time() - t0}), flush=True)
+    def per_matrix(d, H, ratio, method, cfg):
+        # the pipeline passes PrinMix's ratio less the matrix's header reserve; BitDelta's size is fixed at 1/16
+        return compress_matrix(d, H, max(ratio, 1 / 16) if compressor == "bitdelta" else ratio, compressor, cfg)
 
-    s = api.compress(args.pair / "base", args.pair / "finetuned", args.out, ratio="1/16", method="prinmix",
-                     nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size, device="cpu",
-                     resume=False, offload=args.offload_dir, progress=progress)
+    def listener(event) -> None:
+        if isinstance(event, (PhaseStarted, PhaseDone)):
+            extra = {"shape": event.detail["shape"]} if "shape" in event.detail else {}
+            phases.event(f"{event.phase.value} {'start' if isinstance(event, PhaseStarted) else 'done'}", **extra)
+        elif isinstance(event, LayerDone):
+            phases.event("layer done", layer=event.layer + 1)
+            print(json.dumps({"layer_done": event.layer + 1, "t": time.time() - t0}), flush=True)
+
+    job = CompressJob.create(args.pair / "base", args.pair / "finetuned", args.out, "1/16", "prinmix",
+                             calibration=CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen,
+                                                           batch_size=args.batch_size, offload=args.offload_dir))
+    s = run_compress(job, torch.device("cpu"), resume=False, listeners=[listener], matrix_compressor=per_matrix)
     print(json.dumps({"done": True, "seconds": s.seconds, "file_bytes": s.file_bytes, "linear_bytes": s.linear_bytes,
                       "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2}), flush=True)
 
@@ -308,12 +302,12 @@ def run(args) -> dict:
 # ----------------------------------------------------------------------------------------------- fit
 def _child_matrix(args) -> None:
     """In the child: PrinMix compress_matrix on one random low-rank-plus-noise matrix; peak RSS increase, seconds."""
-    from prinmix.algorithms import compress_matrix as cm
+    from prinmix.algorithms import width_simulation
     from prinmix.algorithms.compress_matrix import compress_matrix
 
     # the width simulation's memory cap scales with the matrix (÷ s²), so chunking splits the stacked rows at
     # 1/s scale exactly as it will at full size
-    cm.SIM_CHUNK_BYTES = max(1, cm.SIM_CHUNK_BYTES // args.scale ** 2)
+    width_simulation.SIM_CHUNK_BYTES = max(1, width_simulation.SIM_CHUNK_BYTES // args.scale ** 2)
     torch.manual_seed(0)
     h_out, h_in = args.shape
     delta = torch.randn(h_out, 64) @ torch.randn(64, h_in) * 1e-4 + 1e-5 * torch.randn(h_out, h_in)

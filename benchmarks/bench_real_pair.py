@@ -37,9 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_pair import load_model, task_accuracy  # noqa: E402
 
 from prinmix import api  # noqa: E402
+from prinmix.algorithms.methods import METHOD_NAMES  # noqa: E402
 from prinmix.evaluate.layer_error import layer_errors  # noqa: E402
-
-METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
 
 
 def derive_delta(whole: Path, out: Path, variant: str, base: Path, ft: Path) -> None:
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--pair", required=True, help="directory with base/, finetuned/ and task_test.jsonl")
     p.add_argument("--out", default=None, help="where deltas and results go (default PAIR/bench)")
     p.add_argument("--ratios", default="1/16,1/32")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHOD_NAMES))
     p.add_argument("--nsamples", type=int, default=32, help="calibration sequences for compression")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-nsamples", type=int, default=8, help="held-out sequences for the layer error")
@@ -163,12 +162,12 @@ def main(argv=None) -> int:
             print(f"compress {method} at {ratio}{' (exact embeddings)' if exact else ''} …", flush=True)
             meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen, exact)
         info = api.info(delta)
-        w = info["weight_bytes"]
+        w = info.weight_bytes
         vocab = {("lm_head" if "lm_head" in n else "embed"): b for n, b in w["vocab"].items()}
         runs.append({"label": delta.stem, "method": method, "ratio": ratio, "exact_embeddings": exact,
                      "variant": variant,
-                     "delta": str(delta), "file_mib": info["file_bytes"] / 2 ** 20,
-                     "linear_ratio": info["ratio_achieved"], "whole_ratio": info["ratio_whole"],
+                     "delta": str(delta), "file_mib": info.file_bytes / 2 ** 20,
+                     "linear_ratio": info.ratio_achieved, "whole_ratio": info.ratio_whole,
                      "weight_mib": w["total"] / 2 ** 20, "linear_mib": w["linear"] / 2 ** 20,
                      "lm_head_mib": vocab.get("lm_head", 0) / 2 ** 20, "embed_mib": vocab.get("embed", 0) / 2 ** 20,
                      "exact_mib": w["exact"] / 2 ** 20, **meas})

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from prinmix.api import check_inputs_finite
-from prinmix.models.checkpoint import CheckpointReader
+from prinmix.checkpoint.reader import CheckpointReader
 
 
 def best_seconds(fn, repeats: int) -> float:

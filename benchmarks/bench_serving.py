@@ -9,7 +9,7 @@ tokens.
 Each (system, N) runs in a fresh subprocess so its peak RSS is its own. Reported:
     tok/s     N·D generated tokens / (prefill + decode) wall time, fastest of --repeat runs;
               decode tok/s: N·(D−1) / decode time
-    state     weights + resident deltas + KV cache in bytes (exact accounting); for naive, N dense
+    state     weights + resident deltas + factor cache + KV cache in bytes (exact accounting); for naive, N dense
               copies (only min(N, --naive-copies) are really loaded; the rest are counted, marked *)
     peak RSS  measured, whole process (includes ~0.3–0.5 GB of torch/transformers)
 
@@ -91,7 +91,8 @@ def worker(cfg: dict) -> dict:
         kv = _kv_bytes_per_token(copies[0]) * (p_len + d_len)                       # one request at a time
         out.update(state_bytes=n * weights + kv, loaded_copies=len(copies))
     else:
-        model = MultiTenantModel(cfg["base"], device=device, dtype=dtype, backend=cfg["backend"])
+        model = MultiTenantModel(cfg["base"], device=device, dtype=dtype, backend=cfg["backend"],
+                                 factor_cache_bytes=cfg["cache_mib"] << 20)
         tenants = [None] * n
         if cfg["system"] == "prinmix":
             tenants = [f"tenant{i}" for i in range(n)]
@@ -107,11 +108,9 @@ def worker(cfg: dict) -> dict:
                 model.decode_step(state)
             runs.append((t1 - t0, time.perf_counter() - t1))
         prefill, decode = min(runs, key=sum)
-        from prinmix.runtime.multi_tenant import _cache_tensors
-
-        kv = sum(_nbytes(kv_pair) for kv_pair in _cache_tensors(state.cache))
-        deltas = sum(model.registry.resident_bytes(t) for t in model.registry.names)
-        out.update(state_bytes=_nbytes(model.model.parameters()) + deltas + kv, delta_bytes=deltas)
+        mem = model.memory()
+        out.update(state_bytes=sum(mem.values()) + state.kv_bytes(), delta_bytes=mem["delta_bytes"],
+                   cache_bytes=mem["factor_cache_bytes"])
     out.update(prefill_s=prefill, decode_s=decode, tok_s=n * d_len / (prefill + decode),
                decode_tok_s=n * (d_len - 1) / decode if d_len > 1 else float("nan"),
                peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -133,13 +132,14 @@ def _kv_bytes_per_token(model) -> int:
 def prepare(args) -> tuple[Path, Path, Path]:
     """(base dir, delta file, merged fine-tune dir), building and caching what is missing."""
     from prinmix import api
+    from prinmix.api import CalibrationConfig
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.base:
         base, ft = Path(args.base), Path(args.finetuned) if args.finetuned else None
     else:
-        from prinmix.models.tiny_models import TinyModelFactory
+        from prinmix.tiny_models import TinyModelFactory
 
         base, ft = TinyModelFactory(work / "tiny").pair("llama")
     delta = Path(args.delta) if args.delta else work / f"{base.parent.name}-{args.method}.delta"
@@ -147,19 +147,30 @@ def prepare(args) -> tuple[Path, Path, Path]:
         if ft is None:
             sys.exit("--base needs --delta or --finetuned")
         print(f"compressing {ft} against {base} ({args.method}, ratio {args.ratio}) -> {delta}", file=sys.stderr)
-        api.compress(base, ft, delta, ratio=args.ratio, method=args.method, nsamples=args.nsamples,
-                     seqlen=args.seqlen, device="cpu")
+        api.compress(base, ft, delta, ratio=args.ratio, method=args.method, device="cpu", calibration=CalibrationConfig(nsamples=args.nsamples, seqlen=args.seqlen))
     merged = work / f"{delta.stem}-merged"
     if not (merged / "config.json").exists():
         api.merge(base, delta, merged, overwrite=True)
     return base, delta, merged
 
 
+def add_pair_arguments(p: argparse.ArgumentParser, ratio: str) -> None:
+    """The options prepare() reads: which pair / delta, how to compress it, where to keep what it builds."""
+    p.add_argument("--base", help="base checkpoint dir (default: the tiny llama pair, built locally)")
+    p.add_argument("--finetuned", help="fine-tune dir, compressed when --delta is not given")
+    p.add_argument("--delta", help="a prinmix delta file of --base")
+    p.add_argument("--method", default="prinmix")
+    p.add_argument("--ratio", default=ratio)
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
+
+
 def run(system: str, n: int, args, base, delta, merged) -> dict:
     cfg = {"system": system, "n": n, "base": str(base), "delta": str(delta), "merged": str(merged),
            "prefill": args.prefill, "decode": args.decode, "device": args.device, "dtype": args.dtype,
            "backend": args.backend, "threads": args.threads, "naive_copies": args.naive_copies,
-           "repeat": args.repeat}
+           "repeat": args.repeat, "cache_mib": args.factor_cache_mib}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
@@ -173,13 +184,7 @@ def _mb(n: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="base checkpoint dir (default: the tiny llama pair, built locally)")
-    p.add_argument("--finetuned", help="fine-tune dir, compressed when --delta is not given")
-    p.add_argument("--delta", help="a prinmix delta file of --base")
-    p.add_argument("--method", default="prinmix")
-    p.add_argument("--ratio", default="1/8")
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=256)
+    add_pair_arguments(p, ratio="1/8")
     p.add_argument("--tenants", default="1,2,4,8,16,32")
     p.add_argument("--prefill", type=int, default=32, help="prompt tokens per request (512 on a GPU)")
     p.add_argument("--decode", type=int, default=16, help="generated tokens per request (128 on a GPU)")
@@ -189,7 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement; the fastest counts")
     p.add_argument("--naive-copies", type=int, default=8, help="dense copies really loaded for (b)")
-    p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
+    p.add_argument("--factor-cache-mib", type=int, default=1024,
+                   help="prinmix: byte budget of the dequantised factors of the hottest tenants (0 = none)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -205,8 +211,12 @@ def main(argv=None) -> int:
             f"{'vs base':>7} | {'decode tok/s p/n/b':>20} | {'state MiB p/n/b':>22} | {'peak RSS MiB p/n/b':>20}")
     print(head)
     print("-" * len(head))
+    targets = []
     for n in ns:
         r = {s: run(s, n, args, base, delta, merged) for s in SYSTEMS}
+        dec = {s: r[s]["decode_tok_s"] for s in SYSTEMS}
+        targets.append((n, dec["prinmix"] / dec["naive"], dec["prinmix"] / dec["base"],
+                        r["prinmix"]["delta_bytes"] / n, r["prinmix"]["cache_bytes"]))
         star = "*" if r["naive"]["loaded_copies"] < n else " "
         dec = "/".join(f"{r[s]['decode_tok_s']:.0f}" for s in SYSTEMS)
         state = f"{_mb(r['prinmix']['state_bytes'])}/{_mb(r['naive']['state_bytes'])}{star}/{_mb(r['base']['state_bytes'])}"
@@ -216,6 +226,11 @@ def main(argv=None) -> int:
               f"{dec:>20} | {state:>22} | {rss:>20}", flush=True)
     print(f"\nratios: prinmix tok/s over naive / base tok/s, same run; load average at the end "
           f"{os.getloadavg()[0]:.1f}")
+    file_mib = delta.stat().st_size / 2 ** 20
+    for n, vs_naive, vs_base, per_tenant, cache in targets:
+        print(f"target N={n}: prinmix decode {vs_naive:.2f}x naive (>= 2), {vs_base:.2f}x base (>= 0.4); "
+              f"memory per extra tenant {per_tenant / 2 ** 20:.1f} MiB, delta file {file_mib:.1f} MiB, "
+              f"factor cache {cache / 2 ** 20:.0f} MiB in all")
     return 0
 
 

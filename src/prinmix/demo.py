@@ -1,6 +1,6 @@
 """`prinmix demo`: the main job on a built-in default, offline.
 
-Builds a tiny Llama base and a really fine-tuned copy locally (prinmix.models.tiny_models), compresses
+Builds a tiny Llama base and a really fine-tuned copy locally (prinmix.tiny_models), compresses
 the delta with every method at α = 1/16 and 1/32, merges each back and prints how much of the
 fine-tune each reconstruction keeps.
 """
@@ -12,15 +12,17 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
+from . import api
+from .algorithms.methods import METHOD_NAMES
+from .pipeline.config import CalibrationConfig
+from .tiny_models import TinyModelFactory, arithmetic_lines
 
 
 def _held_out_ids(tokenizer, n: int = 8, seqlen: int = 48) -> torch.Tensor:
-    from .models.tiny_models import arithmetic_lines
-
     text = " ".join(arithmetic_lines(400, seed=999))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # cut into windows below
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
@@ -30,11 +32,6 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def run_demo(workdir: str | None = None, ratios=("1/16", "1/32")) -> list[dict]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from . import api
-    from .models.tiny_models import TinyModelFactory
-
     root = Path(workdir) if workdir else Path(tempfile.gettempdir()) / "prinmix-demo"
     print(f"building a tiny Llama base and fine-tune under {root} (cached after the first run)…", flush=True)
     base, ft = TinyModelFactory(root / "models").pair("llama", "bf16")
@@ -50,12 +47,12 @@ def run_demo(workdir: str | None = None, ratios=("1/16", "1/32")) -> list[dict]:
     gap = float((lb - lf).norm())
     rows = []
     for ratio in ratios:
-        for method in METHODS:
+        for method in METHOD_NAMES:
             if method == "bitdelta" and ratio != "1/16":
                 continue
             delta = root / f"{method}-{ratio.replace('/', 'over')}.delta"
             t0 = time.time()
-            s = api.compress(base, ft, delta, ratio=ratio, method=method, nsamples=16, seqlen=64)
+            s = api.compress(base, ft, delta, ratio=ratio, method=method, calibration=CalibrationConfig(nsamples=16, seqlen=64))
             merged = api.merge(base, delta, root / f"merged-{delta.stem}", overwrite=True)
             lm = logits(merged)
             rows.append({"method": method, "ratio": ratio, "file_kib": s.file_bytes / 1024,

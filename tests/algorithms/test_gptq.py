@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from prinmix.algorithms.gptq import gptq_quantize
+from prinmix.algorithms.gptq import GPTQLayout, gptq_quantize
 from prinmix.algorithms.quantize import dequantize, dequantize_codes, group_bounds, quantize_rtn
 
 ROWS, COLS = 24, 80
@@ -136,16 +136,16 @@ def test_column_mode_matches_reference():
     """PrinMix's U step: per-column widths (incl. dropped columns) and per-column scales."""
     w, H = torch.randn(ROWS * 3, 40, generator=gen(8)), correlated_hessian(cols=40, seed=9)
     bits = torch.tensor([8] * 6 + [5] * 10 + [3] * 10 + [2] * 8 + [0] * 6)
-    res = gptq_quantize(w, H, bits, bits_axis="col", scale_axis="col", blocksize=16)
+    res = gptq_quantize(w, H, bits, layout=GPTQLayout.COLUMNS, blocksize=16)
     assert res.scale.shape == res.zero.shape == (40,)
     codes, dq, scale, zero = reference_gptq(w, H, bits, bits_axis="col", scale_axis="col")
     assert_matches_reference(res, (codes, dq, scale, zero))
     assert torch.all(res.dequant[:, bits == 0] == 0)
     # dropped columns first: their error (w[:, j] - 0) is compensated in the later columns
     bits_first = bits.flip(0)
-    res2 = gptq_quantize(w, H, bits_first, bits_axis="col", scale_axis="col", blocksize=16)
+    res2 = gptq_quantize(w, H, bits_first, layout=GPTQLayout.COLUMNS, blocksize=16)
     assert_matches_reference(res2, reference_gptq(w, H, bits_first, bits_axis="col", scale_axis="col"))
-    plain = gptq_quantize(w[:, 6:], H[6:, 6:], bits_first[6:], bits_axis="col", scale_axis="col")
+    plain = gptq_quantize(w[:, 6:], H[6:, 6:], bits_first[6:], layout=GPTQLayout.COLUMNS)
     assert not torch.allclose(res2.dequant[:, 6:], plain.dequant)
 
 
@@ -154,11 +154,11 @@ def test_column_widths_with_row_scales_match_reference():
     w, H = torch.randn(ROWS, 40, generator=gen(10)), correlated_hessian(cols=40, seed=11)
     bits = torch.tensor([8] * 4 + [3] * 20 + [2] * 16)
     groups = [(0, 4), (4, 16), (16, 24), (24, 40)]
-    res = gptq_quantize(w, H, bits, bits_axis="col", scale_axis="row", groups=groups, blocksize=10)
+    res = gptq_quantize(w, H, bits, layout=GPTQLayout.COLUMN_BITS, groups=groups, blocksize=10)
     assert res.scale.shape == (ROWS, 4)
     assert_matches_reference(res, reference_gptq(w, H, bits, bits_axis="col", bounds=groups))
     with pytest.raises(ValueError, match="different widths"):
-        gptq_quantize(w, H, bits, bits_axis="col", groups=[(0, 5), (5, 40)])
+        gptq_quantize(w, H, bits, layout=GPTQLayout.COLUMN_BITS, groups=[(0, 5), (5, 40)])
 
 
 # ---- (b) GPTQ beats round-to-nearest in the H-weighted error ----
@@ -206,7 +206,7 @@ def test_dead_columns():
     assert torch.isfinite(res.dequant).all() and torch.isfinite(res.scale).all()
     assert torch.all(res.dequant[:, list(dead)] == 0)
     assert_matches_reference(res, reference_gptq(w, H, bits, bounds=group_bounds(COLS, 16)))
-    col = gptq_quantize(w, H, torch.full((COLS,), 3), bits_axis="col", scale_axis="col")
+    col = gptq_quantize(w, H, torch.full((COLS,), 3), layout=GPTQLayout.COLUMNS)
     assert torch.isfinite(col.dequant).all() and torch.all(col.dequant[:, list(dead)] == 0)
     all_dead = gptq_quantize(w, torch.zeros(COLS, COLS), 4)
     assert torch.all(all_dead.dequant == 0) and torch.isfinite(all_dead.scale).all()
@@ -219,7 +219,9 @@ def test_api_checks_and_edge_shapes():
     with pytest.raises(ValueError):
         gptq_quantize(w, H, torch.tensor([2, 3]))                        # wrong bits length
     with pytest.raises(ValueError):
-        gptq_quantize(w, H, 2, scale_axis="col")                          # needs bits_axis="col"
+        gptq_quantize(w, H, torch.full((6,), 2), layout=GPTQLayout.COLUMNS, group_size=3)  # one scale per column
+    with pytest.raises(ValueError):
+        gptq_quantize(w, H, 2, layout="diagonal")                         # not a layout
     with pytest.raises(ValueError):
         gptq_quantize(w, H, 2, groups=[(0, 3), (4, 6)])                   # gap
     with pytest.raises(ValueError):

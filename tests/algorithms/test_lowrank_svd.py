@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synthetic import calibration_hessian, weighted_error
-
+from fixtures.synthetic import calibration_hessian, weighted_error
 from prinmix.algorithms.budget import budget_bits
 from prinmix.algorithms.compress_matrix import compress_matrix
 from prinmix.algorithms.lowrank_svd import FactoredDelta, svd_of_product, thin_svd

@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from prinmix.algorithms.quantize import (
-    QuantizedValues, dequantize, dequantize_codes, fp16_ceil, group_bounds, minmax_params,
-    quantize_rtn, quantize_to_codes,
+    QuantizedValues,
+    dequantize,
+    dequantize_codes,
+    fp16_ceil,
+    group_bounds,
+    minmax_params,
+    quantize_rtn,
+    quantize_to_codes,
 )
 
 

@@ -1,8 +1,7 @@
 import torch
 
+from fixtures.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.rtc import correct_reconstruction_target
-
-from synthetic import calibration_hessian, synthetic_delta
 
 
 def test_rtc_equals_least_squares():

@@ -5,10 +5,18 @@ import numpy as np
 import pytest
 import torch
 
-from prinmix.algorithms.compress_matrix import PrinMixConfig, simulate_width_errors
+from prinmix.algorithms.prinmix_config import PrinMixConfig
 from prinmix.algorithms.rtc import correct_reconstruction_target, correct_reconstruction_target_rows
-from prinmix.algorithms.vocab_delta import (decode_row_set, encode_row_set, lookup_weights, prinmix_error_curve,
-                                            row_set_nbytes, split_budget, vocab_objective)
+from prinmix.algorithms.vocab_delta import (
+    decode_row_set,
+    encode_row_set,
+    lookup_weights,
+    prinmix_error_curve,
+    row_set_nbytes,
+    split_budget,
+    vocab_objective,
+)
+from prinmix.algorithms.width_simulation import simulate_width_errors
 
 
 def _tied_case(seed=0, V=40, d=12, N=300):

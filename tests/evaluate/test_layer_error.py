@@ -6,14 +6,21 @@ import math
 
 import pytest
 import torch
-from fixtures.tiny_models import single_thread
 
+from fixtures.tiny_models import single_thread
 from prinmix import api
+from prinmix.calibration.data import load_calibration
 from prinmix.errors import BaseMismatchError, DeltaFormatError
-from prinmix.evaluate.layer_error import (GROUPS, HELD_OUT_SEED, depth_group, format_summary_table,
-                                          format_type_table, layer_errors, projection_type)
+from prinmix.evaluate.layer_error import (
+    GROUPS,
+    HELD_OUT_SEED,
+    depth_group,
+    format_summary_table,
+    format_type_table,
+    layer_errors,
+    projection_type,
+)
 from prinmix.format.delta_file import load_delta
-from prinmix.models.calibration import load_calibration
 
 NSAMPLES, SEQLEN = 4, 32
 
@@ -41,8 +48,8 @@ def qwen_setup(tiny_pair, tmp_path_factory):
 
 def _direct(base, ft, delta_path, names):
     """{weight name: (sse, ssd, n, out_sse, out_n)} from a float64 HF forward of the fine-tune with hooks."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(ft))
     ids = load_calibration(None, tok, NSAMPLES, SEQLEN, HELD_OUT_SEED)

@@ -7,12 +7,13 @@ import math
 
 import pytest
 import torch
-from fixtures.tiny_models import single_thread
 
+from fixtures.tiny_models import single_thread
 from prinmix import api
 from prinmix.errors import PrinmixError
-from prinmix.evaluate.cli_commands import format_results, load_eval_json, run_eval, write_results
 from prinmix.evaluate.perplexity import load_model, perplexity, strided_windows, text_token_ids
+from prinmix.evaluate.results import format_results, load_eval_json, write_results
+from prinmix.evaluate.run import EvalConfig, run_eval
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +87,7 @@ def test_run_eval_side_by_side(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama")
     delta = tmp_path / "low.safetensors"
     api.compress(base, ft, delta, ratio="1/8", method="lowrank", device="cpu")
-    res = run_eval(base, [delta], finetuned=ft, metrics="error,ppl", nsamples=2, seqlen=16, ppl_tokens=200,
-                   ppl_seqlen=64, device="cpu")
+    res = run_eval(base, [delta], finetuned=ft, config=EvalConfig(metrics="error,ppl", nsamples=2, seqlen=16, ppl_tokens=200, ppl_seqlen=64, device="cpu"))
     ppl = res["perplexity"]["results"]
     assert set(ppl) == {"base", "finetuned", "low"}
     model, _ = load_model(ft, "cpu", "float32")
@@ -103,6 +103,6 @@ def test_run_eval_side_by_side(tiny_pair, tmp_path):
     assert load_eval_json(files[0])["perplexity"]["results"]["low"]["ppl"] == ppl["low"]["ppl"]
     assert json.loads(files[0].read_text())["prinmix_eval"] == 1
     with pytest.raises(PrinmixError, match="needs --finetuned"):
-        run_eval(base, [delta], metrics="error", device="cpu")
+        run_eval(base, [delta], config=EvalConfig(metrics="error", device="cpu"))
     with pytest.raises(PrinmixError, match="--ppl-seqlen must be a positive integer"):
-        run_eval(base, [delta], metrics="ppl", ppl_seqlen=0, device="cpu")
+        run_eval(base, [delta], config=EvalConfig(metrics="ppl", ppl_seqlen=0, device="cpu"))

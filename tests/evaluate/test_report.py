@@ -10,13 +10,15 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from fixtures.tiny_models import single_thread
 from scipy.stats import kendalltau
 
+from fixtures.tiny_models import single_thread
 from prinmix import api
+from prinmix.api import CalibrationConfig
 from prinmix.errors import PrinmixError
-from prinmix.evaluate.cli_commands import run_eval, write_results
-from prinmix.evaluate.report import build_report, concordance, report_data
+from prinmix.evaluate.report import ReportOptions, build_report, concordance, report_data
+from prinmix.evaluate.results import write_results
+from prinmix.evaluate.run import EvalConfig, run_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
@@ -59,13 +61,13 @@ def made(tiny_pair, tmp_path_factory):
     work = tmp_path_factory.mktemp("report")
     with single_thread():
         pm = work / "pm.safetensors"
-        api.compress(base, ft, pm, ratio="1/8", method="prinmix", nsamples=4, seqlen=32, device="cpu")
+        api.compress(base, ft, pm, ratio="1/8", method="prinmix", device="cpu", calibration=CalibrationConfig(nsamples=4, seqlen=32))
         low = work / "low.safetensors"
         api.compress(base, ft, low, ratio="1/8", method="lowrank", device="cpu")
-        res = run_eval(base, [pm, low], finetuned=ft, metrics="error", nsamples=2, seqlen=16, device="cpu")
+        res = run_eval(base, [pm, low], finetuned=ft, config=EvalConfig(metrics="error", nsamples=2, seqlen=16, device="cpu"))
         eval_json = write_results(res, work / "results.json")[0]
-        page = build_report(pm, work / "full", eval_json=eval_json, base=base, finetuned=ft, nsamples=2, seqlen=32,
-                            device="cpu")
+        page = build_report(pm, work / "full", eval_json=eval_json, base=base, finetuned=ft,
+                            options=ReportOptions(nsamples=2, seqlen=32, device="cpu"))
     return base, ft, pm, low, page
 
 
@@ -144,7 +146,7 @@ def test_bad_inputs(made, tmp_path):
     with pytest.raises(PrinmixError, match="go together"):
         build_report(pm, tmp_path / "x", base=base)
     with pytest.raises(PrinmixError, match="no compressed matrix"):
-        build_report(pm, tmp_path / "x", matrices=["nope.weight"])
+        build_report(pm, tmp_path / "x", options=ReportOptions(matrices=["nope.weight"]))
     bad = tmp_path / "e.json"
     bad.write_text("{}")
     with pytest.raises(PrinmixError, match="not a `prinmix eval` result"):
@@ -176,7 +178,7 @@ def test_page_renders_in_headless_chromium(made, tmp_path):
 def test_cli_parsers_and_stored_view(made, tmp_path, capsys):
     import argparse
 
-    from prinmix.evaluate.cli_commands import add_eval_parser, add_report_parser
+    from prinmix.cli.evaluate import add_eval_parser, add_report_parser
 
     base, ft, pm, low, _ = made
     parser = argparse.ArgumentParser(prog="prinmix")
@@ -194,3 +196,86 @@ def test_cli_parsers_and_stored_view(made, tmp_path, capsys):
     text, pngs = _check_page(tmp_path / "rep" / "index.html")
     assert "the stored factors" in text and "Evaluation results" in text
     assert {"scaling_difference_0.png", "eval_error.png"} <= {p.name for p in pngs}
+
+
+def test_results_csv_numeric_columns_are_numbers(made):
+    import csv
+
+    csv_path = made[4].parent.parent / "results.csv"
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["model"] for r in rows] == ["base", "finetuned", "pm", "low"]
+    for r in rows:
+        for k, v in r.items():
+            if k in ("model", "method"):
+                continue
+            assert v == "" or float(v) == float(v), (k, v)  # a number, or empty when not measured
+    assert rows[0]["ratio"] == rows[0]["eq1_all"] == ""  # the base has no ratio and no Eq. 1 error
+    for r in rows[2:]:
+        assert 0 < float(r["ratio"]) < 1 and float(r["linear_MiB"]) > 0 and float(r["eq1_all"]) > 0
+
+
+def test_page_has_no_empty_header_or_empty_depth_group_and_explains_each_figure(made):
+    import re
+
+    text = made[4].read_text(encoding="utf-8")
+    for head in re.findall(r"<thead>(.*?)</thead>", text):
+        cells = re.findall(r"<th>(.*?)</th>", head)
+        assert cells and all(c.strip() for c in cells), head
+    # the tiny model has 2 layers: no "low"/"mid" depth group (they would hold no layer)
+    assert "low/all" not in text and "mid/all" not in text and "high/all" in text
+    figures = re.findall(r'<img alt="([^"]+)"', text)
+    looks = text.count("What to look at.")
+    assert looks == len([f for f in figures if not re.match(r"scaling_difference_[1-9]", f)]) >= 6
+
+
+def _drawn_figures(monkeypatch, make):
+    """Run a figure function, returning the matplotlib Figures it drew (instead of PNG bytes), laid out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from prinmix.evaluate.report import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_png", lambda fig: drawn.append(fig) or b"png")
+    make(figures)
+    for fig in drawn:
+        FigureCanvasAgg(fig).draw()
+    return drawn
+
+
+def test_figures_label_axes_keep_legends_off_data_and_ticks_integer(made, monkeypatch):
+    """Every plotting axis has a y label; no legend overlaps an axis; rank/layer ticks are integers; the
+    eval plot draws only depth groups that hold layers."""
+    from prinmix.evaluate.results import load_eval_json
+
+    base, ft, pm, _, page = made
+    stats = report_data(pm, base, ft)
+    results = load_eval_json(page.parent.parent / "results.json")
+
+    def make(f):
+        f.fig_width_heatmaps(stats, True)
+        f.fig_memory_per_width(stats)
+        f.fig_rank_bytes(stats)
+        f.fig_kendall(stats)
+        f.fig_scaling_difference(stats[0], np.ones((min(stats[0].shape), 2)), [2, 3])
+        f.fig_eval_errors(results)
+
+    figs = _drawn_figures(monkeypatch, make)
+    assert len(figs) == 6
+    integer_x = ("layer", "rank index", "rank")
+    for fig in figs:
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>" and ax.axison]
+        assert axes
+        for ax in axes:
+            assert ax.get_ylabel().strip(), ax.get_title()
+            lo, hi = sorted(ax.get_xlim())
+            if any(w in ax.get_xlabel() for w in integer_x) and ax.get_xscale() == "linear":
+                ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+                assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_xlabel(), ticks)
+        legends = list(fig.legends) + [ax.get_legend() for ax in axes if ax.get_legend()]
+        for leg in legends:
+            box = leg.get_window_extent(renderer)
+            for ax in axes:
+                assert not box.overlaps(ax.get_window_extent(renderer)), (ax.get_title(), "legend over data")
+    eval_fig = figs[-1]
+    assert [t.get_text() for t in eval_fig.axes[0].get_xticklabels()] == ["high", "all"]  # 2 layers: no low/mid

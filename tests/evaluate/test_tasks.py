@@ -6,13 +6,20 @@ import json
 
 import pytest
 import torch
-from fixtures.tiny_models import single_thread
 
+from fixtures.tiny_models import single_thread
 from prinmix.errors import PrinmixError
-from prinmix.evaluate.cli_commands import run_eval
 from prinmix.evaluate.perplexity import load_model
-from prinmix.evaluate.tasks import (exact_match, is_task_file, lm_eval_available, normalise_prediction,
-                                    read_task_file, require_lm_eval, run_tasks)
+from prinmix.evaluate.run import EvalConfig, run_eval
+from prinmix.evaluate.tasks import (
+    exact_match,
+    is_task_file,
+    lm_eval_available,
+    normalise_prediction,
+    read_task_file,
+    require_lm_eval,
+    run_tasks,
+)
 
 # Candidate prompts; the tiny *base* (pretrained on the built-in text) continues about half of them with
 # a non-empty first line (the tiny fine-tune mostly answers newlines, which the runner reads as "").
@@ -98,4 +105,4 @@ def test_lm_eval_tasks_need_the_optional_package(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama")
     delta = tmp_path / "unused.safetensors"
     with pytest.raises(PrinmixError, match="gsm8k.*lm-eval"):  # refused before any model is loaded
-        run_eval(base, [delta], finetuned=ft, metrics="tasks", tasks=["gsm8k"], device="cpu")
+        run_eval(base, [delta], finetuned=ft, config=EvalConfig(metrics="tasks", tasks=("gsm8k",), device="cpu"))

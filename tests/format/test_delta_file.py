@@ -9,12 +9,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from algorithms.synthetic import calibration_hessian, synthetic_delta
+from fixtures.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.budget import budget_bits
 from prinmix.algorithms.compress_matrix import compress_matrix
 from prinmix.errors import DeltaFormatError
-from prinmix.format.delta_file import (METADATA_SHA256_FIELD, DeltaFile, load_delta, matrix_header_bytes,
-                                       metadata_digest, ratio_within_file, save_delta)
+from prinmix.format.delta_file import (
+    METADATA_SHA256_FIELD,
+    DeltaFile,
+    load_delta,
+    matrix_header_bytes,
+    metadata_digest,
+    ratio_within_file,
+    save_delta,
+)
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (384, 384),   # at 1/32: 4.5 KiB budget, ~400 B header
           "model.layers.0.self_attn.k_proj.weight": (128, 512),

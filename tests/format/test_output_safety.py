@@ -11,8 +11,13 @@ from safetensors.torch import save_file
 
 from prinmix.errors import PrinmixError
 from prinmix.format.atomic_dir import atomic_directory
-from prinmix.format.output_safety import (MERGED_CHECKPOINT, REPORT, check_output_directory, refuse_input_overlap,
-                                          write_marker)
+from prinmix.format.output_safety import (
+    MERGED_CHECKPOINT,
+    REPORT,
+    check_output_directory,
+    refuse_input_overlap,
+    write_marker,
+)
 
 
 def test_overlap_rules(tmp_path):

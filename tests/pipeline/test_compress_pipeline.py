@@ -15,10 +15,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prinmix import api
+from prinmix.api import CalibrationConfig
+from prinmix.calibration.data import load_calibration
 from prinmix.cli import main
-from prinmix.models.calibration import load_calibration
+from prinmix.pipeline.events import hessian_listener
 
-FAST = dict(nsamples=6, seqlen=48)
+FAST_CALIBRATION = CalibrationConfig(nsamples=6, seqlen=48)
+FAST = dict(calibration=FAST_CALIBRATION)
 
 
 def _input_hessian(model_dir, ids, module_name):
@@ -42,9 +45,9 @@ def test_hessians_come_from_the_reconstructed_model(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama", "fp32")
     seen = {}
     delta = tmp_path / "d.delta"
-    api.compress(base, ft, delta, ratio="1/16", on_hessians=lambda i, h: seen.update({i: h}), **FAST)
+    api.compress(base, ft, delta, ratio="1/16", listeners=[hessian_listener(lambda i, h: seen.update({i: h}))], **FAST)
     merged = api.merge(base, delta, tmp_path / "merged")
-    ids = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), FAST["nsamples"], FAST["seqlen"], 0)
+    ids = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), FAST_CALIBRATION.nsamples, FAST_CALIBRATION.seqlen, 0)
     name = "model.layers.1.self_attn.q_proj"
     ours = seen[1][name + ".weight"].double()
     from_merged = _input_hessian(merged, ids, name)
@@ -61,7 +64,7 @@ def test_resume_after_kill_is_byte_identical(tiny_pair, tmp_path):
 
     out = tmp_path / "resumed.delta"
     cmd = [sys.executable, "-m", "prinmix.cli", "compress", str(base), str(ft), "-o", str(out),
-           "--nsamples", str(FAST["nsamples"]), "--seqlen", str(FAST["seqlen"])]
+           "--nsamples", str(FAST_CALIBRATION.nsamples), "--seqlen", str(FAST_CALIBRATION.seqlen)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".resumed.delta.partial-*/layer_00000.safetensors")):
@@ -155,8 +158,8 @@ def test_bad_inputs_give_one_line_errors(tiny_pair, tmp_path, capsys):
 def test_bitdelta_scale_distillation_brings_logits_closer(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama", "fp32")
     plain, distilled = tmp_path / "plain.delta", tmp_path / "distilled.delta"
-    api.compress(base, ft, plain, method="bitdelta", nsamples=8, seqlen=48)
-    api.compress(base, ft, distilled, method="bitdelta", nsamples=8, seqlen=48, distill_steps=30)
+    api.compress(base, ft, plain, method="bitdelta", calibration=CalibrationConfig(nsamples=8, seqlen=48))
+    api.compress(base, ft, distilled, method="bitdelta", distill_steps=30, calibration=CalibrationConfig(nsamples=8, seqlen=48))
     ids = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), 8, 48, seed=5)  # held out
 
     def logits(path):
@@ -173,7 +176,7 @@ def test_bitdelta_scale_distillation_brings_logits_closer(tiny_pair, tmp_path):
 def test_fp32_finetune_of_a_bf16_base_stores_exact_tensors_in_bf16(tiny_pair, tmp_path):
     """Norms and embedding rows of a wider fine-tune are stored in the 16-bit base's dtype: merge writes the
     base's dtype, so the merged checkpoint is the same as with fp32 storage, at half the bytes."""
-    from prinmix.models.checkpoint import CheckpointReader
+    from prinmix.checkpoint.reader import CheckpointReader
 
     base32, ft = tiny_pair("llama", "fp32")
     base = tmp_path / "base-bf16"
@@ -182,7 +185,8 @@ def test_fp32_finetune_of_a_bf16_base_stores_exact_tensors_in_bf16(tiny_pair, tm
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, base / f.name)
     delta_path = tmp_path / "d.delta"
-    api.compress(base, ft, delta_path, method="lowrank", nsamples=4, seqlen=32, exact_embeddings=True)
+    api.compress(base, ft, delta_path, method="lowrank", calibration=CalibrationConfig(nsamples=4, seqlen=32),
+                 exact_embeddings=True)
     delta = api.load_delta(delta_path)
     assert delta.dense and delta.rows
     assert {t.dtype for t in delta.dense.values()} == {torch.bfloat16}
@@ -197,7 +201,7 @@ def test_tokenizer_files_identical_to_the_base_are_taken_from_it(tiny_pair, tmp_
     base, ft = tiny_pair("llama", "fp32")
     assert (base / "tokenizer.json").read_bytes() == (ft / "tokenizer.json").read_bytes()
     delta_path = tmp_path / "d.delta"
-    api.compress(base, ft, delta_path, method="lowrank", nsamples=4, seqlen=32)
+    api.compress(base, ft, delta_path, method="lowrank", calibration=CalibrationConfig(nsamples=4, seqlen=32))
     delta = api.load_delta(delta_path)
     assert "tokenizer.json" not in delta.aux_files and "tokenizer.json" in delta.params["aux_from_base"]
     merged = api.merge(base, delta_path, tmp_path / "merged")

@@ -17,8 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from prinmix import api
+from prinmix.api import CalibrationConfig
+from prinmix.checkpoint.reader import SAMPLE_CHUNK_BYTES, SAMPLE_CHUNKS, CheckpointReader
 from prinmix.cli import main
-from prinmix.models.checkpoint import SAMPLE_CHUNK_BYTES, SAMPLE_CHUNKS
+from prinmix.pipeline import compress
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 FAST = ["--nsamples", "8", "--seqlen", "64"]
@@ -96,7 +98,7 @@ def test_large_delta_entry_is_stored_finite_by_every_method(pair, tmp_path):
     _edit(ft, Q, lambda t: t.__setitem__((3, 5), 1e5))
     for method in ("lowrank", "bitdelta", "deltacome", "prinmix"):
         path = tmp_path / f"{method}.delta"
-        api.compress(base, ft, path, method=method, nsamples=8, seqlen=64)
+        api.compress(base, ft, path, method=method, calibration=CalibrationConfig(nsamples=8, seqlen=64))
         delta = api.load_delta(path)
         dw = delta.matrices[Q].reconstruct(torch.float32)
         assert bool(torch.isfinite(dw).all()), method
@@ -111,7 +113,7 @@ def _compress_interrupted(base, ft, out, monkeypatch):
     def crash(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(api, "save_delta", crash)
+        m.setattr("prinmix.pipeline.compress.save_delta", crash)
         with pytest.raises(KeyboardInterrupt):
             api.compress(base, ft, out, method="lowrank")
     parts = sorted(out.parent.glob(f".{out.name}.partial-*/layer_*.safetensors"))
@@ -154,7 +156,7 @@ def test_fine_tune_changed_in_unsampled_bytes_does_not_reuse_stale_parts(pair, t
     base, ft = pair
     out = tmp_path / "out.delta"
     _compress_interrupted(base, ft, out, monkeypatch)
-    sampled_before = api.CheckpointReader(ft).content_hash()
+    sampled_before = CheckpointReader(ft).content_hash()
     path = ft / "model.safetensors"
     with open(path, "rb") as f:
         header_len = struct.unpack("<Q", f.read(8))[0]
@@ -164,7 +166,7 @@ def test_fine_tune_changed_in_unsampled_bytes_does_not_reuse_stale_parts(pair, t
     value = struct.unpack_from("<f", data, at)[0]
     struct.pack_into("<f", data, at, value + 0.5)
     path.write_bytes(bytes(data))
-    assert api.CheckpointReader(ft).content_hash() == sampled_before, "the edit must be invisible to sampling"
+    assert CheckpointReader(ft).content_hash() == sampled_before, "the edit must be invisible to sampling"
 
     api.compress(base, ft, out, method="lowrank")
     fresh = tmp_path / "fresh.delta"
@@ -177,8 +179,8 @@ def test_inf_in_final_norm_is_found_before_any_layer(pair, tmp_path, capsys, mon
     base, ft = pair
     _edit(ft, "model.norm.weight", lambda t: t.__setitem__(0, float("inf")))
     calls = []
-    real = api._compress_layer
-    monkeypatch.setattr(api, "_compress_layer", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = compress.write_layer_part
+    monkeypatch.setattr(compress, "write_layer_part", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     _fails(capsys, ["compress", str(base), str(ft), "-o", str(tmp_path / "x.delta"), "--method", "lowrank"],
            "model.norm.weight", "NaN/Inf")
     assert calls == []
@@ -209,7 +211,7 @@ def test_disk_full_and_unwritable_outputs_give_one_line(pair, tmp_path, capsys, 
     def enospc(*a, **k):
         raise OSError(28, "No space left on device", str(tmp_path / "m" / "model-00001.safetensors"))
     with monkeypatch.context() as m:
-        m.setattr(api, "save_file", enospc)
+        m.setattr("prinmix.format.hf_checkpoint.save_file", enospc)  # the shard writer
         _fails(capsys, ["merge", str(base), str(delta), "-o", str(tmp_path / "m")], "No space left", "model-00001")
     assert not (tmp_path / "m").exists()
 

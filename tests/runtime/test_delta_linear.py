@@ -4,48 +4,11 @@ tenant's merged dense linear; base rows untouched; load/unload; LRU swapping is 
 import pytest
 import torch
 
-from prinmix.algorithms.compress_matrix import compress_matrix
-from prinmix.algorithms.compressed import (BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES,
-                                           CompressedLinear, QuantizedMatrix, RankBlock)
+from fixtures.compressed_deltas import H_IN, H_OUT, method_deltas, mixed_blocks
+from prinmix.algorithms.compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
 from prinmix.errors import PrinmixError
-from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta, TenantBatch, TenantRegistry
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantDelta, TenantRegistry
 from prinmix.runtime.packed import PackedLinear
-
-H_OUT, H_IN = 48, 40
-
-
-def _qm(rows, cols, bits, group, g):
-    codes = torch.randint(0, 2 ** bits, (rows, cols), generator=g, dtype=torch.uint8)
-    ng = -(-cols // group)
-    scale = (torch.rand(rows, ng, generator=g) * 0.02).half()
-    zero = torch.randint(0, 2 ** bits, (rows, ng), generator=g, dtype=torch.uint8)
-    return QuantizedMatrix(codes, scale, zero, bits, group)
-
-
-def mixed_blocks(h_out=H_OUT, h_in=H_IN, seed=0) -> CompressedLinear:
-    """Odd widths, partial scale groups, U stored plain and transposed, with and without σ, a 16-bit block."""
-    g = torch.Generator().manual_seed(seed)
-    blocks = [
-        RankBlock(3, _qm(4, h_in, 3, 16, g), _qm(h_out, 4, 3, 3, g), sigma=(torch.rand(4, generator=g) + .5).half()),
-        RankBlock(5, _qm(3, h_in, 5, h_in, g), _qm(3, h_out, 5, 20, g), u_transposed=True),
-        RankBlock(16, (torch.randn(2, h_in, generator=g) * .05).half(), (torch.randn(h_out, 2, generator=g) * .05).half()),
-        RankBlock(8, _qm(2, h_in, 8, 7, g), _qm(2, h_out, 8, h_out, g), u_transposed=True,
-                  sigma=torch.rand(2, generator=g).half()),
-        RankBlock(1, _qm(2, h_in, 1, 40, g), _qm(h_out, 2, 1, 2, g)),
-    ]
-    return CompressedLinear((h_out, h_in), "mixed", blocks)
-
-
-def method_deltas(h_out=H_OUT, h_in=H_IN, seed=0) -> dict[str, CompressedLinear]:
-    """One compressed delta per kind: hand-built mixed blocks, PrinMix, Delta-CoMe, low-rank, BitDelta."""
-    g = torch.Generator().manual_seed(seed + 100)
-    out = {"mixed": mixed_blocks(h_out, h_in, seed)}
-    for i, method in enumerate(("prinmix", "deltacome", "lowrank", "bitdelta")):
-        u = torch.randn(h_out, 6, generator=g)
-        v = torch.randn(6, h_in, generator=g)
-        delta = (u @ v + 0.1 * torch.randn(h_out, h_in, generator=g)) * 0.01
-        out[method] = compress_matrix(delta, None, 0.25, method)
-    return out
 
 
 def _base_linear(seed=0, dtype=torch.float32, bias=True):
@@ -83,7 +46,7 @@ def test_mixed_tenants_one_batch_equal_merged_linears(deltas):
     layer = DeltaLinear(base, backend="torch")
     by_slot = {}
     for slot, m in enumerate(deltas.values()):
-        layer.load_tenant(slot, LinearDelta(PackedLinear.from_compressed(m)))
+        layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(m)))
         by_slot[slot] = m
     g = torch.Generator().manual_seed(3)
     x = torch.randn(37, H_IN, generator=g)
@@ -106,7 +69,7 @@ def test_mixed_tenants_one_batch_equal_merged_linears(deltas):
 def test_half_precision_base(deltas):
     base = _base_linear(dtype=torch.bfloat16)
     layer = DeltaLinear(base, backend="torch")
-    layer.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas["prinmix"])))
+    layer.load_tenant(0, TenantDelta(PackedLinear.from_compressed(deltas["prinmix"])))
     x = torch.randn(6, H_IN).bfloat16()
     slots = torch.tensor([0, -1, 0, 0, -1, 0])
     with torch.no_grad():
@@ -121,14 +84,14 @@ def test_bias_delta_and_shape_check(deltas):
     base = _base_linear()
     layer = DeltaLinear(base, backend="torch")
     db = torch.randn(H_OUT)
-    layer.load_tenant(0, LinearDelta(bias=db))
+    layer.load_tenant(0, TenantDelta(bias=db))
     x = torch.randn(3, H_IN)
     with torch.no_grad():
         y = layer(x, [0, -1, 0])
         assert torch.allclose(y[0], base(x[0]) + db, atol=1e-6)
         assert torch.equal(y[1], base(x)[1])
     with pytest.raises(PrinmixError, match="does not fit"):
-        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(mixed_blocks(H_IN, H_OUT))))
+        layer.load_tenant(1, TenantDelta(PackedLinear.from_compressed(mixed_blocks(H_IN, H_OUT))))
 
 
 def test_load_unload_at_run_time(deltas):
@@ -137,15 +100,15 @@ def test_load_unload_at_run_time(deltas):
     x = torch.randn(4, H_IN)
     slots = [0, 1, 0, 1]
     with torch.no_grad():
-        layer.load_tenant(0, LinearDelta(PackedLinear.from_compressed(deltas["deltacome"])))
-        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
+        layer.load_tenant(0, TenantDelta(PackedLinear.from_compressed(deltas["deltacome"])))
+        layer.load_tenant(1, TenantDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
         both = layer(x, slots)
         layer.unload_tenant(1)
         assert layer.resident_bytes(1) == 0
         one = layer(x, slots)
         assert torch.equal(one[[0, 2]], both[[0, 2]])
         assert torch.equal(one[[1, 3]], base(x)[[1, 3]])           # an unloaded slot adds nothing
-        layer.load_tenant(1, LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
+        layer.load_tenant(1, TenantDelta(PackedLinear.from_compressed(deltas["bitdelta"])))
         assert torch.equal(layer(x, slots), both)
 
 
@@ -153,8 +116,8 @@ def test_registry_lru_eviction_and_swap_back_are_exact(deltas):
     base = _base_linear()
     layers = {"a": DeltaLinear(base, backend="torch"), "b": DeltaLinear(_base_linear(1), backend="torch")}
     names = ["mixed", "prinmix", "deltacome", "lowrank"]
-    payloads = {n: {"a": LinearDelta(PackedLinear.from_compressed(deltas[n])),
-                    "b": LinearDelta(PackedLinear.from_compressed(deltas["bitdelta"]))} for n in names}
+    payloads = {n: {"a": TenantDelta(PackedLinear.from_compressed(deltas[n])),
+                    "b": TenantDelta(PackedLinear.from_compressed(deltas["bitdelta"]))} for n in names}
     sizes = {n: sum(p.nbytes() for p in payloads[n].values()) for n in names}
     budget = sorted(sizes.values())[-1] + sorted(sizes.values())[-2]          # any two fit, never three
     reg = TenantRegistry(layers, "cpu", budget_bytes=budget)
@@ -201,7 +164,7 @@ def test_fast_unpack_equals_packing_module():
 def test_fused_products_equal_dequantised_ones(bits):
     """PackedMatrix.matmul_t / matmul (scales and zero points folded around the code product) = the same
     products with the dequantised matrix, in float64 as the reference."""
-    from prinmix.algorithms.compressed import QuantizedMatrix
+    from prinmix.algorithms.compressed_linear import QuantizedMatrix
     from prinmix.runtime.packed import PackedMatrix
 
     g = torch.Generator().manual_seed(bits)

@@ -8,9 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from prinmix import api
-from prinmix.algorithms.compressed import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
+from prinmix.algorithms.compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, SIGN_HEADER_BYTES
+from prinmix.api import CalibrationConfig
 from prinmix.errors import BaseMismatchError, PrinmixError
 from prinmix.format.delta_file import load_delta, save_delta
+from prinmix.runtime.decode_state import left_padded
 from prinmix.runtime.multi_tenant import DecodeState, MultiTenantModel
 
 METHODS = ("deltacome", "lowrank", "bitdelta")
@@ -26,8 +28,7 @@ def llama(tiny_pair, tmp_path_factory):
     deltas, refs = {}, {None: AutoModelForCausalLM.from_pretrained(base).eval()}
     for m in METHODS:
         deltas[m] = work / f"{m}.delta"
-        api.compress(base, ft, deltas[m], ratio="1/8", method=m, calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
+        api.compress(base, ft, deltas[m], ratio="1/8", method=m, device="cpu", calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
         refs[m] = AutoModelForCausalLM.from_pretrained(api.merge(base, deltas[m], work / f"merged_{m}")).eval()
     return base, deltas, refs
 
@@ -46,16 +47,6 @@ def _prompts(n_tokens=(9, 4, 12, 7, 3), vocab=500, seed=0):
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in n_tokens]
 
 
-def _padded(prompts):
-    length = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.tensor(p)
-        mask[i, length - len(p):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 def _greedy(model, prompt, n):
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -67,7 +58,7 @@ def test_batch_of_tenants_and_base_equals_merged_checkpoints(llama, served):
     _, _, refs = llama
     tenants = ["deltacome", None, "lowrank", "bitdelta", "deltacome"]
     prompts = _prompts()
-    ids, mask, pos = _padded(prompts)
+    ids, mask, pos = left_padded(prompts)
     logits = served.logits(ids, tenants, attention_mask=mask, position_ids=pos)
     for i, (p, t) in enumerate(zip(prompts, tenants)):
         with torch.no_grad():
@@ -163,7 +154,7 @@ def test_biases_norms_tied_embedding_rows_and_sliding_window(tmp_path, method, e
     base, ft = _synthetic_qwen2_pair(tmp_path)
     path = tmp_path / "lr.delta"
     api.compress(base, ft, path, ratio="1/4" if method != "bitdelta" else "1/16", method=method, device="cpu",
-                 exact_embeddings=exact, nsamples=4, seqlen=32)
+                 exact_embeddings=exact, calibration=CalibrationConfig(nsamples=4, seqlen=32))
     delta = load_delta(path)
     assert any(n.endswith("bias") for n in delta.dense)
     assert "model.embed_tokens.weight" in (delta.rows if exact else delta.vocab)
@@ -175,7 +166,7 @@ def test_biases_norms_tied_embedding_rows_and_sliding_window(tmp_path, method, e
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (9, 14, 4)]
     prompts[0][:3] = [12, 15, 11]                                         # changed embedding rows
     tenants = ["t", None, "t"]
-    ids, mask, pos = _padded(prompts)
+    ids, mask, pos = left_padded(prompts)
     logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
     for i, (p, t) in enumerate(zip(prompts, tenants)):
         with torch.no_grad():
@@ -209,3 +200,27 @@ def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
     with pytest.raises(PrinmixError, match="already registered"):
         served.add_tenant("lowrank", deltas["lowrank"])
     assert sorted(served.tenants) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("cache_bytes", [1 << 30, 20_000], ids=["all cached", "cache smaller than the tenants"])
+def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
+    """The default CPU backend (auto → cached factors) serves the same logits and greedy tokens."""
+    base, deltas, refs = llama
+    model = MultiTenantModel(base, factor_cache_bytes=cache_bytes)
+    for m, path in deltas.items():
+        model.add_tenant(m, path)
+    tenants = ["lowrank", None, "deltacome", "bitdelta"]
+    prompts = _prompts((6, 11, 5, 8), seed=4)
+    ids, mask, pos = left_padded(prompts)
+    logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
+    for i, (p, t) in enumerate(zip(prompts, tenants)):
+        with torch.no_grad():
+            ref = refs[t](torch.tensor([p])).logits[0]
+        assert torch.allclose(logits[i, ids.shape[1] - len(p):], ref, atol=1e-4, rtol=1e-4), t
+    out = model.generate(prompts, tenants, max_new_tokens=5)
+    for p, t, o in zip(prompts, tenants, out):
+        assert o == _greedy(refs[t], p, 5), t
+    mem = model.memory()
+    assert 0 < mem["factor_cache_bytes"] <= cache_bytes
+    assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
+    assert model.factor_cache.hits > 0

@@ -11,17 +11,16 @@ if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"          # must precede the first import of triton
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from prinmix.runtime.delta_linear import DeltaLinear, LinearDelta  # noqa: E402
+from fixtures.compressed_deltas import H_IN, H_OUT, all_widths, method_deltas  # noqa: E402
+from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta  # noqa: E402
 from prinmix.runtime.packed import PackedLinear  # noqa: E402
-
-from test_delta_linear import H_IN, H_OUT, method_deltas  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 @pytest.fixture(scope="module")
 def deltas():
-    return method_deltas(seed=1)
+    return {**method_deltas(seed=1), "widths 2-8": all_widths(H_OUT, H_IN, seed=1)}
 
 
 def _layers(deltas, dtype):
@@ -31,7 +30,7 @@ def _layers(deltas, dtype):
     for slot, m in enumerate(deltas.values()):
         bias = torch.randn(H_OUT) * 0.01 if slot == 1 else None
         for layer in (ref, tri):
-            layer.load_tenant(slot, LinearDelta(PackedLinear.from_compressed(m), bias=bias))
+            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(m), bias=bias))
     return base, ref, tri
 
 

@@ -1,72 +1,18 @@
 """prinmix serve: the OpenAI-compatible server over the tiny llama base and two delta tenants, driven by the
 real `openai` client. Answers equal greedy `generate` of the merged checkpoints; tenants and the base share
-forward passes; streaming, chat, errors and run-time load/unload work."""
+forward passes; streaming, chat, errors and run-time load/unload work. The server fixtures live in
+tests/serve/conftest.py."""
 
 import json
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import openai
 import pytest
 import torch
-import uvicorn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from server_helpers import CHAT_TEMPLATE, MAX_LEN, PROMPTS, is_error_shape, post
 
-from prinmix import api
-from prinmix.serve.app import load_app
-from prinmix.serve.chat import fallback_chat_prompt
 from prinmix.serve.text_stream import TextStream
-
-TENANTS = {"low": ("lowrank", "1/16"), "bit": ("bitdelta", "1/8")}
-PROMPTS = {"base": "12+35=", "low": "7+8=", "bit": "the quick brown fox"}
-MAX_LEN = 64
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_pair, tmp_path_factory):
-    """(base dir, {tenant: delta path}, {model name: merged model}, tokenizer)."""
-    base, ft = tiny_pair("llama")
-    work = tmp_path_factory.mktemp("serve")
-    calib = work / "calib.txt"
-    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
-    deltas, refs = {}, {"base": AutoModelForCausalLM.from_pretrained(base).eval()}
-    for name, (method, ratio) in TENANTS.items():
-        deltas[name] = work / f"{name}.delta"
-        api.compress(base, ft, deltas[name], ratio=ratio, method=method, calib=str(calib), nsamples=4, seqlen=32,
-                     device="cpu")
-        refs[name] = AutoModelForCausalLM.from_pretrained(api.merge(base, deltas[name], work / f"m_{name}")).eval()
-    return base, deltas, refs, AutoTokenizer.from_pretrained(base)
-
-
-@pytest.fixture(scope="module")
-def server(llama):
-    base, deltas, _, _ = llama
-    logs = []
-    app = load_app(base, {n: str(p) for n, p in deltas.items()}, device="cpu", max_batch=8, max_model_len=MAX_LEN,
-                   base_name="base", log=logs.append)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=2)
-            break
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
-    yield SimpleNamespace(url=url, client=client, scheduler=app.state.scheduler, logs=logs)
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
 
 
 def _greedy_text(model, tokenizer, ids, n):
@@ -74,19 +20,6 @@ def _greedy_text(model, tokenizer, ids, n):
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-
-
-def _post(url, data: bytes):
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def _is_error_shape(body):
-    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
 
 
 def test_text_stream_pieces_add_up(tiny_tokenizer):
@@ -140,9 +73,9 @@ def test_tenants_and_base_decode_together_and_match_merged_models(server, llama)
 def test_streaming_chat_and_stop_strings(server, llama):
     _, _, refs, tok = llama
     c = server.client
-    full = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12)
+    full = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, temperature=0)
     text = full.choices[0].text
-    chunks = list(c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stream=True))
+    chunks = list(c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stream=True, temperature=0))
     assert "".join(ch.choices[0].text for ch in chunks) == text
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
     assert text
@@ -150,18 +83,21 @@ def test_streaming_chat_and_stop_strings(server, llama):
     # (e.g. newlines) has none, and then the first character is the stop string
     cut = next((i for i in range(1, len(text) - 1) if text.find(text[i:i + 2]) == i), None)
     stop, cut = (text[cut:cut + 2], cut) if cut is not None else (text[:1], 0)
-    stopped = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stop=["@@", stop])
+    stopped = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stop=["@@", stop],
+                                   temperature=0)
     assert stopped.choices[0].text == text[:cut] and stopped.choices[0].finish_reason == "stop"
-    streamed = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stop=stop, stream=True)
+    streamed = c.completions.create(model="low", prompt=PROMPTS["low"], max_tokens=12, stop=stop, stream=True,
+                                    temperature=0)
     assert "".join(ch.choices[0].text for ch in streamed) == text[:cut]
 
     messages = [{"role": "user", "content": "3+4="}]
-    chat = c.chat.completions.create(model="bit", messages=messages, max_tokens=6)
-    ids = tok(fallback_chat_prompt(messages))["input_ids"]                 # the tiny tokenizer has no template
+    chat = c.chat.completions.create(model="bit", messages=messages, max_tokens=6, temperature=0)
+    text = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]                 # the server's --chat-template
     assert chat.choices[0].message.content == _greedy_text(refs["bit"], tok, ids, 6)
     assert chat.usage.prompt_tokens == len(ids)
     parts = list(c.chat.completions.create(model="bit", messages=messages, max_tokens=6, stream=True,
-                                           stream_options={"include_usage": True}))
+                                           stream_options={"include_usage": True}, temperature=0))
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
     assert parts[-1].usage.completion_tokens == chat.usage.completion_tokens
@@ -171,29 +107,28 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     c = server.client
     with pytest.raises(openai.NotFoundError) as e:
         c.completions.create(model="nope", prompt="hi", max_tokens=2)
-    assert _is_error_shape(e.value.response.json()) and e.value.code == "model_not_found"
-    status, body = _post(f"{server.url}/v1/completions", b'{"model": "base", "prompt": ')
-    assert status == 400 and _is_error_shape(body)
-    status, body = _post(f"{server.url}/v1/chat/completions", json.dumps({"messages": []}).encode())
-    assert status == 400 and _is_error_shape(body)
+    assert is_error_shape(e.value.response.json()) and e.value.code == "model_not_found"
+    status, body = post(f"{server.url}/v1/completions", b'{"model": "base", "prompt": ')
+    assert status == 400 and is_error_shape(body)
+    status, body = post(f"{server.url}/v1/chat/completions", json.dumps({"messages": []}).encode())
+    assert status == 400 and is_error_shape(body)
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="base", prompt=[5] * (MAX_LEN + 1), max_tokens=2)
     assert e.value.code == "context_length_exceeded"
-    with pytest.raises(openai.BadRequestError):
-        c.completions.create(model="base", prompt="hi", n=2)
     assert c.completions.create(model="bit", prompt="1+1=", max_tokens=2).choices[0].finish_reason
 
 
 def test_load_and_unload_at_run_time(server, llama):
     _, deltas, _, _ = llama
     c, url, sched = server.client, server.url, server.scheduler
-    status, _ = _post(f"{url}/v1/load_lora_adapter", json.dumps({"lora_name": "low2",
+    status, _ = post(f"{url}/v1/load_lora_adapter", json.dumps({"lora_name": "low2",
                                                                   "lora_path": str(deltas["low"])}).encode())
     assert status == 200 and "low2" in {m.id for m in c.models.list()}
-    same = [c.completions.create(model=m, prompt="5+5=", max_tokens=5).choices[0].text for m in ("low", "low2")]
+    same = [c.completions.create(model=m, prompt="5+5=", max_tokens=5, temperature=0).choices[0].text
+            for m in ("low", "low2")]
     assert same[0] == same[1]
-    status, body = _post(f"{url}/v1/load_lora_adapter", json.dumps({"lora_name": "x", "lora_path": "/no"}).encode())
-    assert status == 400 and _is_error_shape(body)
+    status, body = post(f"{url}/v1/load_lora_adapter", json.dumps({"lora_name": "x", "lora_path": "/no"}).encode())
+    assert status == 400 and is_error_shape(body)
 
     sched.pause()                                      # a queued request for low2 makes its unload a 409
     try:
@@ -201,15 +136,15 @@ def test_load_and_unload_at_run_time(server, llama):
             gen = pool.submit(c.completions.create, model="low2", prompt="5+5=", max_tokens=3)
             while sched.num_waiting < 1:
                 time.sleep(0.01)
-            busy = pool.submit(_post, f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())
+            busy = pool.submit(post, f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())
             while sched.num_pending_controls < 1:
                 time.sleep(0.01)
             sched.resume()
             assert busy.result()[0] == 409 and gen.result().choices[0].text
     finally:
         sched.resume()
-    status, _ = _post(f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())
+    status, _ = post(f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())
     assert status == 200 and "low2" not in {m.id for m in c.models.list()}
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="low2", prompt="5+5=", max_tokens=2)
-    assert _post(f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())[0] == 404
+    assert post(f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())[0] == 404

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 
 from ..errors import BudgetError
-from .allocation import Allocation, min_feasible_budget, validate_allocation_inputs
+from .allocation_problem import Allocation, min_feasible_budget, validate_allocation_inputs
 
 _OBJECTIVE_SUM = 1e6   # solver sees E scaled so that Σ_i max_j E_ij = 1e6
 

@@ -12,9 +12,16 @@ import torch
 
 from ..errors import BudgetError
 from .budget import budget_bits
-from .compressed import (BLOB_HEADER_BYTES, FLOAT_BITS, CompressedLinear, QuantizedMatrix, RankBlock,
-                         SignDelta, block_nbytes)
-from .gptq import gptq_quantize
+from .compressed_linear import (
+    BLOB_HEADER_BYTES,
+    FLOAT_BITS,
+    CompressedLinear,
+    QuantizedMatrix,
+    RankBlock,
+    SignDelta,
+    block_nbytes,
+)
+from .gptq import GPTQLayout, gptq_quantize
 from .lowrank_svd import FactoredDelta, thin_svd
 
 DELTACOME_GROUP = 128
@@ -128,7 +135,7 @@ def compress_deltacome(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None)
     c = (S / 2 ** 15).clamp_min(1.0)
     S, Vh = S / c, Vh * c[:, None]
     bits = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in plan]).to(W.device)
-    vq = gptq_quantize(Vh, H, bits, bits_axis="row", scale_axis="row", group_size=DELTACOME_GROUP,
+    vq = gptq_quantize(Vh, H, bits, layout=GPTQLayout.ROWS, group_size=DELTACOME_GROUP,
                        percdamp=percdamp)
     v_hat = vq.dequant
     sv = S[:, None] * v_hat
@@ -137,7 +144,7 @@ def compress_deltacome(W: torch.Tensor, H: torch.Tensor, ratio: float, cfg=None)
     for _, n in plan:
         groups += [(s, min(s + DELTACOME_GROUP, start + n)) for s in range(start, start + n, DELTACOME_GROUP)]
         start += n
-    uq = gptq_quantize(U, H_u, bits, bits_axis="col", scale_axis="row", groups=groups, percdamp=percdamp)
+    uq = gptq_quantize(U, H_u, bits, layout=GPTQLayout.COLUMN_BITS, groups=groups, percdamp=percdamp)
     blocks, start, g0 = [], 0, 0
     for b, n in plan:
         sl = slice(start, start + n)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from .compressed import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES
+from .compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES
 from .packing import packed_nbytes  # noqa: F401  (re-exported for callers sizing blobs)
 
 SCALE_ZERO_BITS = 16 + 8   # float16 scale + uint8 zero point per quantisation group
@@ -32,6 +32,12 @@ def parse_ratio(text: str | float) -> float:
     if not (0.0 < value <= 1.0) or math.isnan(value):
         raise ValueError(f"invalid ratio {text!r}: must lie in (0, 1] (1/16 = one bit per delta entry)")
     return value
+
+
+def storage_ratio(nbytes: int, dense_params: int) -> float:
+    """The compression ratio of `nbytes` stored bytes standing for `dense_params` 16-bit delta entries:
+    8·bytes / (16·params) (0.0 when there is nothing to compare with). The one place of this formula."""
+    return 8 * nbytes / (16 * dense_params) if dense_params else 0.0
 
 
 def budget_bits(ratio: float, h_out: int, h_in: int) -> int:

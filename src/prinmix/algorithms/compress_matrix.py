@@ -6,44 +6,21 @@ floor(ratio · 16 · h_out · h_in) bits, everything counted (see budget.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..errors import BudgetError
+from . import baselines
 from .allocation import allocate_bits
 from .budget import budget_bits, prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
-from .compressed import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
-from .gptq import gptq_quantize, prepare_hessian
+from .compressed_linear import BLOB_HEADER_BYTES, CompressedLinear, QuantizedMatrix, RankBlock
+from .gptq import GPTQLayout, gptq_quantize
 from .lowrank_svd import FactoredDelta, thin_svd
-from .quantize import FP16_MAX_SCALE, dequantize_codes
+from .methods import METHOD_NAMES, METHODS
+from .prinmix_config import PrinMixConfig
+from .quantize import FP16_MAX_SCALE
 from .rtc import correct_reconstruction_target, correct_reconstruction_target_rows
-
-DEFAULT_WIDTHS = (0, 2, 3, 4, 5, 6, 7, 8)
-METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")  # every method a delta file may name
-
-
-@dataclass
-class PrinMixConfig:
-    """Knobs of PrinMix. Defaults follow the paper (widths {0,2..8}, f_max = 4, RTC on)."""
-
-    widths: tuple[int, ...] = DEFAULT_WIDTHS   # candidate widths Q (0 = rank dropped)
-    fmax: int = 4                              # at most this many distinct widths (0 counts, as in Eq. 8)
-    v_group: int | None = None                 # V scale group (input columns); None = one per row
-    rtc: bool = True                           # Reconstruction Target Correction (Eq. 7)
-    rtc_damp: float = 1e-4
-    percdamp: float = 0.01                     # GPTQ damping, fraction of mean diag(H)
-    clip_search: bool = False                  # min–max range shrink search in the quantiser
-    blocksize: int = 128                       # GPTQ lazy-batch block
-
-    def validate(self) -> None:
-        if not self.widths or any(not (0 <= b <= 8) for b in self.widths):
-            raise ValueError(f"candidate widths must lie in 0..8, got {self.widths}")
-        if len(set(self.widths)) != len(self.widths):
-            raise ValueError(f"candidate widths repeat: {self.widths}")
-        if self.fmax < 1:
-            raise ValueError(f"fmax must be ≥ 1, got {self.fmax}")
+from .width_simulation import simulate_width_errors
 
 
 def _prepare(delta, H: torch.Tensor | None):
@@ -62,80 +39,6 @@ def _prepare(delta, H: torch.Tensor | None):
     if not torch.isfinite(H).all():
         raise ValueError("Hessian holds NaN or Inf")
     return W, H
-
-
-SIM_CHUNK_BYTES = 1 << 30  # float32 rows of stacked V per GPTQ call in the width simulation
-
-
-@dataclass
-class WidthSimulation:
-    """GPTQ of V at every non-zero candidate width: codes uint8 [nb·r, h_in] (width k's rows at k·r..),
-    scale/zero [nb·r, n_groups], column groups; dequantised rows are rebuilt on demand (rows())."""
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
-    group_bounds: list[tuple[int, int]]
-
-    def rows(self, index: torch.Tensor):
-        """(dequant float32, codes, scale, zero) of the given stacked rows; dequant is bit-identical to
-        GPTQ's own (dequantize_codes of the same codes and params)."""
-        codes, scale, zero = self.codes[index], self.scale[index], self.zero[index]
-        sizes = torch.tensor([e - s for s, e in self.group_bounds], device=codes.device)
-        dequant = dequantize_codes(codes, scale.repeat_interleave(sizes, dim=1), zero.repeat_interleave(sizes, dim=1))
-        return dequant, codes, scale, zero
-
-
-def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig,
-                          chunk_bytes: int | None = None, rank_iso: torch.Tensor | None = None,
-                          H_quant: torch.Tensor | None = None):
-    """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
-
-    rank_iso [r] (row-weighted objective, see compress_prinmix): E[i, j] += σᵢ² ρᵢ ‖ΔVᵢ‖², ρᵢ = Σ_t c_t U_ti².
-    H_quant: the Hessian GPTQ quantises V with (default H).
-
-    GPTQ quantises V stacked once per non-zero width (rows are independent under a shared H, so this
-    equals one run per width), in as few calls as fit `chunk_bytes` of float32 rows each, all sharing
-    one factorisation of H; only codes and scales are kept (a 70B down_proj: 7 × 8192 × 28672 rows
-    would be 6.6 GB of float32 per copy). chunk_bytes None: the module's SIM_CHUNK_BYTES.
-    Returns (E float64 [r, nb], WidthSimulation, nonzero widths).
-    """
-    chunk_bytes = SIM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    r, h_in = Vh.shape
-    nonzero = [b for b in widths if b > 0]
-    column = {b: j for j, b in enumerate(widths)}
-    E = torch.zeros(r, len(widths), dtype=torch.float64)
-    sigma2 = S.double() ** 2
-
-    iso = None if rank_iso is None else rank_iso.to(device=Vh.device, dtype=torch.float64)
-    H_quant = H if H_quant is None else H_quant
-
-    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ (H + ρᵢ I) ΔVᵢᵀ per rank
-        quad = ((dV @ H) * dV).sum(1).double()
-        if iso is not None:
-            quad = quad + iso * (dV * dV).sum(1).double()
-        return (sigma2.to(quad.device) * quad).cpu()
-
-    if 0 in column:  # a dropped rank's error is all of it: ΔV = V
-        E[:, column[0]] = weighted(Vh)
-    sim = None
-    if nonzero and r:
-        prepared = prepare_hessian(H_quant, cfg.percdamp)
-        per_call = max(1, chunk_bytes // max(1, 4 * r * h_in))
-        parts = []
-        for c in range(0, len(nonzero), per_call):
-            chunk = nonzero[c:c + per_call]
-            row_bits = torch.tensor(chunk, device=Vh.device).repeat_interleave(r)
-            res = gptq_quantize(Vh.repeat(len(chunk), 1), H_quant, row_bits, bits_axis="row", scale_axis="row",
-                                group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
-                                clip_search=cfg.clip_search, prepared=prepared)
-            for k, b in enumerate(chunk):
-                E[:, column[b]] = weighted(Vh - res.dequant[k * r:(k + 1) * r])
-            parts.append((res.codes, res.scale, res.zero))
-            bounds = res.group_bounds
-            del res
-        sim = WidthSimulation(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                              torch.cat([p[2] for p in parts]), bounds)
-    return E.clamp_min(0.0), sim, nonzero
 
 
 def _balance_ranks(v_hat: torch.Tensor, v_scale: torch.Tensor, u_target: torch.Tensor):
@@ -224,7 +127,7 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
     if kept:
         v_hat, v_scale, u_target = _balance_ranks(v_hat, v_scale, u_target)
         H_u = v_hat @ (H if H_u_extra is None else H + H_u_extra) @ v_hat.T
-        uq = gptq_quantize(u_target, H_u, bits_k, bits_axis="col", scale_axis="col",
+        uq = gptq_quantize(u_target, H_u, bits_k, layout=GPTQLayout.COLUMNS,
                            blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
         if bool((uq.scale >= FP16_MAX_SCALE).any()):
             raise ValueError("a rank of Û spans more than float16 scales can hold (it would saturate)")
@@ -248,21 +151,19 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
 
 def compress_matrix(delta, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
                     config: PrinMixConfig | None = None, row_weights: torch.Tensor | None = None) -> CompressedLinear:
-    """Compress ΔW [h_out, h_in] with `method` ∈ {prinmix, deltacome, lowrank, bitdelta} at ratio α.
+    """Compress ΔW [h_out, h_in] with `method` (a name of methods.METHODS) at ratio α.
 
     delta: a dense tensor, or a FactoredDelta (LoRA: ΔW = s·B·A), which the SVD-based methods never
     expand (BitDelta, which needs every entry's sign, expands it).
     row_weights c [h_out] (vocabulary matrices): PrinMix minimises Σ_t r_t (H + c_t I) r_tᵀ (see
     compress_prinmix); Delta-CoMe, which has one Hessian per matrix by design, quantises with
     H + mean(c)·I; low-rank and BitDelta use no Hessian and ignore it."""
-    from . import baselines
-
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
     if method == "prinmix":
         return compress_prinmix(delta, H, ratio, config, row_weights=row_weights)
     fn = {"deltacome": baselines.compress_deltacome, "lowrank": baselines.compress_lowrank,
-          "bitdelta": baselines.compress_bitdelta}.get(method)
-    if fn is None:
-        raise ValueError(f"unknown method {method!r}: choose prinmix, deltacome, lowrank or bitdelta")
+          "bitdelta": baselines.compress_bitdelta}[method]
     W, H = _prepare(delta, H)
     if row_weights is not None and method == "deltacome":
         H = H + float(row_weights.float().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)

@@ -20,10 +20,33 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from .quantize import bits_per_row, dequantize_codes, group_bounds, minmax_params, quantize_to_codes
+
+
+class GPTQLayout(Enum):
+    """Which axis of w [rows, cols] carries the widths (bits) and which the (scale, zero) pairs — the three
+    layouts GPTQ supports here (per-column scales need per-column widths and no column groups):
+
+    ROWS: widths per row, scales per (row, column group) — V̂ (PrinMix, Delta-CoMe).
+    COLUMN_BITS: widths per column, scales per (row, column group) — Delta-CoMe's Û.
+    COLUMNS: widths and one (scale, zero) per column over all rows — PrinMix's Û (H_U = V̂ H V̂ᵀ).
+    """
+
+    ROWS = ("row", "row")
+    COLUMN_BITS = ("col", "row")
+    COLUMNS = ("col", "col")
+
+    @property
+    def bits_axis(self) -> str:
+        return self.value[0]
+
+    @property
+    def scale_axis(self) -> str:
+        return self.value[1]
 
 
 @dataclass
@@ -110,11 +133,12 @@ def _inverse_hessian_cholesky(H: torch.Tensor, cols: int, percdamp: float, devic
     raise ValueError("GPTQ: H is not positive definite even with 1000x more damping (does it hold NaN/Inf?)")
 
 
-def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, bits_axis: str = "row", scale_axis: str = "row",
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, layout: GPTQLayout = GPTQLayout.ROWS,
                   group_size: int | None = None, groups=None, blocksize: int = 128, percdamp: float = 0.01,
                   clip_search: bool = False, prepared=None) -> GPTQResult:
     """GPTQ-quantise w [rows, cols] under H = XXᵀ [cols, cols] (symmetric PSD, not modified).
 
+    layout: which axis carries the widths and which the scales (GPTQLayout; bits_axis/scale_axis below).
     bits: int, or int tensor [rows] (bits_axis "row") / [cols] (bits_axis "col"); 0 = the row or
         column is dropped (quantised to exactly 0; a dropped column's error w[:, j] − 0 is still
         compensated in the later columns).
@@ -131,10 +155,10 @@ def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits, *, bits_axis: str = "r
     """
     if w.ndim != 2:
         raise ValueError(f"w must be 2-D, got shape {tuple(w.shape)}")
-    if bits_axis not in ("row", "col") or scale_axis not in ("row", "col"):
-        raise ValueError(f"bits_axis and scale_axis must be 'row' or 'col', got {bits_axis!r}, {scale_axis!r}")
-    if scale_axis == "col" and (bits_axis != "col" or group_size is not None or groups is not None):
-        raise ValueError("scale_axis='col' needs bits_axis='col' and no column groups")
+    layout = GPTQLayout(layout)
+    bits_axis, scale_axis = layout.bits_axis, layout.scale_axis
+    if layout is GPTQLayout.COLUMNS and (group_size is not None or groups is not None):
+        raise ValueError("GPTQLayout.COLUMNS has one scale per column: no column groups")
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     rows, cols = w.shape

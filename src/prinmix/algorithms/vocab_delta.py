@@ -46,8 +46,9 @@ import torch
 
 from .allocation import allocate_bits
 from .budget import prinmix_fixed_overhead_bits, prinmix_rank_cost_bits
-from .compress_matrix import PrinMixConfig, simulate_width_errors
 from .lowrank_svd import thin_svd
+from .prinmix_config import PrinMixConfig
+from .width_simulation import simulate_width_errors
 
 __all__ = ["LOOKUP_UNIFORM_SHARE", "decode_row_set", "encode_row_set", "lookup_weights", "prinmix_error_curve",
            "row_set_nbytes", "split_budget", "vocab_objective"]

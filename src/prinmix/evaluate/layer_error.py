@@ -6,7 +6,7 @@ with seed 1234, not compression's default seed 0):
     X        the inputs the *fine-tune* feeds that linear (the fine-tune is run layer by layer,
              so layer i sees the fine-tune's own hidden states, not a reconstruction's)
     ΔW       W_ft − W_base
-    ΔŴ       W_rec − W_base, W_rec = the delta's reconstruction (prinmix.models.apply_delta)
+    ΔŴ       W_rec − W_base, W_rec = the delta's reconstruction (prinmix.checkpoint.apply_delta)
     E        ΔW X − ΔŴ X = (W_ft − W_rec) X, one value per output activation (token × output channel)
 
 Per linear and per delta:
@@ -38,8 +38,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
+from ..calibration.data import load_calibration
+from ..calibration.decoder_stack import DecoderStack
+from ..calibration.layer_inputs import run_layer
+from ..checkpoint.apply_delta import check_base, finetuned_tensor
+from ..checkpoint.compatibility import check_compatible
+from ..checkpoint.reader import CheckpointReader
+from ..device import resolve_device
 from ..errors import PrinmixError
+from ..format.delta_file import load_delta
+from .tables import format_grid, format_number
 
 HELD_OUT_SEED = 1234
 OUTLIER_FRACTION = 0.01
@@ -244,15 +254,6 @@ def layer_errors(base, finetuned, deltas, calib: str | None = None, nsamples: in
     {label: path}. calib: the held-out text source (load_calibration's: None/"builtin", a local
     .txt/.jsonl/.parquet, or a HF dataset); `seed` draws its windows. progress: callable(done, total, msg).
     """
-    from transformers import AutoTokenizer
-
-    from ..api import resolve_device
-    from ..format.delta_file import load_delta
-    from ..models.apply_delta import check_base, finetuned_tensor
-    from ..models.calibration import load_calibration
-    from ..models.checkpoint import CheckpointReader, check_compatible
-    from ..models.decoder import DecoderStack, run_layer
-
     if not 0 < outlier_fraction <= 1:
         raise PrinmixError(f"outlier fraction must lie in (0, 1], got {outlier_fraction}")
     labelled = label_deltas(deltas)
@@ -315,12 +316,6 @@ def layer_errors(base, finetuned, deltas, calib: str | None = None, nsamples: in
 
 
 # --------------------------------------------------------------------------- printing
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.2e}"
-
-
 def format_summary_table(summary: dict, row_info: dict | None = None, metrics=("all", "out", "rel")) -> str:
     """Plain-text table: one row per delta, columns group × metric (Table 7's layout plus "rel")."""
     groups = GROUPS + ("all",)
@@ -329,9 +324,9 @@ def format_summary_table(summary: dict, row_info: dict | None = None, metrics=("
     for label, per_group in summary.items():
         info = (row_info or {}).get(label, {})
         row = [label] + ([str(info.get("method", "")), str(info.get("ratio", ""))] if row_info else [])
-        row += [_fmt(per_group[g][m]) for g in groups for m in metrics]
+        row += [format_number(per_group[g][m]) for g in groups for m in metrics]
         rows.append(row)
-    return _grid([head] + rows, n_head=1)
+    return format_grid([head] + rows, n_head=1)
 
 
 def format_type_table(by_type: dict, metric: str = "all") -> str:
@@ -339,15 +334,5 @@ def format_type_table(by_type: dict, metric: str = "all") -> str:
     rows = [["delta", "type"] + list(GROUPS) + ["all"]]
     for label, types in by_type.items():
         for t, groups in types.items():
-            rows.append([label, t] + [_fmt(groups[g][metric]) for g in GROUPS + ("all",)])
-    return _grid(rows, n_head=1)
-
-
-def _grid(rows: list[list[str]], n_head: int = 1) -> str:
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    lines = []
-    for k, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
-        if k == n_head - 1:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+            rows.append([label, t] + [format_number(groups[g][metric]) for g in GROUPS + ("all",)])
+    return format_grid(rows, n_head=1)

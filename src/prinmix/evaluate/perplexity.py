@@ -3,7 +3,7 @@
 Text: one token stream made from a text source — the built-in text by default (offline; note that it
 is also compression's default calibration text, so pass an independent set such as "wikitext2" or a
 local .txt/.jsonl/.parquet file for a held-out number), a local file, or a Hugging Face dataset
-(read exactly as prinmix.models.calibration reads calibration sources). The stream is tokenised once,
+(read exactly as prinmix.calibration.data reads calibration sources). The stream is tokenised once,
 without special tokens, with the fine-tune's tokenizer, and cut to its first `max_tokens` tokens, so
 every model sees the very same ids.
 
@@ -13,7 +13,7 @@ end − previous_end tokens), with the rest of the window as context. Every toke
 the first is scored exactly once. perplexity = exp(Σ NLL / number of scored tokens), NLL in nats,
 computed from float32 log-softmax of the logits. stride == seqlen gives disjoint windows.
 
-Reconstructions are built by prinmix.api.merge into a temporary directory and loaded with
+Reconstructions are built by prinmix merge (checkpoint/merge_writer.py) into a temporary directory and loaded with
 transformers exactly like a served checkpoint; one model is in memory at a time.
 """
 
@@ -29,8 +29,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..calibration.data import BUILTIN_NAMES, CHARS_PER_NEEDED_TOKEN, MIN_CHARS, read_documents, tokenise_documents
+from ..checkpoint.apply_delta import merged_aux_files
+from ..checkpoint.merge_writer import write_merged_checkpoint
+from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError, PrinmixError
+from ..format.delta_file import load_delta
+from ..format.delta_info import delta_sizes, describe_delta
 from .layer_error import label_deltas
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -40,8 +47,6 @@ DEFAULT_MAX_TOKENS = 16384
 # --------------------------------------------------------------------------- models
 def load_model(model_dir, device="cpu", dtype: str = "float32"):
     """(model in eval mode on device, tokenizer) of a Hugging Face checkpoint directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in DTYPES:
         raise PrinmixError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     path = Path(model_dir)
@@ -57,12 +62,10 @@ def load_model(model_dir, device="cpu", dtype: str = "float32"):
 
 @contextlib.contextmanager
 def reconstructed_dir(base, delta_path, workdir=None) -> Iterator[Path]:
-    """A temporary checkpoint directory holding base + delta (prinmix.api.merge), removed afterwards."""
-    from ..api import merge
-
+    """A temporary checkpoint directory holding base + delta (prinmix merge), removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="prinmix-eval-", dir=workdir))
     try:
-        yield merge(base, delta_path, tmp / "model", overwrite=True)
+        yield write_merged_checkpoint(base, delta_path, tmp / "model", overwrite=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -87,14 +90,13 @@ class ModelEntry:
 
 def delta_entries(deltas) -> list[ModelEntry]:
     """ModelEntry of each delta file (labelled by file stem, made unique), from its metadata only."""
-    from ..api import info
-
     out = []
     for label, path in label_deltas(deltas).items():
-        d = info(path)
-        w = d["weight_bytes"]
-        out.append(ModelEntry(label, "delta", str(path), d["method"], d["ratio_requested"], d["ratio_achieved"],
-                              d["linear_bytes"], d["ratio_whole"],
+        d = delta_sizes(path)
+        whole = describe_delta(path)  # the whole-delta parts need the loaded file (vocabulary blobs, rows)
+        w = whole.weight_bytes
+        out.append(ModelEntry(label, "delta", str(path), d.method, d.ratio_requested, d.ratio_achieved,
+                              d.linear_bytes, whole.ratio_whole,
                               {"linears": w["linear"], **w["vocab"], "exact": w["exact"]}))
     return out
 
@@ -126,12 +128,6 @@ def open_model(entry: ModelEntry, base, device="cpu", dtype: str = "float32", wo
 def reference_tokenizer(base, deltas, finetuned=None):
     """The tokenizer every model's text is encoded with: the fine-tune's if given, else the one carried
     in the first delta file (its aux files), else the base's."""
-    from transformers import AutoTokenizer
-
-    from ..format.delta_file import load_delta
-    from ..models.apply_delta import merged_aux_files
-    from ..models.checkpoint import CheckpointReader
-
     if finetuned is not None:
         src = Path(finetuned)
         return AutoTokenizer.from_pretrained(str(src))
@@ -153,9 +149,6 @@ def reference_tokenizer(base, deltas, finetuned=None):
 # --------------------------------------------------------------------------- text
 def text_token_ids(source: str | None, tokenizer, max_tokens: int = DEFAULT_MAX_TOKENS) -> torch.Tensor:
     """LongTensor [n] of the first `max_tokens` tokens of the source's text stream (see module docstring)."""
-    from ..models.calibration import (BUILTIN_NAMES, CHARS_PER_NEEDED_TOKEN, MIN_CHARS, read_documents,
-                                      tokenise_documents)
-
     if max_tokens < 2:
         raise PrinmixError(f"perplexity needs at least 2 tokens, got max_tokens={max_tokens}")
     label = "builtin text" if source in BUILTIN_NAMES else str(source)

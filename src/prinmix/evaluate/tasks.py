@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..calibration.data import iter_jsonl_objects
 from ..errors import PrinmixError
-from ..models.calibration import iter_jsonl_objects
 
 INSTALL_HINT = "pip install 'prinmix[eval]' (or pip install lm-eval)"
 

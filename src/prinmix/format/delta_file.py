@@ -41,8 +41,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..algorithms.budget import budget_bits
-from ..algorithms.compress_matrix import METHODS
-from ..algorithms.compressed import CompressedLinear
+from ..algorithms.compressed_linear import CompressedLinear
+from ..algorithms.methods import METHOD_NAMES
 from ..algorithms.vocab_delta import decode_row_set, encode_row_set
 from ..errors import DeltaFormatError
 from .file_names import aux_name_problem
@@ -296,8 +296,8 @@ def metadata_problem(meta) -> str | None:
     for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
         if key not in meta:
             return f"metadata lacks '{key}'"
-    if meta["method"] not in METHODS:
-        return f"unknown method {meta['method']!r} (known: {', '.join(METHODS)})"
+    if meta["method"] not in METHOD_NAMES:
+        return f"unknown method {meta['method']!r} (known: {', '.join(METHOD_NAMES)})"
     ratio = meta["ratio"]
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < float("inf"):
         return f"ratio {ratio!r} is not a positive number"

@@ -7,24 +7,32 @@ y = x Wᵀ (+ b) runs once for the whole batch (one GEMM); then, for the rows of
 ΔW is never formed; rows of slot −1 (the base model) cost nothing extra. BitDelta tenants add
 s · x (2·bits − 1)ᵀ with the sign bits unpacked on the fly.
 
-Two implementations: a pure-torch reference (any device) and Triton kernels (runtime/triton_kernels.py)
-that unpack codes in registers from the stacked buffers of all tenants (runtime/packed.py).
-
-`TenantRegistry` keeps every registered tenant's payload in host memory and the most recently
-used ones resident on the device within a byte budget (DeltaZip-style swapping).
+Three implementations (`backend`):
+    torch   the reference: unpacks the packed codes at every call (any device)
+    cached  the fast CPU path: each (tenant, linear) as two dense GEMMs from a shared FactorCache
+            (runtime/factor_cache.py: dequantised factors of the hottest tenants within a byte budget)
+    triton  kernels unpacking codes in registers from the stacked buffers of all tenants
+            (runtime/triton_kernels.py, runtime/packed.py)
+"auto" picks triton for CUDA inputs when Triton is installed, else cached when the layer has a
+FactorCache, else torch. Every fast path is tested against the torch reference.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import PrinmixError
+from .factor_cache import FactorCache, dense_factors
 from .packed import PackedLinear, StackedPacks, stack_tenants
+from .tenant_registry import TenantRegistry
+
+__all__ = ["BASE_SLOT", "DeltaLinear", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
+           "TenantRegistry", "triton_available"]
 
 BASE_SLOT = -1
 SIGN_ROWS_PER_CHUNK = 1024     # torch BitDelta path: output rows unpacked at a time (multiple of 8)
@@ -70,10 +78,14 @@ class TenantBatch:
 
     An activation of n_rows rows (all leading dims flattened, batch first) gives each sequence
     n_rows // n_seqs consecutive rows; the row grouping is computed once per (n_rows, device).
+    `serial` is unique per batch object (the FactorCache keeps a batch's entries while it runs).
     """
+
+    _serials = itertools.count()
 
     def __init__(self, seq_slots: Sequence[int] | torch.Tensor):
         self.seq_slots = torch.as_tensor(seq_slots, dtype=torch.int64).reshape(-1).cpu()
+        self.serial = next(TenantBatch._serials)
         self._groups: dict = {}
 
     def __len__(self) -> int:
@@ -99,7 +111,7 @@ class TenantContext:
 # ---- the per-tenant payload of one linear ------------------------------------------------------
 
 @dataclass
-class LinearDelta:
+class TenantDelta:
     """What one tenant adds to one linear: a packed low-rank/sign delta and/or a bias delta (float32 [h_out])."""
 
     packed: PackedLinear | None = None
@@ -109,8 +121,8 @@ class LinearDelta:
         b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return b + (self.packed.resident_bytes if self.packed is not None else 0)
 
-    def to(self, device) -> "LinearDelta":
-        return LinearDelta(None if self.packed is None else self.packed.to(device),
+    def to(self, device) -> "TenantDelta":
+        return TenantDelta(None if self.packed is None else self.packed.to(device),
                            None if self.bias is None else self.bias.to(device))
 
 
@@ -125,18 +137,26 @@ def triton_available() -> bool:
 class DeltaLinear(nn.Module):
     """`base` (an nn.Linear, shared) plus the packed deltas of N tenants indexed by integer slot.
 
-    backend: "torch" (reference), "triton" (kernels; CUDA tensors, or CPU under TRITON_INTERPRET=1)
-    or "auto" (triton for CUDA inputs when it is installed, else torch).
+    backend: "torch" (reference), "cached" (dense factors from `factor_cache`; without one, built
+    per call), "triton" (kernels; CUDA tensors, or CPU under TRITON_INTERPRET=1) or "auto" (triton for
+    CUDA inputs when it is installed, else cached when a factor_cache is given, else torch).
+    factor_cache: shared by the layers of one model, so that its byte budget is the model's.
     """
 
-    def __init__(self, base: nn.Linear, context: TenantContext | None = None, backend: str = "auto"):
+    BACKENDS = ("auto", "torch", "cached", "triton")
+
+    def __init__(self, base: nn.Linear, context: TenantContext | None = None, backend: str = "auto",
+                 factor_cache: FactorCache | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise PrinmixError(f"DeltaLinear wraps nn.Linear, got {type(base).__name__}")
         self.base = base
         self.context = context
+        if backend not in self.BACKENDS:
+            raise PrinmixError(f"unknown DeltaLinear backend {backend!r}: use {', '.join(self.BACKENDS)}")
         self.backend = backend
-        self.tenants: dict[int, LinearDelta] = {}
+        self.factor_cache = factor_cache
+        self.tenants: dict[int, TenantDelta] = {}
         self._stack: StackedPacks | None = None
 
     # nn.Linear's attributes, for code that inspects the module
@@ -160,7 +180,7 @@ class DeltaLinear(nn.Module):
         return f"tenants={sorted(self.tenants)}, backend={self.backend}"
 
     # ---- tenants -------------------------------------------------------------------------------
-    def load_tenant(self, slot: int, delta: LinearDelta) -> None:
+    def load_tenant(self, slot: int, delta: TenantDelta) -> None:
         """Make `delta` this layer's delta for `slot` (moved to the base weight's device)."""
         if slot < 0:
             raise PrinmixError(f"tenant slot must be >= 0, got {slot}")
@@ -169,10 +189,14 @@ class DeltaLinear(nn.Module):
                                f"[{self.out_features}, {self.in_features}]")
         self.tenants[slot] = delta.to(self.base.weight.device)
         self._stack = None
+        if self.factor_cache is not None:
+            self.factor_cache.drop((id(self), slot))
 
     def unload_tenant(self, slot: int) -> None:
         if self.tenants.pop(slot, None) is not None:
             self._stack = None
+            if self.factor_cache is not None:
+                self.factor_cache.drop((id(self), slot))
 
     def resident_bytes(self, slot: int) -> int:
         d = self.tenants.get(slot)
@@ -192,37 +216,37 @@ class DeltaLinear(nn.Module):
         y = self.base(x)
         if not self.tenants:
             return y
-        groups = self._row_groups(x, tenant_slot)
+        batch = self._batch(tenant_slot)
+        if batch is None:
+            return y
+        groups = batch.rows(x.numel() // self.in_features if self.in_features else 0, x.device)
         if not groups:
             return y
         rows_x = x.reshape(-1, self.in_features)
         rows_y = y.view(-1, self.out_features)
-        if self._use_triton(x):
+        backend = self._backend_for(x)
+        if backend == "triton":
             from .triton_kernels import add_deltas
 
             add_deltas(rows_x, rows_y, groups, self.stacked())
             self._add_bias(rows_y, groups)
+        elif backend == "cached":
+            self._add_deltas_cached(rows_x, rows_y, groups, batch.serial)
         else:
             self._add_deltas_torch(rows_x, rows_y, groups)
         return y
 
-    def _row_groups(self, x: torch.Tensor, tenant_slot) -> RowGroups | None:
-        n_rows = x.numel() // self.in_features if self.in_features else 0
+    def _batch(self, tenant_slot) -> TenantBatch | None:
         if tenant_slot is None:
-            batch = self.context.batch if self.context is not None else None
-            return None if batch is None else batch.rows(n_rows, x.device)
-        if isinstance(tenant_slot, TenantBatch):
-            return tenant_slot.rows(n_rows, x.device)
-        return TenantBatch(tenant_slot).rows(n_rows, x.device)
+            return self.context.batch if self.context is not None else None
+        return tenant_slot if isinstance(tenant_slot, TenantBatch) else TenantBatch(tenant_slot)
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
+    def _backend_for(self, x: torch.Tensor) -> str:
         if self.backend != "auto":
-            raise PrinmixError(f"unknown DeltaLinear backend {self.backend!r}: use auto, torch or triton")
-        return x.is_cuda and triton_available()
+            return self.backend
+        if x.is_cuda and triton_available():
+            return "triton"
+        return "cached" if self.factor_cache is not None else "torch"
 
     def _add_bias(self, rows_y: torch.Tensor, groups: RowGroups) -> None:
         for slot, start, length in groups.segments:
@@ -244,6 +268,30 @@ class DeltaLinear(nn.Module):
             if d.bias is not None:
                 acc += d.bias
             rows_y.index_copy_(0, idx, acc.to(rows_y.dtype))
+
+    def _add_deltas_cached(self, rows_x: torch.Tensor, rows_y: torch.Tensor, groups: RowGroups,
+                           batch_id: int) -> None:
+        """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its dense factors
+        (written into one [n_delta_rows, h_out] buffer), one gather-add-scatter of y in float32 (as the
+        reference rounds: y + Δ once). Sign deltas use the reference's product."""
+        dtype = self.factor_cache.dtype if self.factor_cache is not None else torch.float32
+        xs = rows_x.index_select(0, groups.order).to(dtype)
+        out = torch.zeros(xs.shape[0], self.out_features, dtype=dtype, device=xs.device)
+        for slot, start, length in groups.segments:
+            d = self.tenants.get(slot)
+            if d is None:
+                continue
+            seg = out[start:start + length]
+            if d.packed is not None and d.packed.sign is not None:
+                seg += self._delta_rows(d.packed, xs[start:start + length].float()).to(dtype)
+            elif d.packed is not None and d.packed.rank:
+                factors = (self.factor_cache.get((id(self), slot), d.packed, batch_id)
+                           if self.factor_cache is not None else dense_factors(d.packed, dtype))
+                factors.apply(xs[start:start + length], out=seg)
+            if d.bias is not None:
+                seg += d.bias.to(dtype)
+        acc = rows_y.index_select(0, groups.order).float() + out.float()
+        rows_y.index_copy_(0, groups.order, acc.to(rows_y.dtype))
 
     def _delta_rows(self, p: PackedLinear, xs: torch.Tensor) -> torch.Tensor:
         """xs ΔŴᵀ [n, h_out] in float32, from the packed factors (reference path)."""
@@ -267,132 +315,3 @@ class DeltaLinear(nn.Module):
             else:
                 out += t @ b.u_matrix().T
         return out
-
-
-# ---- tenants resident on the device within a byte budget ---------------------------------------
-
-class TenantRegistry:
-    """Registered tenants' payloads ({module name: payload}) live in host memory; `acquire` makes
-    the tenants of a batch resident on `device` (loading them into the modules under a slot) and
-    evicts the least recently used others while the resident bytes would exceed `budget_bytes`.
-
-    modules: {module name: module with load_tenant(slot, payload) / unload_tenant(slot) /
-    resident_bytes(slot)}; payloads have .to(device) and .nbytes(). The mapping is read at each
-    load, so modules added later (a new tenant touching new layers) are found.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], device="cpu", budget_bytes: int | None = None):
-        self.modules = modules
-        self.device = torch.device(device)
-        self.budget_bytes = budget_bytes
-        self._host: dict[str, dict[str, object]] = {}
-        self._bytes: dict[str, int] = {}
-        self._slots: dict[str, int] = {}
-        self._lru: OrderedDict[str, None] = OrderedDict()
-        self.swaps_in = 0
-        self.evictions = 0
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._host)
-
-    @property
-    def resident(self) -> list[str]:
-        """Resident tenants, least recently used first."""
-        return list(self._lru)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._host
-
-    def register(self, name: str, payloads: dict[str, object]) -> None:
-        if name in self._host:
-            raise PrinmixError(f"tenant {name!r} is already registered")
-        missing = [m for m in payloads if m not in self.modules]
-        if missing:
-            raise PrinmixError(f"tenant {name!r}: no tenant-aware module {missing[0]!r}")
-        size = sum(p.nbytes() for p in {id(p): p for p in payloads.values()}.values())   # shared payloads once
-        if self.budget_bytes is not None and size > self.budget_bytes:
-            raise PrinmixError(f"tenant {name!r} needs {size} bytes, more than the device budget of "
-                               f"{self.budget_bytes} bytes")
-        host = {id(p): p.to("cpu") for p in payloads.values()}
-        self._host[name] = {m: host[id(p)] for m, p in payloads.items()}
-        self._bytes[name] = size
-
-    def unregister(self, name: str) -> None:
-        self._require(name)
-        if name in self._slots:
-            self._evict(name)
-        del self._host[name], self._bytes[name]
-
-    def nbytes(self, name: str) -> int:
-        """Bytes of the tenant's payload (what residency costs on the device)."""
-        self._require(name)
-        return self._bytes[name]
-
-    def resident_bytes(self, name: str) -> int:
-        """Bytes the tenant holds on the device now (0 when swapped out)."""
-        slot = self._slots.get(name)
-        if slot is None:
-            return 0
-        seen, total = set(), 0
-        for m, payload in self._host[name].items():
-            if id(payload) not in seen:
-                seen.add(id(payload))
-                total += self.modules[m].resident_bytes(slot)
-        return total
-
-    def used_bytes(self) -> int:
-        return sum(self._bytes[n] for n in self._slots)
-
-    def slot_of(self, name: str) -> int | None:
-        return self._slots.get(name)
-
-    def acquire(self, names: Iterable[str | None]) -> dict[str, int]:
-        """Make every named tenant resident (None = base, ignored); returns {name: slot}."""
-        need = list(dict.fromkeys(n for n in names if n is not None))
-        for n in need:
-            self._require(n)
-        total = sum(self._bytes[n] for n in need)
-        if self.budget_bytes is not None and total > self.budget_bytes:
-            raise PrinmixError(f"the batch's {len(need)} tenants need {total} bytes; the device budget is "
-                               f"{self.budget_bytes} bytes (run fewer tenants per batch)")
-        for n in need:
-            if n in self._slots:
-                self._lru.move_to_end(n)
-        for n in need:
-            if n not in self._slots:
-                self._make_room(self._bytes[n], keep=set(need))
-                self._load(n)
-        return {n: self._slots[n] for n in need}
-
-    def _require(self, name: str) -> None:
-        if name not in self._host:
-            raise PrinmixError(f"unknown tenant {name!r} (registered: {', '.join(self._host) or 'none'})")
-
-    def _make_room(self, size: int, keep: set[str]) -> None:
-        if self.budget_bytes is None:
-            return
-        while self.used_bytes() + size > self.budget_bytes:
-            victim = next((n for n in self._lru if n not in keep), None)
-            if victim is None:
-                raise PrinmixError("internal: no tenant to evict")
-            self._evict(victim)
-
-    def _load(self, name: str) -> None:
-        used = set(self._slots.values())
-        slot = next(s for s in range(len(used) + 1) if s not in used)
-        moved: dict[int, object] = {}                 # a payload shared by two modules is copied once
-        for m, payload in self._host[name].items():
-            if id(payload) not in moved:
-                moved[id(payload)] = payload.to(self.device)
-            self.modules[m].load_tenant(slot, moved[id(payload)])
-        self._slots[name] = slot
-        self._lru[name] = None
-        self.swaps_in += 1
-
-    def _evict(self, name: str) -> None:
-        slot = self._slots.pop(name)
-        for m in self._host[name]:
-            self.modules[m].unload_tenant(slot)
-        del self._lru[name]
-        self.evictions += 1

@@ -24,10 +24,10 @@ Step-level API for a continuous-batching server (token ids in, token ids out; gr
     state = DecodeState.join(state, model.prefill(...))  # new sequences join the running batch
     state.drop(seq_ids)                                # finished sequences leave
 
-KV cache: one transformers DynamicCache for the running batch, [B, kv_heads, L, head_dim] per layer,
-every sequence right-aligned (left padding) with a 0/1 attention mask [B, L] and explicit per-sequence
-position ids. Joining left-pads the shorter state's keys/values with zeros (masked out); leaving
-selects the remaining rows and trims columns that are padding for all of them. Sliding-window
+The running batch (sequences, KV cache, mask; join / drop) is runtime/decode_state.py's DecodeState;
+the per-tenant norm / embedding-row / lm_head-row wrappers are runtime/tenant_modules.py's; the
+compressed linears are DeltaLinear (runtime/delta_linear.py), which on CPU multiplies the hottest
+tenants' dequantised factors kept in a shared FactorCache (runtime/factor_cache.py). Sliding-window
 layers are kept full-length (the mask applies the window), so every layer has the same length.
 One step at a time (not thread-safe). The tenants of one running batch must fit the device budget
 together; drop a tenant's sequences before remove_tenant (a later step would name an unknown tenant).
@@ -36,23 +36,30 @@ together; drop a tenant's sequences before remove_tenant (a later step would nam
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from ..checkpoint.apply_delta import check_base
+from ..checkpoint.reader import CheckpointReader
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta
-from ..models.apply_delta import check_base
-from ..models.checkpoint import CheckpointReader
-from .delta_linear import BASE_SLOT, DeltaLinear, LinearDelta, TenantBatch, TenantContext, TenantRegistry
+from .decode_state import DecodeState, SequenceState, left_padded, make_cache
+from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry
+from .factor_cache import FactorCache
 from .packed import PackedLinear
+from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, TensorsPayload
 from .vocab_rows import VocabPayload
 
+__all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState"]
 
-# ---- per-tenant payloads of non-linear modules --------------------------------------------------
+# Dequantised factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py): ~9× a
+# tenant's packed bytes in float32, so 1 GiB holds ~8 SmolLM2-135M tenants at 1/16 (≈ 99 MiB each).
+DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
+
 
 def _vocab_payload(delta, name: str) -> VocabPayload:
     """The compressed (delta.vocab) and exact (delta.rows) rows of vocabulary matrix NAME, rows sorted."""
@@ -69,205 +76,32 @@ def _vocab_payload(delta, name: str) -> VocabPayload:
     return VocabPayload(index.to(torch.int64), packed, exact_index, exact_values)
 
 
-@dataclass
-class TensorsPayload:
-    """A tenant's replacement parameters of one module: {parameter name: tensor}."""
-
-    tensors: dict[str, torch.Tensor]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-    def to(self, device) -> "TensorsPayload":
-        return TensorsPayload({k: v.to(device) for k, v in self.tensors.items()})
-
-
-class _TenantModule(nn.Module):
-    """Common part: the wrapped module, the shared context and the resident payloads by slot."""
-
-    def __init__(self, base: nn.Module, context: TenantContext):
-        super().__init__()
-        self.base = base
-        self.context = context
-        self.tenants: dict[int, object] = {}
-
-    def load_tenant(self, slot: int, payload) -> None:
-        self.tenants[slot] = payload
-
-    def unload_tenant(self, slot: int) -> None:
-        self.tenants.pop(slot, None)
-
-    def resident_bytes(self, slot: int) -> int:
-        p = self.tenants.get(slot)
-        return 0 if p is None else p.nbytes()
-
-    def _segments(self, n_rows: int, device):
-        batch = self.context.batch
-        if batch is None or not self.tenants:
-            return []
-        groups = batch.rows(n_rows, device)
-        return [(self.tenants[s], groups.rows_of(a, n)) for s, a, n in groups.segments if s in self.tenants]
-
-
-class PerTenantParams(_TenantModule):
-    """A small module (a norm) with per-tenant parameters: each tenant's rows (leading dims flattened,
-    last dim kept) are run through the module with that tenant's parameters (functional_call)."""
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out = self.base(x, *args, **kwargs)
-        segments = self._segments(x.numel() // x.shape[-1], x.device)
-        if not segments:
-            return out
-        out = out.contiguous()
-        rows_x, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        for payload, idx in segments:
-            o = torch.func.functional_call(self.base, payload.tensors, (rows_x.index_select(0, idx),) + args,
-                                           kwargs, strict=False)
-            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
-        return out
-
-
-class PerTenantEmbedding(_TenantModule):
-    """nn.Embedding whose rows some tenants change (VocabPayload.lookup per token of their sequences)."""
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids)
-        segments = self._segments(ids.numel(), ids.device)
-        if not segments:
-            return out
-        flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
-        for p, idx in segments:
-            rows = p.lookup(flat_ids.index_select(0, idx), rows_out.index_select(0, idx))
-            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
-        return out
-
-
-class PerTenantRows(_TenantModule):
-    """An output nn.Linear (lm_head) whose weight rows some tenants change (VocabPayload.head)."""
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.base(h)
-        segments = self._segments(h.numel() // h.shape[-1], h.device)
-        if not segments:
-            return out
-        rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
-        for p, idx in segments:
-            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
-            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
-        return out
-
-
-# ---- decode state --------------------------------------------------------------------------------
-
-@dataclass
-class SequenceState:
-    seq_id: Hashable
-    tenant: str | None
-    prompt: list[int]
-    generated: list[int] = field(default_factory=list)
-
-    @property
-    def next_position(self) -> int:
-        """Position id of the last generated token, the one the next decode step feeds."""
-        return len(self.prompt) + len(self.generated) - 1
-
-
-@dataclass
-class DecodeState:
-    """The running batch: its sequences (row order of the cache), KV cache and 0/1 attention mask [B, L]."""
-
-    seqs: list[SequenceState]
-    cache: object
-    mask: torch.Tensor
-
-    @property
-    def seq_ids(self) -> list[Hashable]:
-        return [s.seq_id for s in self.seqs]
-
-    @property
-    def next_tokens(self) -> list[int]:
-        """The token each sequence produced in the last step."""
-        return [s.generated[-1] for s in self.seqs]
-
-    def __len__(self) -> int:
-        return len(self.seqs)
-
-    @staticmethod
-    def join(a: "DecodeState", b: "DecodeState") -> "DecodeState":
-        """One batch holding a's then b's sequences (caches left-padded to the longer one)."""
-        if set(a.seq_ids) & set(b.seq_ids):
-            raise PrinmixError("cannot join decode states that share sequence ids")
-        if not a.seqs:
-            return b
-        if not b.seqs:
-            return a
-        length = max(a.mask.shape[1], b.mask.shape[1])
-        layers = []
-        for (ka, va), (kb, vb) in zip(_cache_tensors(a.cache), _cache_tensors(b.cache)):
-            layers.append((torch.cat([_left_pad(ka, length), _left_pad(kb, length)]),
-                           torch.cat([_left_pad(va, length), _left_pad(vb, length)])))
-        mask = torch.cat([_left_pad(a.mask, length, dim=1), _left_pad(b.mask, length, dim=1)])
-        return DecodeState(a.seqs + b.seqs, _make_cache(layers), mask)
-
-    def drop(self, seq_ids) -> None:
-        """Remove these sequences from the batch (in place); trims all-padding cache columns."""
-        gone = set(seq_ids)
-        keep = [i for i, s in enumerate(self.seqs) if s.seq_id not in gone]
-        if len(keep) == len(self.seqs):
-            return
-        self.seqs = [self.seqs[i] for i in keep]
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, idx)
-        used = mask.any(0).nonzero()
-        first = int(used[0]) if used.numel() else mask.shape[1]
-        self.mask = mask[:, first:]
-        self.cache = _make_cache([(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                                  for k, v in _cache_tensors(self.cache)])
-
-
-def _left_pad(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
-    extra = length - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-
-def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache))                    # transformers < 4.56
-
-
-def _make_cache(layers):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k, v, i)
-    return cache
-
-
 # ---- the model -------------------------------------------------------------------------------------
 
 class MultiTenantModel:
     """A base causal LM plus registered delta tenants, run together in one batch.
 
     device: where the base and resident tenants live; dtype: None = the checkpoint's; budget_bytes:
-    device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's.
+    device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's;
+    factor_cache_bytes: byte budget of the dequantised factors of the hottest tenants (the "cached"
+    backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype.
+
+    Public surface beyond the step API: add_tenant / remove_tenant / tenants / tenant_bytes,
+    memory() (bytes by kind), registry (TenantRegistry: residency, swaps) and factor_cache (hits,
+    misses, used_bytes). A tenant's delta of any nn.Linear — lm_head included — is a TenantDelta
+    served by a DeltaLinear under the module's name.
     """
 
     def __init__(self, base_dir, device="cpu", dtype: torch.dtype | None = None, budget_bytes: int | None = None,
-                 backend: str = "auto"):
-        from transformers import AutoModelForCausalLM
-
+                 backend: str = "auto", factor_cache_bytes: int = DEFAULT_FACTOR_CACHE_BYTES,
+                 factor_cache_dtype: torch.dtype = torch.float32):
         self.base_dir = Path(base_dir)
         self.reader = CheckpointReader(base_dir)
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto").to(self.device)
         self.model.eval()
         self.backend = backend
+        self.factor_cache = FactorCache(factor_cache_bytes, factor_cache_dtype) if factor_cache_bytes else None
         self.context = TenantContext()
         self.modules: dict[str, nn.Module] = {}
         self.registry = TenantRegistry(self.modules, self.device, budget_bytes)
@@ -298,7 +132,7 @@ class MultiTenantModel:
         payloads = {path: payload for path, (_, payload) in plan.items()}
         self.registry.register(name, payloads)
         linear = sum(p.packed.resident_bytes for p in payloads.values()
-                     if isinstance(p, LinearDelta) and p.packed is not None)
+                     if isinstance(p, TenantDelta) and p.packed is not None)
         info = {"delta": str(delta_path), "method": delta.method, "linear_bytes": linear,
                 "other_bytes": self.registry.nbytes(name) - linear, "file_linear_bytes": delta.linear_bytes()}
         self.tenant_info[name] = info
@@ -308,6 +142,14 @@ class MultiTenantModel:
         """{linear_bytes, other_bytes, file_linear_bytes} as registered, plus resident_bytes now on the device
         (0 while swapped out to host memory)."""
         return {**self.tenant_info[name], "resident_bytes": self.registry.resident_bytes(name)}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes on the device by kind: base weights, resident tenant payloads (packed deltas, norms,
+        rows) and the factor cache's dequantised factors (KV caches are the DecodeState's: kv_bytes())."""
+        base = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        deltas = sum(self.registry.resident_bytes(n) for n in self.registry.names)
+        return {"base_bytes": base, "delta_bytes": deltas,
+                "factor_cache_bytes": self.factor_cache.used_bytes if self.factor_cache is not None else 0}
 
     def remove_tenant(self, name: str) -> None:
         self.registry.unregister(name)
@@ -320,8 +162,8 @@ class MultiTenantModel:
             raise PrinmixError(f"{delta_path}: the fine-tune removes tensors of the base; serve its merged model")
         plan: dict[str, tuple[str, object]] = {}
 
-        def linear_delta(path) -> LinearDelta:
-            kind, payload = plan.setdefault(path, ("linear", LinearDelta()))
+        def linear_delta(path) -> TenantDelta:
+            kind, payload = plan.setdefault(path, ("linear", TenantDelta()))
             if kind != "linear":
                 raise PrinmixError(f"{delta_path}: {path} changes in two incompatible ways")
             return payload
@@ -390,7 +232,7 @@ class MultiTenantModel:
             return
         module = self.model.get_submodule(path)
         if kind == "linear":
-            wrapper = DeltaLinear(module, self.context, self.backend)
+            wrapper = DeltaLinear(module, self.context, self.backend, self.factor_cache)
         else:
             wrapper = {"params": PerTenantParams, "embedding": PerTenantEmbedding, "rows": PerTenantRows}[kind](
                 module, self.context)
@@ -428,15 +270,9 @@ class MultiTenantModel:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PrinmixError("prefill needs at least one non-empty prompt")
         seq_ids = list(range(len(prompts))) if seq_ids is None else list(seq_ids)
-        length = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), length, dtype=torch.long)
-        mask = torch.zeros(len(prompts), length, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-            mask[i, length - len(p):] = 1
-        mask = mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = _make_cache([])
+        ids, mask, positions = left_padded(prompts)
+        mask, positions = mask.to(self.device), positions.to(self.device)
+        cache = make_cache([])
         logits = self.forward(ids, tenants, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
         first = logits[:, -1].argmax(-1).tolist()
         seqs = [SequenceState(sid, t, list(p), [tok]) for sid, t, p, tok in zip(seq_ids, tenants, prompts, first)]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..algorithms.compressed import FLOAT_BITS, CompressedLinear, QuantizedMatrix
+from ..algorithms.compressed_linear import FLOAT_BITS, CompressedLinear, QuantizedMatrix
 from ..algorithms.packing import pack_codes
 
 

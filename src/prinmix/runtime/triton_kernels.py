@@ -14,17 +14,53 @@ fp16/bf16 inputs feed dots in their own dtype.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from .packed import (BITS, K, META_FIELDS, RANK_OFF, SIGMA, U_DATA, U_GROUP, U_NGROUPS, U_SCALE, U_T, U_ZERO,
-                     V_DATA, V_GROUP, V_NGROUPS, V_SCALE, V_ZERO, StackedPacks)
+from .packed import (
+    BITS,
+    META_FIELDS,
+    RANK_OFF,
+    SIGMA,
+    U_DATA,
+    U_GROUP,
+    U_NGROUPS,
+    U_SCALE,
+    U_T,
+    U_ZERO,
+    V_DATA,
+    V_GROUP,
+    V_NGROUPS,
+    V_SCALE,
+    V_ZERO,
+    K,
+    StackedPacks,
+)
 
-BLOCK_M = 16      # rows per tile
-BLOCK_R = 16      # ranks per tile
-BLOCK_K = 32      # input columns per shrink step
-BLOCK_N = 32      # output columns per expand tile
+
+@dataclass(frozen=True)
+class KernelBlocks:
+    """Tile sizes (powers of two; tl.dot needs m, r, k, n ≥ 16): m rows per tile, r ranks per shrink
+    tile, k input columns per shrink step, n output columns per expand / sign tile. Decode runs 1–4
+    rows per tenant, so m = 16 wastes rows; benchmarks/bench_kernels.py --sweep times the choices."""
+
+    m: int = 16
+    r: int = 16
+    k: int = 32
+    n: int = 32
+
+    @classmethod
+    def from_env(cls) -> "KernelBlocks":
+        """PRINMIX_TRITON_BLOCKS="m,r,k,n" overrides the defaults (for tuning on a new device)."""
+        spec = os.environ.get("PRINMIX_TRITON_BLOCKS")
+        return cls(*(int(v) for v in spec.split(","))) if spec else cls()
+
+
+DEFAULT_BLOCKS = KernelBlocks.from_env()
 
 
 @triton.jit
@@ -202,30 +238,33 @@ def _sign_kernel(x_ptr, stride_x, y_ptr, stride_y, order_ptr, seg_start_ptr, seg
     tl.store(y_ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
-def add_deltas(x: torch.Tensor, y: torch.Tensor, groups, stack: StackedPacks) -> None:
+def add_deltas(x: torch.Tensor, y: torch.Tensor, groups, stack: StackedPacks,
+               blocks: KernelBlocks | None = None) -> None:
     """y[rows] += each row's tenant delta, in place. x [n, h_in], y [n, h_out] (same dtype, row-major);
-    groups: RowGroups of the rows; stack: StackedPacks of the layer (on x's device)."""
+    groups: RowGroups of the rows; stack: StackedPacks of the layer (on x's device); blocks: tile sizes
+    (default DEFAULT_BLOCKS)."""
+    b = blocks or DEFAULT_BLOCKS
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert y.stride(-1) == 1 and y.dtype == x.dtype
     h_in, h_out = x.shape[1], y.shape[1]
     seg_start, seg_len, seg_slot = groups.seg_tensors()
-    n_segs, m_tiles = len(groups.segments), triton.cdiv(groups.max_len, BLOCK_M)
+    n_segs, m_tiles = len(groups.segments), triton.cdiv(groups.max_len, b.m)
     dot_f32 = x.dtype == torch.float32
     if stack.max_blocks and stack.max_rank:
         t = torch.zeros(groups.order.numel(), stack.max_rank, dtype=torch.float32, device=x.device)
-        rank_tiles = triton.cdiv(stack.max_block_rank, BLOCK_R)
+        rank_tiles = triton.cdiv(stack.max_block_rank, b.r)
         _shrink_kernel[(n_segs, stack.max_blocks * rank_tiles, m_tiles)](
             x, x.stride(0), groups.order, seg_start, seg_len, seg_slot, stack.meta, stack.n_blocks,
             stack.codes, stack.scales, stack.zeros, stack.raw, t, t.stride(0), h_in, stack.max_blocks, rank_tiles,
             NF=META_FIELDS, F_BITS=BITS, F_K=K, F_OFF=RANK_OFF, F_DATA=V_DATA, F_SCALE=V_SCALE, F_ZERO=V_ZERO,
-            F_GROUP=V_GROUP, F_NG=V_NGROUPS, F_SIGMA=SIGMA, BM=BLOCK_M, BR=BLOCK_R, BK=BLOCK_K, DOT_F32=dot_f32)
-        _expand_kernel[(n_segs, triton.cdiv(h_out, BLOCK_N), m_tiles)](
+            F_GROUP=V_GROUP, F_NG=V_NGROUPS, F_SIGMA=SIGMA, BM=b.m, BR=b.r, BK=b.k, DOT_F32=dot_f32)
+        _expand_kernel[(n_segs, triton.cdiv(h_out, b.n), m_tiles)](
             t, t.stride(0), y, y.stride(0), groups.order, seg_start, seg_len, seg_slot, stack.meta, stack.n_blocks,
             stack.codes, stack.scales, stack.zeros, stack.raw, h_out, stack.max_blocks,
             NF=META_FIELDS, F_BITS=BITS, F_K=K, F_OFF=RANK_OFF, F_DATA=U_DATA, F_SCALE=U_SCALE, F_ZERO=U_ZERO,
-            F_GROUP=U_GROUP, F_NG=U_NGROUPS, F_T=U_T, BM=BLOCK_M, BN=BLOCK_N, BR=BLOCK_R, DOT_F32=dot_f32)
+            F_GROUP=U_GROUP, F_NG=U_NGROUPS, F_T=U_T, BM=b.m, BN=b.n, BR=b.r, DOT_F32=dot_f32)
     if stack.has_sign:
-        _sign_kernel[(n_segs, triton.cdiv(h_out, BLOCK_N), m_tiles)](
+        _sign_kernel[(n_segs, triton.cdiv(h_out, b.n), m_tiles)](
             x, x.stride(0), y, y.stride(0), groups.order, seg_start, seg_len, seg_slot, stack.sign_off,
-            stack.sign_scale, stack.codes, h_in, h_out, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, DOT_F32=dot_f32)
+            stack.sign_scale, stack.codes, h_in, h_out, BM=b.m, BN=b.n, BK=b.k, DOT_F32=dot_f32)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..algorithms.compressed import FLOAT_BITS
+from ..algorithms.compressed_linear import FLOAT_BITS
 from .packed import PackedLinear, PackedMatrix
 
 

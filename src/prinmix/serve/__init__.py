@@ -1,7 +1,10 @@
 """`prinmix serve`: an OpenAI-compatible HTTP server for one base model and many delta tenants.
 
-app.py (endpoints, load_app / create_app), scheduler.py (the continuous-batching worker), protocol.py
-(request and response shapes), chat.py (chat prompts), text_stream.py (detokenization with stop
-strings), cli_command.py (the subcommand). Needs the `serve` extra (fastapi, uvicorn); nothing is
-imported here, so building the CLI's parser does not need it.
+app.py (endpoints, load_app / create_app), config.py (ServerConfig, environment variables), scheduler.py
+(the continuous-batching worker), batch_decode.py (prefill / decode steps returning logits), sampling.py
+(per-request token choice), protocol.py (request and response shapes), chat.py (chat prompts),
+text_stream.py (detokenization with stop strings), middleware.py (API key, body size limit),
+runtime_loading.py (who may load a tenant from where), metrics.py (/metrics), the subcommand is
+prinmix.cli.serve. Needs the `serve` extra (fastapi, uvicorn, prometheus_client); nothing is imported here, so
+building the CLI's parser does not need it.
 """

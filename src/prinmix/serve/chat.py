@@ -1,9 +1,10 @@
-"""Chat prompts: the model's chat template, or a plain fallback when there is none.
+"""Chat prompts: the model's chat template; a model without one gets no invented format.
 
-Template used for a tenant: the fine-tune's own (chat_template.jinja or tokenizer_config.json's
-"chat_template" among the delta file's aux files), else the base tokenizer's. Without any template
-the prompt is one line per message, "{role}: {content}", followed by "assistant:" (the model
-continues from there), tokenized with the tokenizer's special tokens (e.g. BOS).
+Template used for a tenant: `serve --chat-template FILE` when given, else the fine-tune's own
+(chat_template.jinja or tokenizer_config.json's "chat_template" among the delta file's aux files),
+else the base tokenizer's. With none of them, /v1/chat/completions answers 400: a made-up role
+format would give answers the fine-tune was never trained for. transformers renders templates in
+a Jinja sandbox; a template's own error (e.g. roles that must alternate) is the user's 400.
 """
 
 from __future__ import annotations
@@ -35,16 +36,8 @@ def delta_chat_template(delta_path) -> str | None:
     return template if isinstance(template, str) else None
 
 
-def fallback_chat_prompt(messages: list[dict]) -> str:
-    """One "{role}: {content}" line per message, then "assistant:"."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict], template: str | None) -> list[int]:
-    """Token ids of the conversation with the generation prompt appended (template or fallback)."""
-    template = template or getattr(tokenizer, "chat_template", None)
-    if template:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(fallback_chat_prompt(messages))["input_ids"]
+def chat_prompt_ids(tokenizer, messages: list[dict], template: str) -> list[int]:
+    """Token ids of the conversation rendered with `template`, the generation prompt appended."""
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -2,13 +2,15 @@
 
 Each loop iteration of the worker
   1. runs pending control calls (load / unload a tenant) between steps,
-  2. admits waiting requests up to `max_batch` running sequences: one `prefill` for all of them (any mix of
+  2. admits waiting requests up to `max_batch` running sequences: one prefill for all of them (any mix of
      tenants and the base), their first tokens are delivered, then they `DecodeState.join` the running batch,
-  3. runs ONE `decode_step` for every running sequence (all tenants in the same forward pass),
+  3. runs ONE decode step for every running sequence (all tenants in the same forward pass),
   4. delivers each sequence's new text to its request and drops finished ones (eos, stop string,
      max_tokens, or cancelled by the client).
-Outputs reach a request's asyncio queue through `loop.call_soon_threadsafe`. Decoding is greedy (the
-runtime's prefill / decode_step take the argmax).
+Outputs reach a request's asyncio queue through `loop.call_soon_threadsafe`. Each step's tokens are chosen
+per request from the step's logits (serve/sampling.py: greedy, or seeded temperature/top-k/top-p).
+A failure inside the model is logged here with its traceback; the request only learns that the server
+failed (500) and the request id, never the exception's text.
 
 Unload policy: a tenant with queued or running sequences is not removed; `unload` fails with
 SchedulerError(409) and the caller retries later.
@@ -17,15 +19,20 @@ SchedulerError(409) and the caller retries later.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..errors import PrinmixError
 from ..runtime.multi_tenant import DecodeState
+from .batch_decode import append_tokens, decode_logits, prefill_logits
+from .sampling import SamplingParams, TokenLogprob, choose_tokens, new_generator
 from .text_stream import TextStream
+
+log = logging.getLogger("prinmix.serve")
 
 
 class SchedulerError(Exception):
@@ -38,17 +45,21 @@ class SchedulerError(Exception):
 
 @dataclass
 class Output:
-    """New text of one request; finish_reason ("stop" / "length") marks its last output."""
+    """New text of one request (choice `index` of its HTTP request); finish_reason ("stop" / "length") marks
+    its last output; logprobs: entries of the tokens generated since the previous output (when asked for)."""
 
     text: str
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(eq=False)
 class GenerationRequest:
-    """One sequence to generate greedily for `tenant` (None = the base); outputs go to `queue` on `loop`."""
+    """One sequence to generate for `tenant` (None = the base) with `params`; outputs go to `queue` on `loop`
+    (the n choices of one HTTP request share a queue and tell themselves apart by `index`)."""
 
     tenant: str | None
     prompt: list[int]
@@ -56,9 +67,13 @@ class GenerationRequest:
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    params: SamplingParams = field(default_factory=SamplingParams)
+    index: int = 0
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     cancelled: bool = False
     stream: TextStream | None = None
+    generator: object = None                  # torch.Generator of a sampled request, made at admission
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def deliver(self, item: Output | SchedulerError) -> None:
         """Thread-safe hand-off to the request's event loop (a closed loop cancels the request)."""
@@ -70,24 +85,31 @@ class GenerationRequest:
 
 @dataclass
 class SchedulerStats:
-    """Counters of the worker: decode steps, prefills, the largest batch, and recent steps' tenant mix."""
+    """Counters of the worker: decode steps, prefills, the largest batch, recent steps' tenant mix, tokens
+    (prompt and generated), requests by how they ended, and decode steps by batch size (for /metrics)."""
 
     steps: int = 0
     prefills: int = 0
     max_batch_seen: int = 0
     max_models_in_step: int = 0
     recent_steps: deque = field(default_factory=lambda: deque(maxlen=256))   # (batch size, sorted model names)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: Counter = field(default_factory=Counter)        # "stop" / "length" / "cancelled" / "error" → count
+    batch_sizes: Counter = field(default_factory=Counter)     # decode batch size → steps
 
     def record(self, models: list[str]) -> None:
         distinct = tuple(sorted(set(models)))
         self.steps += 1
+        self.batch_sizes[len(models)] += 1
         self.max_batch_seen = max(self.max_batch_seen, len(models))
         self.max_models_in_step = max(self.max_models_in_step, len(distinct))
         self.recent_steps.append((len(models), distinct))
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "prefills": self.prefills, "max_batch_seen": self.max_batch_seen,
-                "max_models_in_step": self.max_models_in_step,
+                "max_models_in_step": self.max_models_in_step, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens, "finished": dict(self.finished),
                 "recent_steps": [{"batch": b, "models": list(m)} for b, m in self.recent_steps]}
 
 
@@ -160,9 +182,12 @@ class Scheduler:
         """The client went away: the worker drops the request at its next iteration."""
         request.cancelled = True
 
-    def load(self, name: str, delta_path: str) -> Future:
-        """Register a tenant between steps; the future's result is its tenant_bytes report."""
-        return self._control(lambda: self._load(name, delta_path))
+    def load(self, name: str, delta_path: str, shown_path: str | None = None, max_tenants: int | None = None) -> Future:
+        """Register a tenant between steps; the future's result is its tenant_bytes report. Errors name
+        `shown_path` (default: delta_path), e.g. the path as the client gave it rather than its real one;
+        SchedulerError(409) when `max_tenants` are registered already (checked on the worker, so concurrent
+        loads cannot pass it together)."""
+        return self._control(lambda: self._load(name, delta_path, shown_path or delta_path, max_tenants))
 
     def unload(self, name: str) -> Future:
         """Remove an idle tenant between steps (SchedulerError 409 while it has sequences)."""
@@ -191,6 +216,7 @@ class Scheduler:
             with self._cond:
                 free = self.max_batch - len(self._running)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self.stats.finished["cancelled"] += sum(r.cancelled for r in admitted)
             try:
                 self._admit([r for r in admitted if not r.cancelled])
                 self._step()
@@ -217,12 +243,19 @@ class Scheduler:
         if not ready:
             return
         try:
-            new = self.model.prefill([r.prompt for r in ready], [r.tenant for r in ready], [r.id for r in ready])
-        except Exception as e:               # noqa: BLE001 - fails these requests only; the running batch is intact
             for r in ready:
-                r.deliver(SchedulerError(500, f"prefill failed: {type(e).__name__}: {e}"))
+                r.generator = new_generator(r.params, self.model.device)
+            new, logits = prefill_logits(self.model, [r.prompt for r in ready], [r.tenant for r in ready],
+                                         [r.id for r in ready])
+            self._choose(new, logits, ready)
+        except Exception:
+            log.exception("prefill of %d requests failed", len(ready))
+            for r in ready:
+                r.deliver(_internal_error(r))
+            self.stats.finished["error"] += len(ready)
             return
         self.stats.prefills += 1
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in ready)
         for r in ready:
             r.stream = TextStream(self.tokenizer, r.stop)
             self._running[r.id] = r
@@ -237,12 +270,23 @@ class Scheduler:
         state.drop([s.seq_id for s in state.seqs if self._running[s.seq_id].cancelled])
         if state.seqs:
             self.stats.record([self.base_name if s.tenant is None else s.tenant for s in state.seqs])
-            self.model.decode_step(state)
+            self._choose(state, decode_logits(state, self.model), [self._running[s.seq_id] for s in state.seqs])
             self._deliver(state)
-        for rid in [rid for rid, r in self._running.items() if r.cancelled]:
+        cancelled = [rid for rid, r in self._running.items() if r.cancelled]
+        self.stats.finished["cancelled"] += len(cancelled)
+        for rid in cancelled:
             del self._running[rid]
         if not state.seqs:
             self._state = None
+
+    def _choose(self, state: DecodeState, logits, requests: list[GenerationRequest]) -> None:
+        """Pick each sequence's next token from logits [B, vocab] by its request's SamplingParams."""
+        tokens, entries = choose_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
+        append_tokens(state, tokens)
+        self.stats.generated_tokens += len(tokens)
+        for r, entry in zip(requests, entries):
+            if entry is not None:
+                r.pending_logprobs.append(entry)
 
     def _deliver(self, state: DecodeState) -> None:
         """Hand each sequence's new text to its request; drop the finished sequences from `state`."""
@@ -254,8 +298,12 @@ class Scheduler:
             text, stopped = r.stream.update(ids[:-1] if eos else ids, final=done)
             reason = "stop" if stopped or eos else "length" if done else None
             if text or reason:
-                r.deliver(Output(text, reason, len(r.prompt), len(ids)))
+                entries, r.pending_logprobs = r.pending_logprobs, []
+                if eos and entries and entries[-1].token == ids[-1]:
+                    entries = entries[:-1]             # the eos token's text is not part of the answer
+                r.deliver(Output(text, reason, len(r.prompt), len(ids), r.index, entries))
             if reason or r.cancelled:
+                self.stats.finished[reason or "cancelled"] += 1
                 finished.append(seq.seq_id)
         state.drop(finished)
         for rid in finished:
@@ -263,8 +311,10 @@ class Scheduler:
 
     def _fail_running(self, error: Exception) -> None:
         """A forward failed: its batch's KV cache is unusable, so every running request ends with a 500."""
+        log.error("decode step of %d requests failed", len(self._running), exc_info=error)
         for r in self._running.values():
-            r.deliver(SchedulerError(500, f"generation failed: {type(error).__name__}: {error}"))
+            r.deliver(_internal_error(r))
+        self.stats.finished["error"] += len(self._running)
         self._running.clear()
         self._state = None
 
@@ -278,18 +328,24 @@ class Scheduler:
         self._controls.clear()
 
     # ---- control calls (worker thread, between steps) ----------------------------------------------
-    def _load(self, name: str, delta_path: str) -> dict:
+    def _load(self, name: str, delta_path: str, shown_path: str, max_tenants: int | None) -> dict:
         if name == self.base_name or name in self.tenant_paths:
             raise SchedulerError(400, f"The model `{name}` is already being served; unload it first", "model_exists")
+        if max_tenants is not None and len(self.tenant_paths) >= max_tenants:
+            raise SchedulerError(409, f"this server holds its maximum of {max_tenants} tenants (--max-tenants); "
+                                 f"unload one first", "too_many_tenants")
         try:
             self.model.add_tenant(name, delta_path)
             self.warm_up([name])
-        except Exception as e:               # noqa: BLE001 - roll back, then report
+        except Exception as e:
             if name in self.model.tenants:
                 self.model.remove_tenant(name)
-            if isinstance(e, (PrinmixError, OSError)):
-                raise SchedulerError(400, f"cannot load {delta_path}: {e}", "invalid_delta") from None
-            raise SchedulerError(500, f"loading {delta_path} failed: {type(e).__name__}: {e}") from e
+            if isinstance(e, PrinmixError):  # one line naming the file and the problem: the user's to fix
+                raise SchedulerError(400, f"cannot load {shown_path}: {e}", "invalid_delta") from None
+            if isinstance(e, OSError):       # strerror only: the exception's text holds the real (resolved) path
+                raise SchedulerError(400, f"cannot load {shown_path}: {e.strerror}", "invalid_delta") from None
+            log.exception("loading tenant %r from %s failed", name, delta_path)
+            raise SchedulerError(500, f"loading {shown_path} failed; the server log has the details") from None
         self.tenant_paths[name] = str(delta_path)
         return self.model.tenant_bytes(name)
 
@@ -310,3 +366,9 @@ class Scheduler:
         Worker thread only (or before start())."""
         token = next(iter(self.eos_ids), 0) if self.tokenizer.bos_token_id is None else self.tokenizer.bos_token_id
         self.model.prefill([[token]] * len(tenants), list(tenants))
+
+
+def _internal_error(request: GenerationRequest) -> SchedulerError:
+    """What a request learns of a failure inside the model (the log has the traceback)."""
+    return SchedulerError(500, f"internal server error while generating request {request.id}; "
+                               f"the server log has the details")

@@ -31,7 +31,7 @@ class TextStream:
     def _decode(self, ids: list[int], final: bool) -> None:
         if len(ids) <= self._read:
             return
-        decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=True)   # noqa: E731
+        decode = lambda part: self.tokenizer.decode(part, skip_special_tokens=True)
         context = decode(ids[self._prefix:self._read])
         text = decode(ids[self._prefix:])
         if len(text) > len(context) and (final or not text.endswith("\ufffd")):

@@ -1,0 +1,206 @@
+"""Tenant-aware wrappers of the modules a delta changes besides its compressed linears.
+
+    PerTenantParams     a small module (a norm) re-run with the tenant's parameters on its rows
+    PerTenantEmbedding  nn.Embedding whose changed rows a tenant replaces (payload.lookup)
+    PerTenantRows       an output nn.Linear (lm_head) whose changed weight rows a tenant replaces (payload.head)
+A vocabulary payload is a RowsPayload (exact rows) or a vocab_rows.VocabPayload (compressed row deltas
+of a whole-delta file, plus exact added rows); both answer lookup(tokens, base_rows) and
+head(h, base_logits, bias).
+Each keeps its tenants' payloads by slot (load_tenant / unload_tenant / resident_bytes, the
+interface TenantRegistry drives, as DeltaLinear does) and reads the running batch's slots from the
+shared TenantContext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PrinmixError
+from .delta_linear import TenantContext
+
+__all__ = ["PerTenantEmbedding", "PerTenantParams", "PerTenantRows", "RowsPayload", "TensorsPayload",
+           "output_is_weight_times"]
+
+
+@dataclass
+class TensorsPayload:
+    """A tenant's replacement parameters of one module: {parameter name: tensor}."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def to(self, device) -> "TensorsPayload":
+        return TensorsPayload({k: v.to(device) for k, v in self.tensors.items()})
+
+
+@dataclass
+class RowsPayload:
+    """A tenant's changed rows of an embedding / output matrix: sorted row ids int64 [n], values [n, d]."""
+
+    index: torch.Tensor
+    values: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.index.numel() * 8 + self.values.numel() * self.values.element_size()
+
+    def to(self, device) -> "RowsPayload":
+        return RowsPayload(self.index.to(device), self.values.to(device))
+
+    def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
+        """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens."""
+        out = base_rows.clone()
+        pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
+        hit = self.index[pos] == tokens
+        out[hit] = self.values[pos[hit]].to(out.dtype)
+        return out
+
+    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]."""
+        logits = nn.functional.linear(h, self.values.to(h.dtype),
+                                      None if bias is None else bias[self.index]).to(base_logits.dtype)
+        if self.index.numel() == base_logits.shape[-1]:   # every row changed (sorted, unique): no scatter
+            return logits
+        out = base_logits.clone()
+        out[:, self.index] = logits
+        return out
+
+
+class _TenantModule(nn.Module):
+    """Common part: the wrapped module, the shared context and the resident payloads by slot."""
+
+    def __init__(self, base: nn.Module, context: TenantContext):
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.tenants: dict[int, object] = {}
+
+    def load_tenant(self, slot: int, payload) -> None:
+        self.tenants[slot] = payload
+
+    def unload_tenant(self, slot: int) -> None:
+        self.tenants.pop(slot, None)
+
+    def resident_bytes(self, slot: int) -> int:
+        p = self.tenants.get(slot)
+        return 0 if p is None else p.nbytes()
+
+    def _segments(self, n_rows: int, device):
+        batch = self.context.batch
+        if batch is None or not self.tenants:
+            return []
+        groups = batch.rows(n_rows, device)
+        return [(self.tenants[s], groups.rows_of(a, n)) for s, a, n in groups.segments if s in self.tenants]
+
+
+class PerTenantParams(_TenantModule):
+    """A small module (a norm) with per-tenant parameters: each tenant's rows (leading dims flattened,
+    last dim kept) are run through the module with that tenant's parameters (functional_call).
+
+    Fast path, for a module whose output is its 1-D `weight` times a weight-free part (Llama / Qwen2 /
+    Mistral RMSNorm: weight · normed(x)), verified bitwise on random inputs once per input dtype: one
+    call with weight = 1 for all rows, then one product with each row's weight (rows of a table of the
+    tenants' weights, rebuilt after a load / unload) — one call per step instead of one per tenant."""
+
+    def __init__(self, base: nn.Module, context: TenantContext):
+        super().__init__(base, context)
+        self._scales_output: dict[torch.dtype, bool] = {}
+        self._table: torch.Tensor | None = None
+
+    def load_tenant(self, slot: int, payload) -> None:
+        super().load_tenant(slot, payload)
+        self._table = None
+
+    def unload_tenant(self, slot: int) -> None:
+        super().unload_tenant(slot)
+        self._table = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        batch = self.context.batch
+        if batch is not None and self.tenants and not args and not kwargs and self._weight_scales_output(x.dtype):
+            return self._forward_scaled(x, batch)
+        out = self.base(x, *args, **kwargs)
+        segments = self._segments(x.numel() // x.shape[-1], x.device)
+        if not segments:
+            return out
+        out = out.contiguous()
+        rows_x, rows_out = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        for payload, idx in segments:
+            o = torch.func.functional_call(self.base, payload.tensors, (rows_x.index_select(0, idx),) + args,
+                                           kwargs, strict=False)
+            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
+        return out
+
+    def _weight_scales_output(self, dtype: torch.dtype) -> bool:
+        if dtype not in self._scales_output:
+            ok = all(set(p.tensors) == {"weight"} for p in self.tenants.values())
+            self._scales_output[dtype] = ok and output_is_weight_times(self.base, dtype)
+        return self._scales_output[dtype] and all(set(p.tensors) == {"weight"} for p in self.tenants.values())
+
+    def _forward_scaled(self, x: torch.Tensor, batch) -> torch.Tensor:
+        weight = self.base.weight
+        if self._table is None:                       # row 0: the base (and slots without a payload here)
+            table = weight.detach().expand(max(self.tenants) + 2, -1).clone()
+            for slot, p in self.tenants.items():
+                table[slot + 1] = p.tensors["weight"].to(weight.dtype)
+            self._table = table
+        rows = x.reshape(-1, x.shape[-1])
+        n_seqs = len(batch)
+        if rows.shape[0] % n_seqs:
+            raise PrinmixError(f"activation with {rows.shape[0]} rows does not split into {n_seqs} sequences")
+        index = (batch.seq_slots + 1).repeat_interleave(rows.shape[0] // n_seqs)
+        index = torch.where(index < self._table.shape[0], index, 0).to(x.device)
+        normed = torch.func.functional_call(self.base, {"weight": torch.ones_like(weight)}, (rows,))
+        return (self._table.index_select(0, index) * normed).view(*x.shape[:-1], -1)
+
+
+def output_is_weight_times(module: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether module(x) == weight · module_with_weight_1(x) bitwise for inputs of `dtype` (probed with
+    random inputs and two random weights): true of RMSNorm-style modules whose only parameter is a
+    1-D weight applied last."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or [n for n, _ in module.named_parameters()] != ["weight"]:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[0], generator=g).to(weight.device, dtype)
+    with torch.no_grad():
+        normed = torch.func.functional_call(module, {"weight": torch.ones_like(weight)}, (x,))
+        for _ in range(2):
+            w = (torch.randn(weight.shape, generator=g) + 1).to(weight)
+            if not torch.equal(torch.func.functional_call(module, {"weight": w}, (x,)), w * normed):
+                return False
+    return True
+
+
+class PerTenantEmbedding(_TenantModule):
+    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        segments = self._segments(ids.numel(), ids.device)
+        if not segments:
+            return out
+        flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+        for p, idx in segments:
+            rows = p.lookup(flat_ids.index_select(0, idx), rows_out.index_select(0, idx))
+            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
+        return out
+
+
+class PerTenantRows(_TenantModule):
+    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.base(h)
+        segments = self._segments(h.numel() // h.shape[-1], h.device)
+        if not segments:
+            return out
+        rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
+        for p, idx in segments:
+            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
+            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
+        return out
