@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,14 +39,14 @@ from real_pair import load_model, task_accuracy  # noqa: E402
 
 from prinmix import api  # noqa: E402
 from prinmix.algorithms.methods import METHOD_NAMES  # noqa: E402
-from prinmix.evaluate.layer_error import layer_errors  # noqa: E402
+from prinmix.calibration.data import load_calibration  # noqa: E402
+from prinmix.checkpoint.reader import CheckpointReader  # noqa: E402
+from prinmix.evaluate.layer_error import HELD_OUT_SEED, layer_errors  # noqa: E402
+from prinmix.format.delta_file import save_delta  # noqa: E402
 
 
 def derive_delta(whole: Path, out: Path, variant: str, base: Path, ft: Path) -> None:
     """A variant of a whole delta (see the module docstring): its vocabulary rows exact, or dropped."""
-    from prinmix.format.delta_file import save_delta
-    from prinmix.models.checkpoint import CheckpointReader
-
     delta = api.load_delta(whole)
     ft_r = CheckpointReader(ft)
     for name, (idx, _, shape) in list(delta.vocab.items()):
@@ -178,11 +179,6 @@ def main(argv=None) -> int:
     summary = errors.summary()
 
     print("task accuracy and logit error …", flush=True)
-    from transformers import AutoTokenizer
-
-    from prinmix.evaluate.layer_error import HELD_OUT_SEED
-    from prinmix.models.calibration import load_calibration
-
     held_out = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), a.logit_nsamples, a.eval_seqlen,
                                 HELD_OUT_SEED)
     acc = {}

@@ -37,9 +37,10 @@ from real_pair import load_model, read_jsonl, task_accuracy  # noqa: E402
 from prinmix.algorithms.budget import parse_ratio  # noqa: E402
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
 from prinmix.algorithms.vocab_delta import lookup_weights, vocab_objective  # noqa: E402
-from prinmix.models.calibration import load_calibration  # noqa: E402
-from prinmix.models.checkpoint import CheckpointReader, check_compatible  # noqa: E402
-from prinmix.models.decoder import DecoderStack  # noqa: E402
+from prinmix.calibration.data import load_calibration  # noqa: E402
+from prinmix.calibration.decoder_stack import DecoderStack  # noqa: E402
+from prinmix.checkpoint.compatibility import check_compatible  # noqa: E402
+from prinmix.checkpoint.reader import CheckpointReader  # noqa: E402
 from prinmix.pipeline.whole_budget import plan_whole_budget  # noqa: E402
 
 

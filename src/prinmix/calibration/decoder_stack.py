@@ -530,14 +530,8 @@ class DecoderStack:
                 return_tuple = True
             yield output
 
-    def head_hessian(
-        self,
-        reader: CheckpointReader,
-        input_ids: torch.Tensor,
-        final_hidden: torch.Tensor,
-        device: torch.device | str = "cpu",
-        batch_size: int = 8,
-    ) -> torch.Tensor:
+    def head_hessian(self, reader: CheckpointReader, input_ids: torch.Tensor, final_hidden: torch.Tensor,
+                     device: torch.device | str = "cpu", batch_size: int = 8) -> torch.Tensor:
         """H = Σ hhᵀ [d, d] (float32) of the output head's inputs h — the final normed hidden states over
         every position of input_ids [n, seq] — from the last layer's outputs final_hidden [n, seq, d].
 
