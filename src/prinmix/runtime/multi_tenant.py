@@ -51,7 +51,7 @@ from .decode_state import DecodeState, SequenceState, left_padded, make_cache
 from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry
 from .factor_cache import FactorCache
 from .packed import PackedLinear
-from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, TensorsPayload
+from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
 from .vocab_rows import VocabPayload
 
 __all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState"]
@@ -61,19 +61,20 @@ __all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "Seq
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
 
 
-def _vocab_payload(delta, name: str) -> VocabPayload:
-    """The compressed (delta.vocab) and exact (delta.rows) rows of vocabulary matrix NAME, rows sorted."""
+def _vocab_payload(delta, name: str) -> VocabPayload | RowsPayload:
+    """The compressed (delta.vocab) and exact (delta.rows) rows of vocabulary matrix NAME, rows sorted.
+    Exact rows only (--exact-embeddings, or nothing compressed): a RowsPayload, which skips the logit
+    scatter when every row changed (tenant_modules.RowsPayload.head)."""
     empty = torch.zeros(0, dtype=torch.int64)
-    index, packed = empty, None
-    if name in delta.vocab:
-        index, m, _ = delta.vocab[name]           # row sets are stored sorted
-        packed = PackedLinear.from_compressed(m)
     exact_index, exact_values = empty, torch.zeros(0, 0)
     if name in delta.rows:
         idx, values, _ = delta.rows[name]
         order = torch.argsort(idx)
         exact_index, exact_values = idx[order].to(torch.int64), values[order]   # stored dtype; cast at use
-    return VocabPayload(index.to(torch.int64), packed, exact_index, exact_values)
+    if name not in delta.vocab:
+        return RowsPayload(exact_index, exact_values)
+    index, m, _ = delta.vocab[name]           # row sets are stored sorted
+    return VocabPayload(index.to(torch.int64), PackedLinear.from_compressed(m), exact_index, exact_values)
 
 
 # ---- the model -------------------------------------------------------------------------------------
