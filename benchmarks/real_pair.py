@@ -70,8 +70,13 @@ def find_gguf() -> Path:
     )
 
 
-def load_gguf_base(gguf_path: Path | None = None):
-    """Dequantised SmolLM2 as a plain (non-quantised) fp32 model, plus its tokenizer."""
+def load_gguf_base(gguf_path: Path | None = None, untie: bool = False):
+    """Dequantised SmolLM2 as a plain (non-quantised) fp32 model, plus its tokenizer.
+
+    untie: give the model its own lm_head (a copy of the embedding, ``tie_word_embeddings`` false), so that
+    a fine-tune moves the input embedding and the output head apart — a pair with untied embeddings, as
+    Llama-3-8B and Qwen2.5-7B have.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path) if gguf_path is not None else find_gguf()
@@ -82,6 +87,8 @@ def load_gguf_base(gguf_path: Path | None = None):
     cfg.pop("quantization_config", None)
     cfg.pop("_model_name_or_path", None)
     cfg["dtype"] = "bfloat16"
+    if untie:
+        cfg["tie_word_embeddings"] = False
     config = AutoConfig.for_model(**cfg)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(qmodel.state_dict(), strict=False)
@@ -89,7 +96,11 @@ def load_gguf_base(gguf_path: Path | None = None):
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
+    if untie:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    else:
+        model.tie_weights()
     model.generation_config = qmodel.generation_config
     del qmodel
     return model, tokenizer
@@ -299,6 +310,7 @@ def build(
     eval_limit: int = 200,
     save_fp32: bool = True,
     threads: int | None = None,
+    untie: bool = False,
 ) -> dict:
     t0 = time.time()
     if threads:
@@ -309,7 +321,7 @@ def build(
     info_path = out / "build_info.json"
     settings = dict(
         task=task, steps=steps, batch=batch, lr=lr, warmup=warmup, weight_decay=weight_decay,
-        n_train=n_train, n_test=n_test, seed=seed,
+        n_train=n_train, n_test=n_test, seed=seed, untie=untie,
     )
 
     # 1. base checkpoint (bf16), written once
@@ -317,7 +329,7 @@ def build(
     if not _is_saved(base_dir):
         gguf = find_gguf()
         log(f"dequantising {gguf}")
-        model, tokenizer = load_gguf_base(gguf)
+        model, tokenizer = load_gguf_base(gguf, untie=untie)
         _save_model(model, tokenizer, base_dir, torch.bfloat16)
         del model
         log(f"wrote {base_dir}")
@@ -431,6 +443,8 @@ def main(argv=None) -> int:
     b.add_argument("--eval-limit", type=int, default=200, help="held-out items evaluated at the end (0: skip)")
     b.add_argument("--no-fp32", action="store_true", help="do not write DIR/finetuned-fp32")
     b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--untie", action="store_true",
+                   help="untie lm_head from the embedding in the base (a copy) before fine-tuning")
     e = sub.add_parser("eval", help="exact-match accuracy of a checkpoint on a task jsonl")
     e.add_argument("model_dir", type=Path)
     e.add_argument("jsonl", type=Path)
@@ -448,7 +462,7 @@ def main(argv=None) -> int:
                 args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                 weight_decay=args.weight_decay, task=args.task, n_train=args.n_train, n_test=args.n_test,
                 seed=args.seed, ckpt_every=args.ckpt_every, eval_limit=args.eval_limit,
-                save_fp32=not args.no_fp32, threads=args.threads,
+                save_fp32=not args.no_fp32, threads=args.threads, untie=args.untie,
             )
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)

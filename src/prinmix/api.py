@@ -53,7 +53,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
              method: str = "prinmix", *, config: PrinMixConfig | None = None,
              calibration: CalibrationConfig | None = None, device: str = "auto", resume: bool = True,
              distill_steps: int = 0, listeners: Sequence[Listener] = (), base_revision: str | None = None,
-             finetuned_revision: str | None = None) -> CompressSummary:
+             finetuned_revision: str | None = None, exact_embeddings: bool = False) -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     Args:
@@ -70,6 +70,9 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
         distill_steps: BitDelta only — Adam steps of scale distillation against the fine-tune's logits.
         listeners: callables receiving the run's events (prinmix.pipeline.events: layer done, Hessians, …).
         base_revision, finetuned_revision: a Hub branch, tag or commit (None: the default branch).
+        exact_embeddings: α holds for the decoder linears only and every other tensor that differs is stored
+            exactly (the earlier behaviour, for comparison); default: α holds for the whole delta
+            (pipeline/whole_budget.py). Becomes CompressJob.exact_embeddings.
 
     Returns:
         CompressSummary: the file's path, its byte counts and the achieved ratio.
@@ -80,7 +83,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
     """
     base, finetuned = _model_location(base, "base"), _model_location(finetuned, "finetuned")
     job = CompressJob.create(base, finetuned, output, ratio, method, config, calibration, distill_steps,
-                             base_revision, finetuned_revision)
+                             base_revision, finetuned_revision, exact_embeddings)
     return run_compress(job, resolve_device(device), resume, listeners)
 
 

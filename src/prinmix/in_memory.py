@@ -7,7 +7,7 @@
     mt.generate(prompts_ids, tenants=["math", "code"], max_new_tokens=32)   # one batch, several fine-tunes
 
 apply_delta writes exactly what `prinmix.merge` writes for each tensor (base + ΔŴ computed in float32,
-cast to the parameter's dtype; exact replacements and changed embedding rows copied), so a model
+cast to the parameter's dtype, compressed embedding / lm_head rows likewise; exact replacements and rows copied), so a model
 loaded in the checkpoint's dtype ends bit-identical to the merged checkpoint loaded back.
 
 What needs a checkpoint rather than a live model is refused with a pointer to `prinmix merge`: a
@@ -75,7 +75,7 @@ def apply_delta(model: torch.nn.Module, delta, verify_base: bool = True) -> torc
                                "from_pretrained, or pass verify_base=False")
         check_base(CheckpointReader(source), d, label)
     state = model.state_dict(keep_vars=True)  # tied weights appear under both names, one tensor
-    names = sorted(set(d.matrices) | set(d.dense) | set(d.rows))
+    names = sorted(set(d.matrices) | set(d.dense) | set(d.rows) | set(d.vocab))  # vocab: compressed rows
     missing = [n for n in names if n not in state]
     if missing or d.params.get("removed_tensors"):
         what = f"adds tensor {missing[0]!r}" if missing else f"removes {d.params['removed_tensors'][0]!r}"
@@ -83,8 +83,9 @@ def apply_delta(model: torch.nn.Module, delta, verify_base: bool = True) -> torc
                            "`prinmix merge` instead")
     for name in names:
         p = state[name]
-        if name in d.rows and list(d.rows[name][2]) != list(p.shape):
-            raise PrinmixError(f"{label}: resizes {name} from {list(p.shape)} to {d.rows[name][2]}; write a "
+        rows_shape = (d.rows.get(name) or d.vocab.get(name) or (None, None, list(p.shape)))[2]
+        if list(rows_shape) != list(p.shape):
+            raise PrinmixError(f"{label}: resizes {name} from {list(p.shape)} to {rows_shape}; write a "
                                "checkpoint with `prinmix merge` instead")
         new = finetuned_tensor(name, None, d, dtype=p.dtype, base_tensor=p.detach().cpu())
         if tuple(new.shape) != tuple(p.shape):

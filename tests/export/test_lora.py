@@ -33,6 +33,7 @@ def pair(tiny_pair, tmp_path_factory):
     delta = load_delta(full)
     delta.dense.clear()
     delta.rows.clear()
+    delta.vocab.clear()
     linear_only = work / "dc_linear.delta"
     save_delta(delta, linear_only)
     merged = AutoModelForCausalLM.from_pretrained(api.merge(base, linear_only, work / "merged")).eval()
@@ -133,12 +134,12 @@ def test_cli_subcommand(pair, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- whole fine-tunes
-def _compress(tiny_pair, family, path):
+def _compress(tiny_pair, family, path, exact_embeddings=False):
     base, ft = tiny_pair(family)
     calib = path.parent / "calib.txt"
     calib.write_text("\n".join(f"{a}+{a + 3}={2 * a + 3}" for a in range(300)))
-    api.compress(base, ft, path, ratio="1/8", method="deltacome",
-                 device="cpu", calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
+    api.compress(base, ft, path, ratio="1/8", method="deltacome", device="cpu", exact_embeddings=exact_embeddings,
+                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
     return base, ft
 
 
@@ -154,7 +155,8 @@ def test_whole_finetune_exports_exactly(family, tiny_pair, tmp_path):
     delta_path = tmp_path / "full.delta"
     base, ft = _compress(tiny_pair, family, delta_path)
     delta = load_delta(delta_path)
-    assert any(n.endswith("norm.weight") for n in delta.dense) and "model.embed_tokens.weight" in delta.rows
+    emb = "model.embed_tokens.weight"   # exact rows, or compressed ones (whole-delta mode, the default)
+    assert any(n.endswith("norm.weight") for n in delta.dense) and (emb in delta.rows or emb in delta.vocab)
     report = export_lora(base, delta_path, tmp_path / "lora", dtype=torch.float32, finetuned=ft)
     ref = _merged_logits(base, delta_path, tmp_path / "merged")
     assert torch.allclose(_peft_logits(base, tmp_path / "lora", IDS), ref, atol=1e-4, rtol=1e-4)
@@ -167,7 +169,7 @@ def test_whole_finetune_exports_exactly(family, tiny_pair, tmp_path):
     merge_ft = whole["merge_vs_finetuned"]["rel_logit_error"]
     assert abs(whole["adapter_vs_finetuned"]["rel_logit_error"] - merge_ft) < 1e-3 + 1e-3 * merge_ft
     tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    vocab, d = delta.rows["model.embed_tokens.weight"][2]
+    vocab, d = (delta.rows.get(emb) or delta.vocab[emb])[2]
     assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (report["r"], vocab)
     assert tensors["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (d, report["r"])
 
@@ -203,7 +205,7 @@ def test_residual_norms_and_added_vocabulary_refused(tiny_models, tiny_pair, tmp
         export_lora(base, tmp_path / "g.delta", tmp_path / "g", check=False)
 
     delta_path = tmp_path / "llama.delta"
-    base, _ = _compress(tiny_pair, "llama", delta_path)
+    base, _ = _compress(tiny_pair, "llama", delta_path, exact_embeddings=True)   # exact rows, to add one
     delta = load_delta(delta_path)
     idx, values, shape = delta.rows["model.embed_tokens.weight"]
     delta.rows["model.embed_tokens.weight"] = (torch.cat([idx, torch.tensor([shape[0]])]),

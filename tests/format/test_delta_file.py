@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from fixtures.synthetic import calibration_hessian, synthetic_delta
 from prinmix.algorithms.budget import budget_bits
 from prinmix.algorithms.compress_matrix import compress_matrix
-from prinmix.format.delta_file import DeltaFile, load_delta, matrix_header_bytes, ratio_within_file, save_delta
+from prinmix.errors import DeltaFormatError
+from prinmix.format.delta_file import (
+    METADATA_SHA256_FIELD,
+    DeltaFile,
+    load_delta,
+    matrix_header_bytes,
+    metadata_digest,
+    ratio_within_file,
+    save_delta,
+)
 
 SHAPES = {"model.layers.0.self_attn.q_proj.weight": (384, 384),   # at 1/32: 4.5 KiB budget, ~400 B header
           "model.layers.0.self_attn.k_proj.weight": (128, 512),
@@ -57,3 +70,49 @@ def test_tiny_matrices_keep_their_whole_budget():
     big = ratio_within_file(1 / 16, name, (4096, 4096))
     reserve_bits = budget_bits(1 / 16, 4096, 4096) - budget_bits(big, 4096, 4096)
     assert reserve_bits == 8 * matrix_header_bytes(name, (4096, 4096))
+
+
+def _with_vocab(tmp_path):
+    delta = _delta_file("prinmix", 1 / 16)
+    d_rows = synthetic_delta(40, 64, seed=9)
+    idx = torch.tensor(sorted(torch.randperm(300, generator=torch.Generator().manual_seed(0))[:40].tolist()))
+    delta.vocab["model.embed_tokens.weight"] = (idx, compress_matrix(d_rows, None, 1 / 4, "prinmix"), [300, 64])
+    path = tmp_path / "v.delta"
+    save_delta(delta, path)
+    return delta, path
+
+
+def test_vocab_rows_round_trip(tmp_path):
+    delta, path = _with_vocab(tmp_path)
+    back = load_delta(path)
+    idx, m, shape = back.vocab["model.embed_tokens.weight"]
+    assert torch.equal(idx, delta.vocab["model.embed_tokens.weight"][0]) and shape == [300, 64]
+    assert torch.equal(m.reconstruct(), delta.vocab["model.embed_tokens.weight"][1].reconstruct())
+
+
+@pytest.mark.parametrize("damage", ["row_count", "rows_past_end", "missing_blob"])
+def test_malformed_vocab_rows_are_refused(tmp_path, damage):
+    delta, _ = _with_vocab(tmp_path)
+    idx, m, shape = delta.vocab["model.embed_tokens.weight"]
+    if damage == "row_count":      # the blob is for 40 rows, the row set says 39
+        delta.vocab["model.embed_tokens.weight"] = (idx[:-1], m, shape)
+    elif damage == "rows_past_end":
+        delta.vocab["model.embed_tokens.weight"] = (idx, m, [int(idx.max()), 64])
+    path = tmp_path / "bad.delta"
+    if damage == "rows_past_end":
+        with pytest.raises(ValueError):   # the writer refuses it already
+            save_delta(delta, path)
+        return
+    save_delta(delta, path)
+    if damage == "missing_blob":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        tensors.pop("vocab/model.embed_tokens.weight/delta")
+        m_json = json.loads(meta["prinmix"])
+        m_json["checksums"].pop("vocab/model.embed_tokens.weight/delta")
+        m_json.pop(METADATA_SHA256_FIELD)
+        m_json[METADATA_SHA256_FIELD] = metadata_digest(m_json)      # a consistent file, one tensor short
+        save_file(tensors, str(path), metadata={"prinmix": json.dumps(m_json)})
+    with pytest.raises(DeltaFormatError, match="embed_tokens"):
+        load_delta(path)

@@ -185,7 +185,8 @@ def test_fp32_finetune_of_a_bf16_base_stores_exact_tensors_in_bf16(tiny_pair, tm
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, base / f.name)
     delta_path = tmp_path / "d.delta"
-    api.compress(base, ft, delta_path, method="lowrank", calibration=CalibrationConfig(nsamples=4, seqlen=32))
+    api.compress(base, ft, delta_path, method="lowrank", calibration=CalibrationConfig(nsamples=4, seqlen=32),
+                 exact_embeddings=True)
     delta = api.load_delta(delta_path)
     assert delta.dense and delta.rows
     assert {t.dtype for t in delta.dense.values()} == {torch.bfloat16}

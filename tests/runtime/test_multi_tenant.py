@@ -146,12 +146,18 @@ def _synthetic_qwen2_pair(root: Path):
     return root / "base", root / "finetuned"
 
 
-def test_biases_norms_tied_embedding_rows_and_sliding_window(tmp_path):
+@pytest.mark.parametrize("method,exact", [("lowrank", True), ("lowrank", False),
+                                          ("bitdelta", False)])
+def test_biases_norms_tied_embedding_rows_and_sliding_window(tmp_path, method, exact):
+    """Exact rows (--exact-embeddings) or a compressed tied embedding (lookup rows gathered from the packed
+    form, head as a delta on the changed rows' logits) serve the merged model's logits."""
     base, ft = _synthetic_qwen2_pair(tmp_path)
     path = tmp_path / "lr.delta"
-    api.compress(base, ft, path, ratio="1/4", method="lowrank", device="cpu")
+    api.compress(base, ft, path, ratio="1/4" if method != "bitdelta" else "1/16", method=method, device="cpu",
+                 exact_embeddings=exact, calibration=CalibrationConfig(nsamples=4, seqlen=32))
     delta = load_delta(path)
-    assert any(n.endswith("bias") for n in delta.dense) and "model.embed_tokens.weight" in delta.rows
+    assert any(n.endswith("bias") for n in delta.dense)
+    assert "model.embed_tokens.weight" in (delta.rows if exact else delta.vocab)
     model = MultiTenantModel(base, backend="torch")
     model.add_tenant("t", path)
     merged = AutoModelForCausalLM.from_pretrained(api.merge(base, path, tmp_path / "merged")).eval()
@@ -180,8 +186,10 @@ def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
     with pytest.raises(PrinmixError, match="dense replacement"):
         served.add_tenant("x", tmp_path / "dense_linear.delta")
     delta = load_delta(deltas["lowrank"])
-    idx, values, shape = delta.rows["model.embed_tokens.weight"]
-    delta.rows["model.embed_tokens.weight"] = (idx, values, [shape[0] + 1, shape[1]])
+    idx, m, shape = delta.vocab["model.embed_tokens.weight"]          # one token added (an exact row)
+    grown = [shape[0] + 1, shape[1]]
+    delta.vocab["model.embed_tokens.weight"] = (idx, m, grown)
+    delta.rows["model.embed_tokens.weight"] = (torch.tensor([shape[0]]), torch.zeros(1, shape[1]), grown)
     save_delta(delta, tmp_path / "vocab.delta")
     with pytest.raises(PrinmixError, match="vocabulary size"):
         served.add_tenant("y", tmp_path / "vocab.delta")

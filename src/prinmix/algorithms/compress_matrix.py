@@ -19,7 +19,7 @@ from .lowrank_svd import FactoredDelta, thin_svd
 from .methods import METHOD_NAMES, METHODS
 from .prinmix_config import PrinMixConfig
 from .quantize import FP16_MAX_SCALE
-from .rtc import correct_reconstruction_target
+from .rtc import correct_reconstruction_target, correct_reconstruction_target_rows
 from .width_simulation import simulate_width_errors
 
 
@@ -59,20 +59,30 @@ def _balance_ranks(v_hat: torch.Tensor, v_scale: torch.Tensor, u_target: torch.T
     return v_hat * c[:, None], v_scale * c[:, None], u_target / c
 
 
-def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
-                     config: PrinMixConfig | None = None) -> CompressedLinear:
+def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMixConfig | None = None,
+                     row_weights: torch.Tensor | None = None, budget: int | None = None) -> CompressedLinear:
     """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
     RTC (Eq. 7) → Û by column-wise GPTQ at the same widths. Σ is folded into U's per-column scales.
 
     delta ΔW [h_out, h_in] (a tensor, or a FactoredDelta: its SVD then comes from the factors);
-    H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta.
+    H = XXᵀ [h_in, h_in] (None = identity); ratio α of the 16-bit delta; budget: the blob's bits
+    (overrides ratio; the vocabulary parts of a whole delta get theirs from the shared budget).
+
+    row_weights c [h_out] ≥ 0 (vocabulary matrices, see vocab_delta.py): the objective becomes
+    Σ_t r_t (H + c_t I) r_tᵀ for the residual rows r_t of ΔW − ΔŴ (output row t's error is also paid
+    c_t times in plain squared norm: an embedding row looked up c_t times). It stays exact where
+    PrinMix's derivation allows: Eq. 5's per-rank error becomes σᵢ² ΔVᵢ (H + ρᵢ I) ΔVᵢᵀ with
+    ρᵢ = Σ_t c_t U_ti² (exact, U orthonormal), and RTC solves each row's own system (rtc.py). The two
+    GPTQ runs need one Hessian for all rows: V uses H + ρ̄ I (ρ̄ the σ²-weighted mean of ρᵢ), U uses
+    V̂ (H + c̄ I) V̂ᵀ (c̄ the mean row weight) — approximations of the quantiser only, not of the
+    errors the allocation sees.
     """
     cfg = config or PrinMixConfig()
     cfg.validate()
     W, H = _prepare(delta, H)
     h_out, h_in = W.shape
     widths = tuple(sorted(cfg.widths))
-    total = budget_bits(ratio, h_out, h_in)
+    total = budget_bits(ratio, h_out, h_in) if budget is None else int(budget)
     if total < 8 * BLOB_HEADER_BYTES:
         raise BudgetError(f"ratio {ratio:g} leaves {total} bits for a {h_out}x{h_in} matrix; "
                           f"its header alone needs {8 * BLOB_HEADER_BYTES}")
@@ -80,7 +90,18 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
     budget = total - prinmix_fixed_overhead_bits(n_blocks)
 
     U, S, Vh = thin_svd(W)
-    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg)
+    rank_iso = H_v = H_u_extra = None
+    if row_weights is not None:
+        c = row_weights.to(device=W.device, dtype=torch.float32)
+        if c.shape != (h_out,) or not torch.isfinite(c).all() or (c < 0).any():
+            raise ValueError(f"row_weights must be finite, ≥ 0 and of shape [{h_out}]")
+        rank_iso = (c[:, None] * U * U).sum(0)                       # ρᵢ = Σ_t c_t U_ti²
+        s2 = S.double() ** 2
+        rho_bar = float((s2 * rank_iso.double()).sum() / s2.sum().clamp_min(1e-300)) if S.numel() else 0.0
+        eye = torch.eye(h_in, dtype=torch.float32, device=W.device)
+        H_v = H + rho_bar * eye
+        H_u_extra = float(c.mean()) * eye
+    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg, rank_iso=rank_iso, H_quant=H_v)
     costs = np.array([prinmix_rank_cost_bits(b, h_out, h_in, cfg.v_group) for b in widths], dtype=np.int64)
     alloc = allocate_bits(E.numpy(), costs, max(budget, 0), cfg.fmax)
     rank_bits = np.asarray(widths)[alloc.choice]
@@ -96,14 +117,16 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
     else:
         v_hat = torch.zeros(0, h_in, device=W.device)
 
-    if cfg.rtc:
+    if cfg.rtc and row_weights is not None:
+        u_target = correct_reconstruction_target_rows(W, H, v_hat, row_weights.to(W.device), cfg.rtc_damp)
+    elif cfg.rtc:
         u_target = correct_reconstruction_target(W, H, v_hat, cfg.rtc_damp)
     else:
         u_target = U[:, kept_t] * S[kept_t]
     blocks: list[RankBlock] = []
     if kept:
         v_hat, v_scale, u_target = _balance_ranks(v_hat, v_scale, u_target)
-        H_u = v_hat @ H @ v_hat.T
+        H_u = v_hat @ (H if H_u_extra is None else H + H_u_extra) @ v_hat.T
         uq = gptq_quantize(u_target, H_u, bits_k, layout=GPTQLayout.COLUMNS,
                            blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
         if bool((uq.scale >= FP16_MAX_SCALE).any()):
@@ -127,16 +150,21 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float,
 
 
 def compress_matrix(delta, H: torch.Tensor | None, ratio: float, method: str = "prinmix",
-                    config: PrinMixConfig | None = None) -> CompressedLinear:
+                    config: PrinMixConfig | None = None, row_weights: torch.Tensor | None = None) -> CompressedLinear:
     """Compress ΔW [h_out, h_in] with `method` (a name of methods.METHODS) at ratio α.
 
     delta: a dense tensor, or a FactoredDelta (LoRA: ΔW = s·B·A), which the SVD-based methods never
-    expand (BitDelta, which needs every entry's sign, expands it)."""
+    expand (BitDelta, which needs every entry's sign, expands it).
+    row_weights c [h_out] (vocabulary matrices): PrinMix minimises Σ_t r_t (H + c_t I) r_tᵀ (see
+    compress_prinmix); Delta-CoMe, which has one Hessian per matrix by design, quantises with
+    H + mean(c)·I; low-rank and BitDelta use no Hessian and ignore it."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
     if method == "prinmix":
-        return compress_prinmix(delta, H, ratio, config)
+        return compress_prinmix(delta, H, ratio, config, row_weights=row_weights)
     fn = {"deltacome": baselines.compress_deltacome, "lowrank": baselines.compress_lowrank,
           "bitdelta": baselines.compress_bitdelta}[method]
     W, H = _prepare(delta, H)
+    if row_weights is not None and method == "deltacome":
+        H = H + float(row_weights.float().mean()) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     return fn(W, H, ratio, config or PrinMixConfig())

@@ -182,6 +182,13 @@ class CompressedLinear:
                          b.sigma is not None)
             for b in self.blocks)
 
+    def stored_copy(self, keep_info=("objective", "certified", "rank_index")) -> "CompressedLinear":
+        """What the file will hold: parsed back from the blob (on CPU, without device tensors or
+        diagnostics that must not reach the file), with the `info` entries named in keep_info."""
+        back = CompressedLinear.from_blob(self.to_blob(), self.shape, self.method)
+        back.info = {k: v for k, v in self.info.items() if k in keep_info}
+        return back
+
     # ---- serialisation -------------------------------------------------------------------
     def to_blob(self) -> torch.Tensor:
         """The uint8 blob stored in the delta file (layout in the module docstring)."""

@@ -38,8 +38,12 @@ class WidthSimulation:
 
 
 def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, widths, cfg: PrinMixConfig,
-                          chunk_bytes: int | None = None):
+                          chunk_bytes: int | None = None, rank_iso: torch.Tensor | None = None,
+                          H_quant: torch.Tensor | None = None):
     """E[i, j] = σᵢ² · ΔVᵢ H ΔVᵢᵀ for every rank i and candidate width j (Eq. 5), ΔV = V − GPTQ_b(V).
+
+    rank_iso [r] (row-weighted objective, see compress_prinmix): E[i, j] += σᵢ² ρᵢ ‖ΔVᵢ‖², ρᵢ = Σ_t c_t U_ti².
+    H_quant: the Hessian GPTQ quantises V with (default H).
 
     GPTQ quantises V stacked once per non-zero width (rows are independent under a shared H, so this
     equals one run per width), in as few calls as fit `chunk_bytes` of float32 rows each, all sharing
@@ -54,20 +58,26 @@ def simulate_width_errors(S: torch.Tensor, Vh: torch.Tensor, H: torch.Tensor, wi
     E = torch.zeros(r, len(widths), dtype=torch.float64)
     sigma2 = S.double() ** 2
 
-    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ H ΔVᵢᵀ per rank
-        return sigma2 * ((dV @ H) * dV).sum(1).double().cpu()
+    iso = None if rank_iso is None else rank_iso.to(device=Vh.device, dtype=torch.float64)
+    H_quant = H if H_quant is None else H_quant
+
+    def weighted(dV: torch.Tensor) -> torch.Tensor:  # σᵢ² · ΔVᵢ (H + ρᵢ I) ΔVᵢᵀ per rank
+        quad = ((dV @ H) * dV).sum(1).double()
+        if iso is not None:
+            quad = quad + iso * (dV * dV).sum(1).double()
+        return (sigma2.to(quad.device) * quad).cpu()
 
     if 0 in column:  # a dropped rank's error is all of it: ΔV = V
         E[:, column[0]] = weighted(Vh)
     sim = None
     if nonzero and r:
-        prepared = prepare_hessian(H, cfg.percdamp)
+        prepared = prepare_hessian(H_quant, cfg.percdamp)
         per_call = max(1, chunk_bytes // max(1, 4 * r * h_in))
         parts = []
         for c in range(0, len(nonzero), per_call):
             chunk = nonzero[c:c + per_call]
             row_bits = torch.tensor(chunk, device=Vh.device).repeat_interleave(r)
-            res = gptq_quantize(Vh.repeat(len(chunk), 1), H, row_bits, layout=GPTQLayout.ROWS,
+            res = gptq_quantize(Vh.repeat(len(chunk), 1), H_quant, row_bits, layout=GPTQLayout.ROWS,
                                 group_size=cfg.v_group, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                 clip_search=cfg.clip_search, prepared=prepared)
             for k, b in enumerate(chunk):

@@ -232,6 +232,17 @@ class DecoderStack:
             inside.update(self.layer_tensor_names(i))
         return sorted(self._checkpoint_names - inside)
 
+    def output_embedding_name(self) -> str | None:
+        """Checkpoint name of the output head's weight (e.g. "lm_head.weight"); None when the model has none."""
+        model = self._meta_model()
+        head = model.get_output_embeddings()
+        if head is None:
+            return None
+        for name, module in model.named_modules():
+            if module is head:
+                return self._to_checkpoint_name(f"{name}.weight" if name else "weight")
+        return None
+
     # ------------------------------------------------------------------ layers
     def read_layer_state(
         self, reader: CheckpointReader, i: int, dtype: torch.dtype | None = torch.float32, device="cpu"
@@ -493,12 +504,21 @@ class DecoderStack:
         Runs the model's own forward with the decoder layers replaced, so whatever follows the
         layers (final norm, lm_head, logit soft-capping, ...) is applied with weights from `reader`.
         """
+        model, recorders = self._runner(reader, device)
+        parts = []
+        for output in self._run_injected(model, recorders, input_ids, final_hidden, device, batch_size):
+            if output is None:
+                raise CheckpointError(f"{self._path}: the model forward stopped before producing logits")
+            parts.append(output.logits.detach().float())
+        return torch.cat(parts)
+
+    def _run_injected(self, model, recorders, input_ids, final_hidden, device, batch_size):
+        """Yield the model's output per batch of input_ids [n, seq] with the last layer's outputs replaced by
+        final_hidden [n, seq, d] (None where a hook stopped the forward)."""
         if final_hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"final_hidden {list(final_hidden.shape)} does not match input_ids {list(input_ids.shape)}")
         input_ids = input_ids.to(device=device, dtype=torch.long)
-        model, recorders = self._runner(reader, device)
         return_tuple = False
-        parts = []
         for start in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[start : start + batch_size]
             injected = final_hidden[start : start + batch_size].to(device=device, dtype=torch.float32)
@@ -508,7 +528,32 @@ class DecoderStack:
                 if not session.needs_tuple:
                     break
                 return_tuple = True
-            if output is None:
-                raise CheckpointError(f"{self._path}: the model forward stopped before producing logits")
-            parts.append(output.logits.detach().float())
-        return torch.cat(parts)
+            yield output
+
+    def head_hessian(self, reader: CheckpointReader, input_ids: torch.Tensor, final_hidden: torch.Tensor,
+                     device: torch.device | str = "cpu", batch_size: int = 8) -> torch.Tensor:
+        """H = Σ hhᵀ [d, d] (float32) of the output head's inputs h — the final normed hidden states over
+        every position of input_ids [n, seq] — from the last layer's outputs final_hidden [n, seq, d].
+
+        Runs the model's forward after the layers (final norm, …, with `reader`'s weights) up to the output
+        embedding's input, then stops: the logits are never computed."""
+        model, recorders = self._runner(reader, device)
+        head = model.get_output_embeddings()
+        if head is None:
+            raise CheckpointError(f"{self._path}: the model has no output embedding (lm_head)")
+        acc: dict[str, torch.Tensor] = {}
+
+        def record(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            acc["H"] = acc["H"] + x.T @ x if "H" in acc else x.T @ x
+            raise _StopForward
+
+        hook = head.register_forward_pre_hook(record, prepend=True)  # before its weights would be loaded
+        try:
+            for _ in self._run_injected(model, recorders, input_ids, final_hidden, device, batch_size):
+                pass
+        finally:
+            hook.remove()
+        if "H" not in acc:
+            raise CheckpointError(f"{self._path}: the model forward never reached its output embedding")
+        return acc["H"]

@@ -40,8 +40,9 @@ def names_problem(base: CheckpointReader, delta: DeltaFile) -> str | None:
     and the fingerprint check (both copied from a genuine file), so every name and shape it claims is
     checked here against the base: compressed matrices and row deltas replace base tensors of the same
     name and shape (width); dense tensors replace a base tensor of the same shape or add a new one;
-    removed tensors exist; no name is claimed twice. Row deltas may grow a vocabulary only by rows
-    they store (bounds the memory merge allocates)."""
+    removed tensors exist; no name is claimed twice (exact rows and compressed rows of one matrix are
+    one claim: added rows exact, changed existing rows compressed). Row deltas may grow a vocabulary only
+    by rows they store (bounds the memory merge allocates)."""
     claimed: set[str] = set()
     for name, m in delta.matrices.items():
         if name not in base:
@@ -56,6 +57,17 @@ def names_problem(base: CheckpointReader, delta: DeltaFile) -> str | None:
         if width != shape[1] or shape[0] > rows + idx.numel():
             return f"row delta {name!r} of {list(shape)} does not fit the base's {[rows, width]}"
         if name in claimed:
+            return f"tensor {name!r} is stored twice"
+        claimed.add(name)
+    for name, (idx, m, shape) in delta.vocab.items():   # compressed rows: existing rows of a base matrix
+        if name not in base or len(base.shape(name)) != 2:
+            return f"compressed rows {name!r} are not rows of a 2-D tensor of the base"
+        rows, width = base.shape(name)
+        exact = delta.rows.get(name)
+        if width != shape[1] or m.shape[1] != width or (idx.numel() and int(idx.max()) >= rows) \
+                or (exact is None and shape[0] != rows) or (exact is not None and list(exact[2]) != list(shape)):
+            return f"compressed rows {name!r} of {list(shape)} do not fit the base's {[rows, width]}"
+        if name in delta.matrices:
             return f"tensor {name!r} is stored twice"
         claimed.add(name)
     for name, t in delta.dense.items():
@@ -93,14 +105,22 @@ def finetuned_tensor(name: str, base: CheckpointReader | None, delta: DeltaFile,
         if tuple(w.shape) != m.shape:
             raise BaseMismatchError(f"delta matrix {name!r} is {list(m.shape)}, base tensor is {list(w.shape)}")
         return (w.to(torch.float32) + m.reconstruct(torch.float32)).to(out_dtype)
-    if name in delta.rows:
-        idx, values, shape = delta.rows[name]
+    if name in delta.rows or name in delta.vocab:
+        shape = (delta.rows.get(name) or delta.vocab[name])[2]
         if w.ndim != 2 or w.shape[1] != shape[1]:
             raise BaseMismatchError(f"delta rows of {name!r} have width {shape[1]}, base tensor is {list(w.shape)}")
-        out = torch.zeros(shape, dtype=values.dtype)
+        # compressed rows: base + ΔŴ in float32, rounded once to the output dtype (as for linears)
+        work = torch.float32 if name in delta.vocab else delta.rows[name][1].dtype
+        out = torch.zeros(shape, dtype=work)
         n = min(shape[0], w.shape[0])
-        out[:n] = w[:n].to(values.dtype)
-        out[idx] = values
+        out[:n] = w[:n].to(work)
+        if name in delta.vocab:
+            idx, m, _ = delta.vocab[name]
+            out[idx] += m.reconstruct(torch.float32)
+            out = out.to(out_dtype)
+        if name in delta.rows:
+            idx, values, _ = delta.rows[name]
+            out[idx] = values.to(out.dtype)
         return out.to(out_dtype)
     return w.to(out_dtype)
 

@@ -33,11 +33,21 @@ def cmd_compress(a) -> int:
     s = api.compress(a.base, a.finetuned, a.output, ratio=a.ratio, method=a.method, config=config,
                      calibration=calibration, device=a.device, resume=not a.no_resume,
                      distill_steps=a.distill_steps, listeners=listeners, base_revision=a.base_revision,
-                     finetuned_revision=a.finetuned_revision)
+                     finetuned_revision=a.finetuned_revision, exact_embeddings=a.exact_embeddings)
     if a.json:
-        print(json.dumps({**asdict(s), "ratio_achieved": s.ratio_achieved, "ratio_on_disk": s.ratio_on_disk}))
+        print(json.dumps({**asdict(s), "ratio_achieved": s.ratio_achieved, "ratio_on_disk": s.ratio_on_disk,
+                          "ratio_whole": s.ratio_whole}))
         return 0
-    rows = [("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"),
+    w = s.weight_bytes
+    rows = [("whole delta (all weight bytes / 16-bit size of what differs)",
+             f"{s.ratio_whole:.6g} (1/{1 / s.ratio_whole:.4g}): {format_bytes(w['total'])} of "
+             f"{format_bytes(2 * s.whole_params)}" if s.ratio_whole else "-"),
+            ("  decoder linears (+ header entries)", format_bytes(w["linear"])),
+            *((f"  {name} (compressed rows)", format_bytes(b)) for name, b in w["vocab"].items()),
+            ("  exact tensors (norms, biases, rows)", format_bytes(w["exact"])),
+            ("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"
+                                   + (" of the linears only (--exact-embeddings)" if s.exact_embeddings
+                                      else " of the whole delta")),
             ("ratio achieved (linear deltas, all stored bytes)",
              f"{s.ratio_achieved:.6g} (1/{1 / s.ratio_achieved:.4g})" if s.ratio_achieved else "-"),
             ("ratio on disk (+ their header entries)",
@@ -74,6 +84,13 @@ def cmd_info(a) -> int:
         print(json.dumps(d.to_dict(), indent=2))
         return 0
     print(f"delta          {d.path}")
+    w = d.weight_bytes
+    print(f"whole delta    {d.ratio_whole:.6g} (all {format_bytes(w['total'])} stored for weights, header entries "
+          f"included / 16-bit size {format_bytes(2 * d.whole_params)} of what differs"
+          + ("; the ratio was requested for the linears only: --exact-embeddings)" if not d.whole_mode else ")"))
+    print(f"  parts        decoder linears {format_bytes(w['linear'])}, "
+          + "".join(f"{n} {format_bytes(b)}, " for n, b in w["vocab"].items())
+          + f"exact tensors {format_bytes(w['exact'])}")
     print(f"method         {d.method}")
     print(f"ratio          requested {d.ratio_requested:.6g}, achieved {d.ratio_achieved:.6g} "
           f"(all stored bytes of the linear deltas / their 16-bit size)")
@@ -97,6 +114,9 @@ def cmd_info(a) -> int:
         widths = " ".join(f"{b}:{k}" for b, k in m.widths.items())
         print(f"{name:<48} {'x'.join(map(str, m.shape)):>12} {m.rank:>5} {m.bytes:>9} "
               f"{m.ratio:>8.5f}  {widths}")
+    for name, v in d.vocab.items():
+        print(f"{name:<48} {'x'.join(map(str, v['shape'])):>12} {v['rank']:>5} {v['bytes']:>9}  "
+              f"compressed delta of {v['rows']} changed rows")
     if d.other_tensors:
         print(f"other tensors stored exactly: {', '.join(d.other_tensors)}")
     return 0
@@ -138,6 +158,9 @@ def add_compress_parsers(sub) -> None:
     c.add_argument("--offload", metavar="DIR", default=None,
                    help="keep the calibration hidden states in memory-mapped files in DIR instead of RAM "
                         "(for models whose calibration activations do not fit in memory)")
+    c.add_argument("--exact-embeddings", action="store_true",
+                   help="earlier behaviour, for comparison: --ratio holds for the decoder linears only and "
+                        "embedding / lm_head rows, norms and biases that differ are stored exactly")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="bitdelta: Adam steps of scale distillation against the fine-tune's logits (0 = off)")
     _add_output_flags(c, json_help="print the summary as one JSON object")

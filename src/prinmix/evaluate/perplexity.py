@@ -37,7 +37,7 @@ from ..checkpoint.merge_writer import write_merged_checkpoint
 from ..checkpoint.reader import CheckpointReader
 from ..errors import CheckpointError, PrinmixError
 from ..format.delta_file import load_delta
-from ..format.delta_info import delta_sizes
+from ..format.delta_info import delta_sizes, describe_delta
 from .layer_error import label_deltas
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -81,6 +81,8 @@ class ModelEntry:
     ratio_requested: float | None = None
     ratio_achieved: float | None = None
     linear_bytes: int | None = None
+    ratio_whole: float | None = None       # all weight bytes / 16-bit size of what differs
+    part_bytes: dict | None = None         # {"linears", "<vocabulary matrix>"…, "exact"}: bytes with header entries
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -91,8 +93,11 @@ def delta_entries(deltas) -> list[ModelEntry]:
     out = []
     for label, path in label_deltas(deltas).items():
         d = delta_sizes(path)
+        whole = describe_delta(path)  # the whole-delta parts need the loaded file (vocabulary blobs, rows)
+        w = whole.weight_bytes
         out.append(ModelEntry(label, "delta", str(path), d.method, d.ratio_requested, d.ratio_achieved,
-                              d.linear_bytes))
+                              d.linear_bytes, whole.ratio_whole,
+                              {"linears": w["linear"], **w["vocab"], "exact": w["exact"]}))
     return out
 
 

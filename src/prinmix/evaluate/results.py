@@ -6,8 +6,10 @@ The table has one row per model, numbers kept as numbers.
 is machine-readable (a missing value is an empty cell, never "-"); `format_cell` renders a value for
 the terminal and the HTML report (ratio as 1/N, errors with 3 significant digits, missing as "-").
 
-Columns: model, method, ratio (achieved: stored bytes / 16-bit bytes of the linear deltas, a fraction),
-linear_MiB, eq1_all / eq1_out / eq1_rel (Eq. 1 error over all layers, when measured), ppl (when
+Columns: model, method, whole_ratio (all weight bytes with header entries / 16-bit size of what differs),
+ratio (achieved: stored bytes / 16-bit bytes of the linear deltas, a fraction),
+linear_MiB, lm_head_MiB / embed_MiB (compressed vocabulary row deltas), exact_MiB (tensors stored
+exactly), eq1_all / eq1_out / eq1_rel (Eq. 1 error over all layers, when measured), ppl (when
 measured), then one column per task (accuracy, or the first metric lm-eval reports).
 """
 
@@ -39,6 +41,12 @@ def task_score(result: dict) -> float | None:
     return None
 
 
+def _part_mib(parts: dict, key: str) -> float | None:
+    """MiB of the compressed vocabulary part whose tensor name contains `key` ("lm_head", "embed")."""
+    hit = [b for n, b in parts.items() if key in n and n not in ("linears", "exact")]
+    return sum(hit) / 2 ** 20 if hit else None
+
+
 def main_table_rows(results: dict) -> list[dict]:
     """One row per model of a run_eval result: {column: number, str or None} (see the module docstring)."""
     summary = results.get("layer_error", {}).get("summary", {})
@@ -49,8 +57,12 @@ def main_table_rows(results: dict) -> list[dict]:
     for m in results["models"]:
         label = m["label"]
         lin = m.get("linear_bytes")
-        row = {"model": label, "method": m.get("method", m["kind"]), "ratio": m.get("ratio_achieved") or None,
-               "linear_MiB": lin / 2 ** 20 if lin is not None else None}
+        parts = m.get("part_bytes") or {}
+        row = {"model": label, "method": m.get("method", m["kind"]), "whole_ratio": m.get("ratio_whole") or None,
+               "ratio": m.get("ratio_achieved") or None,
+               "linear_MiB": lin / 2 ** 20 if lin is not None else None,
+               "lm_head_MiB": _part_mib(parts, "lm_head"), "embed_MiB": _part_mib(parts, "embed"),
+               "exact_MiB": parts["exact"] / 2 ** 20 if "exact" in parts else None}
         if "layer_error" in results:
             s = summary.get(label, {}).get("all", {})
             row.update({f"eq1_{k}": s.get(k) for k in ("all", "out", "rel")})
@@ -69,9 +81,9 @@ def format_cell(column: str, v) -> str:
         return "-"
     if not isinstance(v, float):
         return str(v)
-    if column == "ratio":
+    if column in ("ratio", "whole_ratio"):
         return f"1/{1 / v:.3g}"
-    if column == "linear_MiB":
+    if column.endswith("_MiB"):
         return f"{v:.3f}"
     if column == "ppl":
         return f"{v:.4f}"

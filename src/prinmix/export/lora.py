@@ -116,7 +116,8 @@ def _compact(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, ratios: dict[str, torch.Tensor],
                        allow_lossy: bool, left_out: dict) -> dict[str, ModuleDelta]:
-    """embed_tokens / lm_head modules: exact row deltas (lm_head with the final norm folded in)."""
+    """embed_tokens / lm_head modules: their row deltas, exact or compressed (reconstructed by finetuned_tensor),
+    lm_head with the final norm folded in."""
     names = set(output_tensor_names(base, delta))
     for name, (_, _, shape) in delta.rows.items():
         if name not in base or shape[0] != base.shape(name)[0]:
@@ -127,7 +128,7 @@ def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, rat
         if name not in (EMBEDDING, LM_HEAD):
             raise PrinmixError(f"{delta_path}: row delta of {name}, which is neither {EMBEDDING} nor {LM_HEAD}")
     modules = {}
-    if EMBEDDING in delta.rows:
+    if EMBEDDING in delta.rows or EMBEDDING in delta.vocab:   # exact rows, or compressed ones (whole-delta mode)
         if base.model_type in NO_EMBEDDING_LORA:
             message = (f"{EMBEDDING}: changed, and {base.model_type!r} scales embeddings by √d inside the embedding "
                        f"module in transformers but outside it in vLLM, so its LoRA rows would be scaled differently")
@@ -139,8 +140,8 @@ def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, rat
             u_s, vh = factors_of_rows(d_e)
             modules["model.embed_tokens"] = ModuleDelta(vh.T.contiguous(), u_s.T.contiguous(), embedding=True)
     rho = ratios.get(LM_HEAD)
-    head_changed = LM_HEAD in delta.rows or LM_HEAD in delta.dense or rho is not None
-    tied_and_changed = LM_HEAD not in names and EMBEDDING in delta.rows
+    head_changed = LM_HEAD in delta.rows or LM_HEAD in delta.vocab or LM_HEAD in delta.dense or rho is not None
+    tied_and_changed = LM_HEAD not in names and (EMBEDDING in delta.rows or EMBEDDING in delta.vocab)
     if head_changed or tied_and_changed:
         w_ft = (finetuned_tensor(LM_HEAD, base, delta, torch.float64) if LM_HEAD in names
                 else finetuned_tensor(EMBEDDING, base, delta, torch.float64))

@@ -7,11 +7,15 @@ Tensors
                            writes the base's dtype), so the merge reproduces it bit for bit
     rows/<name>/index      int64 [n] rows of an embedding / lm_head that differ from the base (or are new)
     rows/<name>/values     [n, d] those rows, exactly
+    vocab/<name>/rows      uint8 row-set blob (algorithms/vocab_delta.py): the rows of an embedding / lm_head
+                           whose delta is stored compressed
+    vocab/<name>/delta     uint8 blob of a CompressedLinear [n, d]: the delta of those rows (whole-delta mode)
     aux/<file name>        uint8 bytes of config.json, tokenizer files, generation_config.json of the fine-tune
                            (those identical to the base's are in params["aux_from_base"] instead)
 Metadata (the safetensors header's string map)
     "prinmix"              JSON: format_version, method, ratio, params, matrices {name: [h_out, h_in]},
-                           rows {name: [n_rows_final, d]}, base fingerprint, stats, and a sha256 per tensor.
+                           rows {name: [n_rows_final, d]}, vocab {name: [n_rows_final, d, n]} (version 2),
+                           base fingerprint, stats, and a sha256 per tensor.
                            Its field "metadata_sha256" is the sha256 (hex) of the canonical JSON of the
                            other fields (json.dumps(sort_keys=True), see metadata_digest).
 
@@ -39,11 +43,13 @@ from safetensors.torch import save_file
 from ..algorithms.budget import budget_bits
 from ..algorithms.compressed_linear import CompressedLinear
 from ..algorithms.methods import METHOD_NAMES
+from ..algorithms.vocab_delta import decode_row_set, encode_row_set
 from ..errors import DeltaFormatError
 from .file_names import aux_name_problem
 from .output_safety import apply_umask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2: compressed vocabulary-row deltas ("vocab"); version-1 files are still read
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "prinmix"
 METADATA_SHA256_FIELD = "metadata_sha256"
 TENSOR_NAME_MAX_CHARS = 1000
@@ -59,6 +65,8 @@ class DeltaFile:
     matrices: dict[str, CompressedLinear] = field(default_factory=dict)
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(default_factory=dict)
+    # name → (row ids int64 [n] sorted, CompressedLinear [n, d] of those rows' delta, [n_rows_final, d])
+    vocab: dict[str, tuple[torch.Tensor, CompressedLinear, list[int]]] = field(default_factory=dict)
     aux_files: dict[str, bytes] = field(default_factory=dict)
     base_fingerprint: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
@@ -71,8 +79,13 @@ class DeltaFile:
         return sum(matrix_header_bytes(n, m.shape) for n, m in self.matrices.items())
 
     def dense_bytes(self) -> int:
+        """Bytes of the tensors stored exactly (norms, biases, exact embedding rows and their indices)."""
         n = sum(t.numel() * t.element_size() for t in self.dense.values())
         return n + sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v, _ in self.rows.values())
+
+    def vocab_bytes(self) -> dict[str, int]:
+        """{name: bytes of its compressed row delta: row-set blob + delta blob}."""
+        return {n: encode_row_set(idx, shape[0]).numel() + m.nbytes() for n, (idx, m, shape) in self.vocab.items()}
 
     def aux_bytes(self) -> int:
         return sum(len(b) for b in self.aux_files.values())
@@ -81,22 +94,71 @@ class DeltaFile:
         """Number of 16-bit delta parameters the compressed linears stand for."""
         return sum(m.shape[0] * m.shape[1] for m in self.matrices.values())
 
+    def whole_delta_params(self) -> int:
+        """Entries of what differs from the base, the 16-bit size of which the whole-delta ratio is of: whole
+        matrices of the linears, the changed and new rows of embedding / lm_head, whole other tensors."""
+        n = self.dense_delta_params() + sum(t.numel() for t in self.dense.values())
+        n += sum(int(i.numel()) * int(shape[1]) for i, _, shape in self.rows.values())
+        return n + sum(m.shape[0] * m.shape[1] for _, m, _ in self.vocab.values())
+
+    def weight_bytes(self) -> dict:
+        """Bytes stored for weights, by part, each with its header entries (upper bound, see
+        entries_header_bytes): {"linear", "vocab": {name: bytes}, "exact", "total"}. Config/tokenizer
+        files (aux/) and the file-level metadata (params, fingerprint) are not weights."""
+        linear = self.linear_bytes() + self.linear_header_bytes()
+        vocab = {n: b + vocab_header_bytes(n) for n, b in self.vocab_bytes().items()}
+        exact = self.dense_bytes() + sum(dense_header_bytes(n, t.ndim) for n, t in self.dense.items())
+        exact += sum(rows_header_bytes(n) for n in self.rows)
+        return {"linear": linear, "vocab": vocab, "exact": exact, "total": linear + sum(vocab.values()) + exact}
+
+
+def entries_header_bytes(tensors: dict[str, int], meta: dict, skeleton: dict) -> int:
+    """Upper bound (bytes) of the header entries of some tensors: their safetensors entries ({key: ndim},
+    dtype, shape and offsets with 20 digits allowed per number) plus `meta`, their part of the metadata
+    JSON (sha256 in "checksums" added here), measured on the serialised, string-escaped form against
+    `skeleton` (the same keys, empty), with the separators between entries."""
+    big = 10 ** 20 - 1
+    n = 0
+    for key, ndim in tensors.items():
+        entry = json.dumps({key: {"dtype": "U8", "shape": [big] * max(ndim, 1), "data_offsets": [big, big]}},
+                           separators=(",", ":"))
+        n += len(entry) - 2 + 1
+    meta = {**meta, "checksums": {k: "0" * 64 for k in tensors}}
+    skeleton = {**skeleton, "checksums": {}}
+    full, empty = json.dumps(meta, sort_keys=True), json.dumps(skeleton, sort_keys=True)
+    return n + (len(json.dumps(full)) - len(json.dumps(empty))) + 3 * 2 * (len(tensors) + len(meta) - 1)
+
 
 def matrix_header_bytes(name: str, shape) -> int:
     """Upper bound (bytes) of what linear delta NAME of `shape` adds to the file's header.
 
-    Its safetensors entry (dtype, shape, offsets: 20 digits allowed per number) and its entries in the
-    metadata JSON (sha256 in "checksums", shape in "matrices", objective in "stats"), measured on their
-    serialised, string-escaped form plus the separators between entries. compress() takes this from the
+    Its safetensors entry and its entries in the metadata JSON (sha256 in "checksums", shape in
+    "matrices", objective in "stats"; see entries_header_bytes). compress() takes this from the
     matrix's bit budget, so the linear deltas' bytes *on disk* (blobs + their header entries) meet α.
     """
-    key = f"linear/{name}"
+    return entries_header_bytes({f"linear/{name}": 1},
+                                {"matrices": {name: [int(v) for v in shape]},
+                                 "stats": {"objective": {name: -1.2345678901234567e-300}}},
+                                {"matrices": {}, "stats": {"objective": {}}})
+
+
+def dense_header_bytes(name: str, ndim: int) -> int:
+    """Upper bound of the header entries of an exactly stored tensor dense/NAME."""
+    return entries_header_bytes({f"dense/{name}": ndim}, {}, {})
+
+
+def rows_header_bytes(name: str) -> int:
+    """Upper bound of the header entries of exactly stored rows of NAME (index, values, shape)."""
     big = 10 ** 20 - 1
-    entry = json.dumps({key: {"dtype": "U8", "shape": [big], "data_offsets": [big, big]}}, separators=(",", ":"))
-    meta = json.dumps({"checksums": {key: "0" * 64}, "matrices": {name: [int(v) for v in shape]},
-                       "stats": {"objective": {name: -1.2345678901234567e-300}}}, sort_keys=True)
-    skeleton = json.dumps({"checksums": {}, "matrices": {}, "stats": {"objective": {}}}, sort_keys=True)
-    return (len(entry) - 2 + 1) + (len(json.dumps(meta)) - len(json.dumps(skeleton))) + 3 * 2
+    return entries_header_bytes({f"rows/{name}/index": 1, f"rows/{name}/values": 2},
+                                {"rows": {name: [big, big]}}, {"rows": {}})
+
+
+def vocab_header_bytes(name: str) -> int:
+    """Upper bound of the header entries of the compressed rows of NAME (row set, blob, shape)."""
+    big = 10 ** 20 - 1
+    return entries_header_bytes({f"vocab/{name}/rows": 1, f"vocab/{name}/delta": 1},
+                                {"vocab": {name: [big, big, big]}}, {"vocab": {}})
 
 
 def ratio_within_file(alpha: float, name: str, shape) -> float:
@@ -131,6 +193,9 @@ def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:
     for name, (idx, values, _) in delta.rows.items():
         tensors[f"rows/{name}/index"] = idx.to(torch.int64).contiguous()
         tensors[f"rows/{name}/values"] = values.contiguous()
+    for name, (idx, m, shape) in delta.vocab.items():
+        tensors[f"vocab/{name}/rows"] = encode_row_set(idx, shape[0])
+        tensors[f"vocab/{name}/delta"] = m.to_blob()
     for name, data in delta.aux_files.items():
         tensors[f"aux/{name}"] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
             torch.zeros(0, dtype=torch.uint8)
@@ -141,6 +206,7 @@ def _to_tensors(delta: DeltaFile) -> tuple[dict[str, torch.Tensor], dict]:
         "params": delta.params,
         "matrices": {n: list(m.shape) for n, m in delta.matrices.items()},
         "rows": {n: list(shape) for n, (_, _, shape) in delta.rows.items()},
+        "vocab": {n: [int(shape[0]), int(shape[1]), int(m.shape[0])] for n, (_, m, shape) in delta.vocab.items()},
         "base_fingerprint": delta.base_fingerprint,
         "stats": delta.stats,
         "checksums": {n: tensor_sha256(t) for n, t in tensors.items()},
@@ -164,6 +230,10 @@ def nonfinite_problem(delta: DeltaFile) -> str | None:
             bad = m.nonfinite_field()
             if bad is not None:
                 return f"matrix {name!r}: {bad} holds NaN/Inf"
+    for name, (_, m, _) in delta.vocab.items():
+        bad = m.nonfinite_field()
+        if bad is not None:
+            return f"compressed rows of {name!r}: {bad} hold NaN/Inf"
     return None
 
 
@@ -220,8 +290,9 @@ def metadata_problem(meta) -> str | None:
     if not isinstance(meta, dict):
         return "metadata is not a JSON object"
     version = meta.get("format_version")
-    if version != FORMAT_VERSION or not _is_int(version):
-        return f"format version {version!r} is not supported (this prinmix reads {FORMAT_VERSION})"
+    if version not in READABLE_VERSIONS or not _is_int(version):
+        return (f"format version {version!r} is not supported "
+                f"(this prinmix reads {', '.join(map(str, READABLE_VERSIONS))})")
     for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
         if key not in meta:
             return f"metadata lacks '{key}'"
@@ -237,6 +308,13 @@ def metadata_problem(meta) -> str | None:
         for name, shape in meta[key].items():
             if not _is_tensor_name(name) or not _is_shape(shape):
                 return f"'{key}' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [int, int] of positive sizes"
+    vocab = meta.get("vocab", {})
+    if not isinstance(vocab, dict):
+        return "'vocab' is not a JSON object"
+    for name, shape in vocab.items():
+        if not _is_tensor_name(name) or not isinstance(shape, list) or len(shape) != 3 \
+                or not _is_shape(shape[:2]) or not _is_int(shape[2]) or not 0 < shape[2] <= shape[0]:
+            return f"'vocab' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [rows, d, changed rows]"
     for name, digest in meta["checksums"].items():
         if not _is_sha256(digest):
             return f"checksum of {name[:80]!r} is not a sha256 hex digest"
@@ -300,6 +378,9 @@ def _tensor_key_problem(key: str, meta: dict) -> str | None:
     if kind == "rows" and (name.endswith("/index") or name.endswith("/values")) \
             and name.rsplit("/", 1)[0] in meta["rows"]:
         return None
+    if kind == "vocab" and (name.endswith("/rows") or name.endswith("/delta")) \
+            and name.rsplit("/", 1)[0] in meta.get("vocab", {}):
+        return None
     if kind == "aux":
         return aux_name_problem(name)
     return f"tensor {key[:80]!r} is not one the format defines"
@@ -346,6 +427,20 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
                 or values.shape[1] != shape[1] or (idx.numel() and (idx.min() < 0 or idx.max() >= shape[0])):
             raise DeltaFormatError(f"{path}: row delta '{name}' is malformed")
         delta.rows[name] = (idx, values, list(shape))
+    for name, shape in meta.get("vocab", {}).items():
+        rows, blob = tensors.get(f"vocab/{name}/rows"), tensors.get(f"vocab/{name}/delta")
+        try:
+            n_rows, d, n = (int(v) for v in shape)
+            if rows is None or blob is None or rows.dtype != torch.uint8 or blob.dtype != torch.uint8 \
+                    or rows.ndim != 1 or blob.ndim != 1:
+                raise ValueError("its tensors are missing")
+            idx = decode_row_set(rows, n_rows)
+            if idx.numel() != n:
+                raise ValueError(f"{idx.numel()} rows in its row set, {n} in the metadata")
+            m = CompressedLinear.from_blob(blob, (n, d), delta.method)
+        except (ValueError, TypeError) as e:
+            raise DeltaFormatError(f"{path}: compressed rows of '{name}' are malformed: {e}") from None
+        delta.vocab[name] = (idx, m, [n_rows, d])
     for k, t in tensors.items():
         if k.startswith("dense/"):
             delta.dense[k[len("dense/"):]] = t

@@ -68,6 +68,11 @@ class DeltaInfo:
     matrices: dict[str, MatrixInfo]
     other_tensors: list[str]
     settings: dict  # what the delta was made with, enough to rerun it (rerun_settings)
+    whole_mode: bool = False   # the ratio was requested of the whole delta (not --exact-embeddings)
+    ratio_whole: float = 0.0   # all weight bytes (with header entries) / 16-bit size of what differs
+    whole_params: int = 0      # entries of what differs (DeltaFile.whole_delta_params)
+    weight_bytes: dict | None = None   # DeltaFile.weight_bytes(): linear / vocab {name} / exact / total
+    vocab: dict | None = None  # {name: {"shape", "rows", "rank", "bytes"}}: compressed vocabulary row deltas
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +104,7 @@ def describe_delta(path: str | os.PathLike) -> DeltaInfo:
     params = delta.dense_delta_params()
     linear, header = delta.linear_bytes(), delta.linear_header_bytes()
     adapter_bytes = delta.params.get("lora_adapter_bytes")  # set when FINETUNED was a LoRA adapter
+    weights, whole_params = delta.weight_bytes(), delta.whole_delta_params()
     return DeltaInfo(path=str(path), method=delta.method, ratio_requested=delta.ratio,
                      lora_adapter_bytes=adapter_bytes,
                      ratio_vs_adapter=linear / adapter_bytes if adapter_bytes else None,
@@ -107,7 +113,12 @@ def describe_delta(path: str | os.PathLike) -> DeltaInfo:
                      linear_bytes=linear, other_bytes=delta.dense_bytes(), aux_bytes=delta.aux_bytes(),
                      dense_delta_params=params, base=delta.base_fingerprint, matrices=per_matrix,
                      other_tensors=sorted(delta.dense) + sorted(delta.rows),
-                     settings=rerun_settings(delta.method, delta.ratio, delta.params))
+                     settings=rerun_settings(delta.method, delta.ratio, delta.params),
+                     whole_mode=bool(delta.params.get("whole", False)),
+                     ratio_whole=weights["total"] / (2 * whole_params) if whole_params else 0.0,
+                     whole_params=whole_params, weight_bytes=weights,
+                     vocab={n: {"shape": shape, "rows": int(idx.numel()), "rank": m.rank,
+                                "bytes": weights["vocab"][n]} for n, (idx, m, shape) in delta.vocab.items()})
 
 
 def delta_sizes(path: str | os.PathLike) -> DeltaSizes:

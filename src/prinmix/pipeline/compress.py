@@ -10,7 +10,9 @@ The data path, top to bottom (`run_compress`):
    b. ΔW = W_ft − W_base of every changed linear → `compress_matrix(ΔW, H, α)`; other changed tensors
       kept exactly; the layer written as a resume part;
    c. propagate X through base + ΔŴ (compressed) of layer i;
-4. the tensors outside the layers (embeddings, final norm, lm_head) diffed exactly;
+4. the tensors outside the layers (embeddings, final norm, lm_head) diffed exactly — in whole-delta mode
+   (the default; not job.exact_embeddings) the changed rows of embedding / lm_head are compressed
+   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2);
 5. BitDelta with distill_steps: its scales distilled against the fine-tune's logits;
 6. the delta file written atomically; the resume parts removed.
 
@@ -58,6 +60,7 @@ from .bitdelta_distill import distill_bitdelta_scales
 from .config import CalibrationConfig, CompressJob
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
 from .tensor_diff import add_non_layer_tensors, changed_exact_tensor, linear_delta
+from .whole_budget import compress_vocab_parts, plan_whole_budget
 
 __all__ = ["CompressSummary", "MatrixCompressor", "run_compress"]
 
@@ -79,6 +82,15 @@ class CompressSummary:
     layers: int
     linear_header_bytes: int = 0  # the linear deltas' entries in the file header (upper bound)
     lora_adapter_bytes: int | None = None  # FINETUNED was a LoRA adapter: its factors' 16-bit size
+    whole_params: int = 0      # entries of everything that differs (the whole delta's 16-bit size / 2)
+    weight_bytes: dict | None = None  # DeltaFile.weight_bytes(): linear / vocab {name} / exact / total
+    exact_embeddings: bool = False
+
+    @property
+    def ratio_whole(self) -> float:
+        """All bytes stored for weights (with their header entries) / 16-bit size of what differs."""
+        return self.weight_bytes["total"] / (2 * self.whole_params) if self.whole_params and self.weight_bytes \
+            else 0.0
 
     @property
     def ratio_achieved(self) -> float:
@@ -121,9 +133,13 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if not resume and work.exists():
         shutil.rmtree(work)
     calib = job.calibration
+    # the whole-delta budget: what differs and the ratio α' of every compressed blob (BitDelta: fixed size)
+    plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha,
+                                                               fixed_size=job.method == "bitdelta")
+    layer_alpha = job.alpha if plan is None or job.method == "bitdelta" else plan.linear_alpha
 
     # 2. the hidden states entering layer 0
-    inputs, hidden_files = None, None
+    inputs, hidden_files, ids = None, None, None
     if job.calibrated:
         ids = calibration_ids(ft_r, calib)
         hidden_shape = (*ids.shape, stack.config.get_text_config().hidden_size)
@@ -143,6 +159,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                        "calib": calib.calib, "nsamples": calib.nsamples, "seqlen": calib.seqlen,
                        "seed": calib.seed, "prinmix_version": __version__,
                        "removed_tensors": compat.only_in_base, "aux_from_base": aux_from_base,
+                       "whole": not job.exact_embeddings,
                        **getattr(ft_r, "delta_params", {})},
                       base_fingerprint=fingerprint, aux_files=aux_files)
 
@@ -178,8 +195,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                 H = hessians.pop(name, None)  # the last user of a shared H frees it
                 if d is None:
                     continue
-                # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry)
-                ratio = job.alpha if job.method == "bitdelta" else ratio_within_file(job.alpha, name, d.shape)
+                # the matrix's header entries come off its budget (BitDelta's size is fixed: 1 bit per entry;
+                # whole-delta mode: the headers are paid in the plan, layer_alpha is already the blob's ratio)
+                ratio = layer_alpha if job.method == "bitdelta" or plan is not None \
+                    else ratio_within_file(layer_alpha, name, d.shape)
                 detail = {"matrix": name, "shape": list(d.shape)}
                 emit(PhaseStarted(Phase.COMPRESS, i, detail))
                 m = compress_checked(matrix_compressor, d, H, ratio, job, name, i, stack, ft_r, device)
@@ -205,12 +224,25 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
             emit(PhaseDone(Phase.PROPAGATE, i))
         part = None
         emit(LayerDone(i, n_layers, resumed))
+    counts = head_H = None
+    if plan is not None and inputs is not None and any("head" in p.roles for p in plan.vocab if p.changed.numel()):
+        # the reconstructed model's last-layer outputs, through the (exactly stored) final norm
+        head_H = stack.head_hessian(ft_r, ids, inputs.hidden, device, calib.batch_size).cpu()
+    if plan is not None and ids is not None:
+        counts = torch.bincount(ids.flatten().cpu(), minlength=plan.vocab[0].shape[0] if plan.vocab else 0)
+    inputs = None
     if hidden_files:
-        inputs = None
         hidden_files.close()
 
     # 4. outside the layers
-    add_non_layer_tensors(delta, stack.non_layer_tensor_names, base_r, ft_r, compat)
+    vocab_report = {}
+    if plan is None:
+        add_non_layer_tensors(delta, stack.non_layer_tensor_names, base_r, ft_r, compat)
+    else:
+        add_non_layer_tensors(delta, stack.non_layer_tensor_names, base_r, ft_r, compat,
+                              skip={p.name for p in plan.vocab})
+        vocab_report = compress_vocab_parts(delta, plan, base_r, ft_r, job.method, job.config, counts, head_H,
+                                            device)
     # 5. BitDelta's scale distillation
     if job.method == "bitdelta" and job.distill_steps > 0:
         ids = calibration_ids(ft_r, calib)
@@ -219,11 +251,14 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     # 6. the file
     delta.stats = {"layers": n_layers, "objective": {n: m.info.get("objective") for n, m in delta.matrices.items()
                                                      if m.info.get("objective") is not None}}
+    if plan is not None:
+        delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
     return CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(), delta.dense_delta_params(),
                            delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
-                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"))
+                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"),
+                           delta.whole_delta_params(), delta.weight_bytes(), job.exact_embeddings)
 
 
 def compress_checked(matrix_compressor: MatrixCompressor, d, H, ratio: float, job: CompressJob, name: str, i: int,

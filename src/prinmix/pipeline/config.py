@@ -45,6 +45,9 @@ class CompressJob:
     distill_steps: BitDelta only — Adam steps of scale distillation on the calibration set (0 = off).
     base / finetuned: directories or Hugging Face Hub ids (checkpoint/hub.py); base_revision /
     finetuned_revision: a Hub branch, tag or commit (None: the default branch).
+    exact_embeddings: α holds for the decoder linears only and every other tensor that differs is stored
+    exactly (the earlier behaviour, for comparison); default False: α holds for the whole delta
+    (pipeline/whole_budget.py).
     """
 
     base: Path
@@ -57,12 +60,13 @@ class CompressJob:
     distill_steps: int = 0
     base_revision: str | None = None
     finetuned_revision: str | None = None
+    exact_embeddings: bool = False
 
     @classmethod
     def create(cls, base, finetuned, output, ratio: str | float = "1/16", method: str = "prinmix",
                config: PrinMixConfig | None = None, calibration: CalibrationConfig | None = None,
                distill_steps: int = 0, base_revision: str | None = None,
-               finetuned_revision: str | None = None) -> "CompressJob":
+               finetuned_revision: str | None = None, exact_embeddings: bool = False) -> "CompressJob":
         """Validate the user's settings (one-line PrinmixError/BudgetError each) and build the job."""
         if method not in METHODS:
             raise PrinmixError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
@@ -86,7 +90,7 @@ class CompressJob:
         except ValueError as e:
             raise BudgetError(f"invalid bit-width settings (--bits/--fmax): {e}") from None
         return cls(Path(base), Path(finetuned), Path(output), alpha, method, config, calibration, distill_steps,
-                   base_revision, finetuned_revision)
+                   base_revision, finetuned_revision, bool(exact_embeddings))
 
     @property
     def calibrated(self) -> bool:
@@ -97,4 +101,5 @@ class CompressJob:
         c = self.calibration
         return {"method": self.method, "ratio": self.alpha, "budget": "blob+header", "exact": "base-dtype",
                 "config": asdict(self.config), "calib": c.calib, "nsamples": c.nsamples, "seqlen": c.seqlen,
-                "seed": c.seed, "base": base_hash, "finetuned": finetuned_hash, "distill_steps": self.distill_steps}
+                "seed": c.seed, "base": base_hash, "finetuned": finetuned_hash, "distill_steps": self.distill_steps,
+                "whole": not self.exact_embeddings}

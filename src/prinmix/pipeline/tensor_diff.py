@@ -56,10 +56,13 @@ def changed_exact_tensor(name: str, base_r: CheckpointReader, ft_r) -> torch.Ten
 
 
 def add_non_layer_tensors(delta: DeltaFile, names: list[str], base_r: CheckpointReader, ft_r,
-                          compat: CompatibilityReport) -> None:
-    """Embeddings, final norm, lm_head…: exact where they differ; vocabulary rows as row deltas."""
+                          compat: CompatibilityReport, skip=()) -> None:
+    """Embeddings, final norm, lm_head… (but `skip`: the vocabulary matrices a whole-delta run compresses,
+    pipeline/whole_budget.py): exact where they differ; vocabulary rows as row deltas."""
     vocab = getattr(ft_r.config.get_text_config(), "vocab_size", None)
     for name in names:
+        if name in skip:
+            continue
         ft_t = ft_r.get(name, dtype=None)
         if name not in base_r:
             delta.dense[name] = ft_t

@@ -8,7 +8,9 @@ checks the delta was made for this base, and makes every module the delta touche
     other small changed tensors (dense/…)   PerTenantParams: e.g. RMSNorm/LayerNorm weights; the module
                                             is re-run with the tenant's parameters on that tenant's rows
     changed embedding / lm_head rows        PerTenantEmbedding / PerTenantRows: only the changed rows are
-    (rows/…)                                kept; a tied lm_head follows the tenant's embedding rows
+    (vocab/… compressed, rows/… exact)      kept, compressed rows in their packed form (vocab_rows.py: a
+                                            lookup gathers the batch's token rows, the head adds h ΔŴ_Rᵀ);
+                                            a tied lm_head follows the tenant's embedding rows
 Refused with a one-line PrinmixError (serve `prinmix merge`'s output instead): a dense replacement of
 a whole linear or embedding weight, a changed vocabulary size, tensors removed or added relative to
 the base, a bias the base lacks, and modules the runtime cannot wrap (non-nn.Linear / nn.Embedding).
@@ -50,12 +52,29 @@ from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, Te
 from .factor_cache import FactorCache
 from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
+from .vocab_rows import VocabPayload
 
 __all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState"]
 
 # Dequantised factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py): ~9× a
 # tenant's packed bytes in float32, so 1 GiB holds ~8 SmolLM2-135M tenants at 1/16 (≈ 99 MiB each).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
+
+
+def _vocab_payload(delta, name: str) -> VocabPayload | RowsPayload:
+    """The compressed (delta.vocab) and exact (delta.rows) rows of vocabulary matrix NAME, rows sorted.
+    Exact rows only (--exact-embeddings, or nothing compressed): a RowsPayload, which skips the logit
+    scatter when every row changed (tenant_modules.RowsPayload.head)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    exact_index, exact_values = empty, torch.zeros(0, 0)
+    if name in delta.rows:
+        idx, values, _ = delta.rows[name]
+        order = torch.argsort(idx)
+        exact_index, exact_values = idx[order].to(torch.int64), values[order]   # stored dtype; cast at use
+    if name not in delta.vocab:
+        return RowsPayload(exact_index, exact_values)
+    index, m, _ = delta.vocab[name]           # row sets are stored sorted
+    return VocabPayload(index.to(torch.int64), PackedLinear.from_compressed(m), exact_index, exact_values)
 
 
 # ---- the model -------------------------------------------------------------------------------------
@@ -174,18 +193,19 @@ class MultiTenantModel:
                 kind, payload = plan.setdefault(path, ("params", TensorsPayload({})))
                 payload.tensors[pname] = t.to(base_t.dtype)
         tied = self._tied
-        for rname, (idx, values, shape) in delta.rows.items():
+        for rname in sorted(set(delta.rows) | set(delta.vocab)):
             path, module = self._module_of(rname, "weight", delta_path)
             kind = "embedding" if type(module) is nn.Embedding else "rows" if type(module) is nn.Linear else None
             if kind is None:
                 raise PrinmixError(f"{delta_path}: rows of {rname} change, but {path} is a {type(module).__name__}")
+            shape = (delta.rows.get(rname) or delta.vocab[rname])[2]
             if shape[0] != module.weight.shape[0]:
                 raise PrinmixError(f"{delta_path}: the fine-tune changes the vocabulary size of {rname} "
                                    f"({module.weight.shape[0]} -> {shape[0]}); serve its merged model")
-            order = torch.argsort(idx)
-            payload = RowsPayload(idx[order].to(torch.int64), values[order])      # stored dtype; cast at use
+            payload = _vocab_payload(delta, rname)
             plan[path] = (kind, payload)
-            if kind == "embedding" and tied and tied[0] == path and f"{tied[1]}.weight" not in delta.rows:
+            if kind == "embedding" and tied and tied[0] == path and f"{tied[1]}.weight" not in delta.rows \
+                    and f"{tied[1]}.weight" not in delta.vocab:
                 plan[tied[1]] = ("rows", payload)        # a tied lm_head follows the embedding
         return plan
 

@@ -1,8 +1,11 @@
 """Tenant-aware wrappers of the modules a delta changes besides its compressed linears.
 
     PerTenantParams     a small module (a norm) re-run with the tenant's parameters on its rows
-    PerTenantEmbedding  nn.Embedding whose changed rows a tenant replaces
-    PerTenantRows       an output nn.Linear (lm_head) whose changed weight rows a tenant replaces
+    PerTenantEmbedding  nn.Embedding whose changed rows a tenant replaces (payload.lookup)
+    PerTenantRows       an output nn.Linear (lm_head) whose changed weight rows a tenant replaces (payload.head)
+A vocabulary payload is a RowsPayload (exact rows) or a vocab_rows.VocabPayload (compressed row deltas
+of a whole-delta file, plus exact added rows); both answer lookup(tokens, base_rows) and
+head(h, base_logits, bias).
 Each keeps its tenants' payloads by slot (load_tenant / unload_tenant / resident_bytes, the
 interface TenantRegistry drives, as DeltaLinear does) and reads the running batch's slots from the
 shared TenantContext.
@@ -47,6 +50,24 @@ class RowsPayload:
 
     def to(self, device) -> "RowsPayload":
         return RowsPayload(self.index.to(device), self.values.to(device))
+
+    def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
+        """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens."""
+        out = base_rows.clone()
+        pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
+        hit = self.index[pos] == tokens
+        out[hit] = self.values[pos[hit]].to(out.dtype)
+        return out
+
+    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]."""
+        logits = nn.functional.linear(h, self.values.to(h.dtype),
+                                      None if bias is None else bias[self.index]).to(base_logits.dtype)
+        if self.index.numel() == base_logits.shape[-1]:   # every row changed (sorted, unique): no scatter
+            return logits
+        out = base_logits.clone()
+        out[:, self.index] = logits
+        return out
 
 
 class _TenantModule(nn.Module):
@@ -165,10 +186,8 @@ class PerTenantEmbedding(_TenantModule):
             return out
         flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
         for p, idx in segments:
-            tok = flat_ids.index_select(0, idx)
-            pos = torch.searchsorted(p.index, tok).clamp(max=p.index.numel() - 1)
-            hit = p.index[pos] == tok
-            rows_out.index_copy_(0, idx[hit], p.values[pos[hit]].to(rows_out.dtype))
+            rows = p.lookup(flat_ids.index_select(0, idx), rows_out.index_select(0, idx))
+            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
         return out
 
 
@@ -181,14 +200,7 @@ class PerTenantRows(_TenantModule):
         if not segments:
             return out
         rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
-        bias = self.base.bias
         for p, idx in segments:
-            logits = nn.functional.linear(rows_h.index_select(0, idx), p.values.to(h.dtype),
-                                          None if bias is None else bias[p.index]).to(out.dtype)
-            if p.index.numel() == out.shape[-1]:          # every row changed (sorted, unique): no scatter
-                rows_out.index_copy_(0, idx, logits)
-                continue
-            o = rows_out.index_select(0, idx)
-            o[:, p.index] = logits
-            rows_out.index_copy_(0, idx, o)
+            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
+            rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
         return out

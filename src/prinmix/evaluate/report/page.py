@@ -117,7 +117,13 @@ class Page:
             for w in s.widths_stored:
                 widths_hist[w] = widths_hist.get(w, 0) + 1
         base = delta.base_fingerprint or {}
+        weights, whole_params = delta.weight_bytes(), delta.whole_delta_params()
         rows = [
+            ["whole delta (all weight bytes with header entries / 16-bit size of what differs)",
+             _f(weights["total"] / (2 * whole_params), 6) if whole_params else "-"],
+            ["  decoder linears (bytes)", f"{weights['linear']:,}"],
+            *[[f"  {n} (compressed rows, bytes)", f"{b:,}"] for n, b in weights["vocab"].items()],
+            ["  exact tensors: norms, biases, rows (bytes)", f"{weights['exact']:,}"],
             ["method", delta.method],
             ["ratio requested", _f(delta.ratio, 6)],
             ["ratio achieved (linear deltas, all stored bytes / 16-bit)",
