@@ -14,7 +14,7 @@ from collections.abc import Hashable, Sequence
 import torch
 from transformers import DynamicCache
 
-from ..runtime.multi_tenant import DecodeState, SequenceState
+from ..runtime.decode_state import DecodeState, SequenceState, left_padded
 
 __all__ = ["append_tokens", "decode_logits", "prefill_logits"]
 
@@ -23,14 +23,8 @@ def prefill_logits(model, prompts: Sequence[Sequence[int]], tenants: Sequence[st
                    seq_ids: Sequence[Hashable]) -> tuple[DecodeState, torch.Tensor]:
     """One left-padded forward over the prompts (token ids): (the state, with nothing generated yet;
     the logits of each prompt's next token [B, vocab])."""
-    length = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), length, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, length - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, length - len(p):] = 1
-    mask = mask.to(model.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded(prompts)
+    mask, positions = mask.to(model.device), positions.to(model.device)
     cache = DynamicCache()
     logits = model.forward(ids, list(tenants), attention_mask=mask, position_ids=positions, cache=cache,
                            last_only=True)
