@@ -57,16 +57,17 @@ def run_vllm(python: str, request: dict, workdir: Path) -> dict:
 
 
 @torch.no_grad()
-def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens of `prompt` (EOS ignored) with the KV cache."""
+def greedy_tokens(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """(n greedy tokens of `prompt` (EOS ignored) with the KV cache, the first position's log-probs [vocab])."""
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = DynamicCache()
     logits = model(input_ids=torch.tensor([prompt]), use_cache=True, **{key: cache}).logits
+    first = logits[0, -1].float().log_softmax(-1)
     tokens = [int(logits[0, -1].argmax())]
     for _ in range(n - 1):
         logits = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{key: cache}).logits
         tokens.append(int(logits[0, -1].argmax()))
-    return tokens
+    return tokens, first
 
 
 def accuracy(tokenizer, rows: list[dict], outputs: list[list[int]], eos: int | None) -> float:
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--delta", required=True)
     p.add_argument("--tasks", required=True, help="held-out {prompt, answer} JSONL")
     p.add_argument("--vllm-python", required=True)
-    p.add_argument("--max-rank", type=int, default=128)
+    p.add_argument("--max-rank", type=int, default=512,
+                   help="export's --max-rank (default vLLM's largest: modules above it are truncated)")
     p.add_argument("--agreement-prompts", type=int, default=100)
     p.add_argument("--answer-tokens", type=int, default=8)
     p.add_argument("--n", default="1,4,8,16")
@@ -146,15 +148,21 @@ def main(argv=None) -> int:
                                           "prompts": prompts, "max_tokens": a.answer_tokens, "max_model_len": 256,
                                           "runs": [{"name": "ft", "lora": ["ft"] * len(prompts)}]}, work)
         vllm_out = [o["token_ids"] for o in result["outputs"]]
+        vllm_first = [(o["token_ids"][0], o["logprobs"][0]) for o in result["outputs"]]
         merged_dir = api.merge(a.base, a.delta, work / "merged", overwrite=True)
         merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-        merge_out = [greedy_tokens(merged, q, a.answer_tokens) for q in prompts]
+        merge_runs = [greedy_tokens(merged, q, a.answer_tokens) for q in prompts]
+        merge_out = [tokens for tokens, _ in merge_runs]
+        # vLLM's log-prob of its first token against the merge's log-prob of that same token
+        lp_diff = torch.tensor([abs(lp - float(first[t])) for (t, lp), (_, first) in zip(vllm_first, merge_runs)])
         del merged
         same = sum(x == y for v, m in zip(vllm_out, merge_out) for x, y in zip(v, m))
         total = sum(len(m) for m in merge_out)
         eos = tokenizer.eos_token_id
         print(f"\nagreement, {len(prompts)} held-out prompts x {a.answer_tokens} greedy tokens ({time.time() - t0:.0f} s):")
         print(f"  vLLM + exported adapter vs prinmix merge (transformers): {same}/{total} tokens = {100 * same / total:.2f} %")
+        print(f"  first-token log-prob |vLLM - merge| (vLLM's first token): max {float(lp_diff.max()):.3g}, "
+              f"mean {float(lp_diff.mean()):.3g}")
         print(f"  task accuracy: vLLM + adapter {100 * accuracy(tokenizer, sub, vllm_out, eos):.1f} %, "
               f"prinmix merge {100 * accuracy(tokenizer, sub, merge_out, eos):.1f} %")
 

@@ -14,8 +14,9 @@ from prinmix import api
 from prinmix.api import CalibrationConfig
 from prinmix.cli.export import add_export_lora_parser
 from prinmix.errors import PrinmixError
-from prinmix.export.lora import best_rank_factors, export_lora, factors_of_rows
+from prinmix.export.lora import best_rank_factors, export_lora, factors_of_rows, fold_norm, row_delta_factors
 from prinmix.export.norm_fold import NormFoldError, fold_targets, norm_ratio
+from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.format.delta_file import load_delta, save_delta
 
 peft = pytest.importorskip("peft")
@@ -168,6 +169,8 @@ def test_whole_finetune_exports_exactly(family, tiny_pair, tmp_path):
     assert whole["adapter_vs_merge"]["rel_logit_error"] < 1e-4
     merge_ft = whole["merge_vs_finetuned"]["rel_logit_error"]
     assert abs(whole["adapter_vs_finetuned"]["rel_logit_error"] - merge_ft) < 1e-3 + 1e-3 * merge_ft
+    if emb in delta.vocab:   # compressed rows: the adapter carries their rank, not d spurious rounding ranks
+        assert report["modules"]["model.embed_tokens"]["rank"] == delta.vocab[emb][1].rank
     tensors = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
     vocab, d = (delta.rows.get(emb) or delta.vocab[emb])[2]
     assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (report["r"], vocab)
@@ -243,3 +246,38 @@ def test_factors_of_rows_is_an_exact_svd():
     u_s, vh = factors_of_rows(delta)
     assert u_s.shape == (40, 3) and torch.allclose(u_s @ vh, delta, atol=1e-12)
     assert torch.allclose(vh @ vh.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+
+
+def test_row_delta_factors_of_compressed_rows_equal_the_dense_difference(tiny_pair, tmp_path):
+    """Compressed embedding rows: L·R (the stored factors scattered to their rows, no SVD) equals the
+    float64 dense reference E_ft − E_base with E_ft = base + ΔŴ built row by row from reconstruct()."""
+    delta_path = tmp_path / "whole.delta"
+    base, _ = _compress(tiny_pair, "llama", delta_path)
+    delta = load_delta(delta_path)
+    emb = "model.embed_tokens.weight"
+    idx, m, shape = delta.vocab[emb]
+    left, right = row_delta_factors(emb, CheckpointReader(base), delta)
+    reference = torch.zeros(shape, dtype=torch.float64)
+    reference[idx] = m.reconstruct(torch.float64)
+    assert left.dtype == right.dtype == torch.float64 and left.shape == (shape[0], m.rank)
+    assert torch.allclose(left @ right, reference, rtol=0, atol=1e-6 * float(reference.abs().max()))
+    untouched = torch.ones(shape[0], dtype=torch.bool)
+    untouched[idx] = False
+    assert not left[untouched].any()
+
+
+def test_fold_norm_is_exact_and_in_svd_form():
+    """fold_norm against the dense float64 product B·A·diag(ρ) + W·diag(ρ − 1); its first r ranks are
+    the best rank-r approximation (Eckart–Young, dense SVD)."""
+    g = torch.Generator().manual_seed(2)
+    b, a = torch.randn(12, 3, generator=g, dtype=torch.float64), torch.randn(3, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(12, 9, generator=g, dtype=torch.float64)
+    rho = torch.ones(9, dtype=torch.float64)
+    rho[[1, 4, 5, 8]] = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
+    m = fold_norm(b, a, w, rho)
+    dense = b @ a * rho + w * (rho - 1)
+    assert m.folded and m.svd_form and m.a.shape[0] == 7                # rank(B·A) + |{ρ ≠ 1}| ≤ min(12, 9)
+    assert torch.allclose(m.b @ m.a, dense, atol=1e-12)
+    u, s, vh = torch.linalg.svd(dense)
+    for r in (1, 4, 6):
+        assert torch.allclose(m.b[:, :r] @ m.a[:r], (u[:, :r] * s[:r]) @ vh[:r], atol=1e-10)

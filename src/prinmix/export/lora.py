@@ -62,12 +62,14 @@ NO_EMBEDDING_LORA = ("gemma", "gemma2", "gemma3", "gemma3_text")
 @dataclass
 class ModuleDelta:
     """One adapter module's exact delta ΔW = B·A (float64; B [h_out, k], A [k, h_in]). embedding: ΔW is
-    ΔEᵀ [d, vocab] (PEFT's lora_embedding_B / lora_embedding_A)."""
+    ΔEᵀ [d, vocab] (PEFT's lora_embedding_B / lora_embedding_A). svd_form: B = U·Σ and A = Vh of ΔW's thin
+    SVD, σ descending, so its best rank-r approximation is the first r ranks (no further SVD)."""
 
     b: torch.Tensor
     a: torch.Tensor
     embedding: bool = False
     folded: bool = False
+    svd_form: bool = False
 
 
 def best_rank_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,16 +109,47 @@ def factors_of_rows(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _compact(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same product with at most min(h_out, h_in) ranks (a folded delta has k + |S| columns), its
-    numerical rank kept (exact SVD of the factors)."""
+    """The same product in SVD form (U·Σ, Vh) with at most min(h_out, h_in) ranks (a folded delta has
+    k + |S| columns), its numerical rank kept (exact SVD of the factors, float64)."""
     u, s, vh = svd_of_product(b, a, out_dtype=torch.float64)
     q = int((s > s[0] * 1e-12).sum()) if s.numel() else 0
     return u[:, :q] * s[:q], vh[:q]
 
 
+def fold_norm(b: torch.Tensor, a: torch.Tensor, w_base: torch.Tensor, rho: torch.Tensor) -> ModuleDelta:
+    """ΔW_eff = B·A·diag(ρ) + W_base·diag(ρ − 1) (norm_fold) as factors in SVD form, float64.
+
+    B [h_out, k], A [k, h_in], W_base [h_out, h_in], ρ [h_in]. Only the changed features S = {j: ρ_j ≠ 1}
+    add ranks: B' = [B, W_base[:, S]·(ρ_S − 1)], A' = [A·diag(ρ); e_S] (e_S: unit rows selecting S), then
+    one SVD of that product (_compact) caps the rank at min(h_out, h_in)."""
+    changed = (rho != 1).nonzero().flatten()
+    selector = torch.zeros(changed.numel(), w_base.shape[1], dtype=torch.float64)
+    selector[torch.arange(changed.numel()), changed] = 1.0
+    b_fold = torch.cat([b, w_base[:, changed].double() * (rho[changed] - 1)], 1)
+    a_fold = torch.cat([a * rho, selector], 0)
+    return ModuleDelta(*_compact(b_fold, a_fold), folded=True, svd_form=True)
+
+
+def row_delta_factors(name: str, base: CheckpointReader, delta: DeltaFile) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L [V, k], R [k, d]) float64 with ΔE = E_ft − E_base = L·R for the vocabulary matrix `name` [V, d].
+
+    Compressed rows (whole-delta mode, delta.vocab: ΔŴ_R = B·A for the changed rows R) are already
+    low-rank factors: L = B scattered to the rows R, R = A — exact, k = the compressed rank, no SVD of
+    the V×d matrix. (An SVD of the dense difference would see, besides those k ranks, the float32 rounding
+    of base + ΔŴ as up to d − k spurious ranks.) Exact rows and dense replacements: an SVD of the changed
+    rows (factors_of_rows)."""
+    if name in delta.vocab and name not in delta.rows and name not in delta.dense:
+        idx, m, shape = delta.vocab[name]
+        b, a = m.factors(torch.float32)
+        left = torch.zeros(shape[0], b.shape[1], dtype=torch.float64)
+        left[idx] = b.double()
+        return left, a.double()
+    return factors_of_rows(finetuned_tensor(name, base, delta, torch.float64) - base.get(name, torch.float64))
+
+
 def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, ratios: dict[str, torch.Tensor],
                        allow_lossy: bool, left_out: dict) -> dict[str, ModuleDelta]:
-    """embed_tokens / lm_head modules: their row deltas, exact or compressed (reconstructed by finetuned_tensor),
+    """embed_tokens / lm_head modules: their row deltas, exact or compressed (row_delta_factors),
     lm_head with the final norm folded in."""
     names = set(output_tensor_names(base, delta))
     for name, (_, _, shape) in delta.rows.items():
@@ -128,27 +161,34 @@ def _vocabulary_deltas(base: CheckpointReader, delta: DeltaFile, delta_path, rat
         if name not in (EMBEDDING, LM_HEAD):
             raise PrinmixError(f"{delta_path}: row delta of {name}, which is neither {EMBEDDING} nor {LM_HEAD}")
     modules = {}
-    if EMBEDDING in delta.rows or EMBEDDING in delta.vocab:   # exact rows, or compressed ones (whole-delta mode)
+    embedding_changed = EMBEDDING in delta.rows or EMBEDDING in delta.vocab
+    if embedding_changed:
         if base.model_type in NO_EMBEDDING_LORA:
             message = (f"{EMBEDDING}: changed, and {base.model_type!r} scales embeddings by √d inside the embedding "
                        f"module in transformers but outside it in vLLM, so its LoRA rows would be scaled differently")
             if not allow_lossy:
                 raise PrinmixError(f"{delta_path}: {message}")
             left_out[EMBEDDING] = message
-        else:
-            d_e = finetuned_tensor(EMBEDDING, base, delta, torch.float64) - base.get(EMBEDDING, torch.float64)
-            u_s, vh = factors_of_rows(d_e)
-            modules["model.embed_tokens"] = ModuleDelta(vh.T.contiguous(), u_s.T.contiguous(), embedding=True)
+        embedding_factors = row_delta_factors(EMBEDDING, base, delta)
+        if base.model_type not in NO_EMBEDDING_LORA:
+            left, right = embedding_factors
+            modules["model.embed_tokens"] = ModuleDelta(right.T.contiguous(), left.T.contiguous(), embedding=True)
     rho = ratios.get(LM_HEAD)
     head_changed = LM_HEAD in delta.rows or LM_HEAD in delta.vocab or LM_HEAD in delta.dense or rho is not None
-    tied_and_changed = LM_HEAD not in names and (EMBEDDING in delta.rows or EMBEDDING in delta.vocab)
+    tied_and_changed = LM_HEAD not in names and embedding_changed
     if head_changed or tied_and_changed:
-        w_ft = (finetuned_tensor(LM_HEAD, base, delta, torch.float64) if LM_HEAD in names
-                else finetuned_tensor(EMBEDDING, base, delta, torch.float64))
-        w_base = base.get(LM_HEAD if LM_HEAD in base else EMBEDDING, torch.float64)
-        d_w = (w_ft * rho if rho is not None else w_ft) - w_base
-        u_s, vh = factors_of_rows(d_w)
-        modules["lm_head"] = ModuleDelta(u_s, vh, folded=rho is not None)
+        head = LM_HEAD if LM_HEAD in names else EMBEDDING        # tied: lm_head is the (fine-tuned) embedding
+        if head == EMBEDDING:
+            left, right = embedding_factors if embedding_changed else (
+                torch.zeros(base.shape(EMBEDDING)[0], 0, dtype=torch.float64),
+                torch.zeros(0, base.shape(EMBEDDING)[1], dtype=torch.float64))
+        else:
+            left, right = row_delta_factors(LM_HEAD, base, delta)
+        if rho is None:
+            modules["lm_head"] = ModuleDelta(left, right)
+        else:
+            w_base = base.get(LM_HEAD if LM_HEAD in base else EMBEDDING, torch.float64)
+            modules["lm_head"] = fold_norm(left, right, w_base, rho)
     return modules
 
 
@@ -195,14 +235,9 @@ def collect_module_deltas(base: CheckpointReader, delta: DeltaFile, delta_path,
             continue
         path = target[: -len(".weight")]
         w_base = base.get(target, torch.float64)
-        changed = (rho != 1).nonzero().flatten()
         m = modules.get(path) or ModuleDelta(torch.zeros(w_base.shape[0], 0, dtype=torch.float64),
                                              torch.zeros(0, w_base.shape[1], dtype=torch.float64))
-        selector = torch.zeros(changed.numel(), w_base.shape[1], dtype=torch.float64)
-        selector[torch.arange(changed.numel()), changed] = 1.0
-        b = torch.cat([m.b, w_base[:, changed] * (rho[changed] - 1)], 1)
-        a = torch.cat([m.a * rho, selector], 0)
-        modules[path] = ModuleDelta(*_compact(b, a), folded=True)
+        modules[path] = fold_norm(m.b, m.a, w_base, rho)
     modules.update(_vocabulary_deltas(base, delta, delta_path, ratios, allow_lossy, left_out))
     return {p: m for p, m in modules.items() if m.a.shape[0] > 0}, left_out
 
@@ -235,7 +270,12 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
     trunc2 = ref2 = 0.0
     for path, m in sorted(deltas.items()):
         k = m.a.shape[0]
-        b2, a2 = best_rank_factors(m.b, m.a, max_rank) if max_rank is not None and k > max_rank else (m.b, m.a)
+        if max_rank is None or k <= max_rank:
+            b2, a2 = m.b, m.a
+        elif m.svd_form:
+            b2, a2 = m.b[:, :max_rank], m.a[:max_rank]
+        else:
+            b2, a2 = best_rank_factors(m.b, m.a, max_rank)
         r2 = _frob2(m.b, m.a)
         t2 = _frob2_of_difference(m.b, m.a, b2, a2) if a2.shape[0] < k else 0.0
         ref2, trunc2 = ref2 + r2, trunc2 + t2
@@ -254,7 +294,7 @@ def export_lora(base_dir, delta_path, out_dir, max_rank: int | None = None, dtyp
                         else ("lora_A.weight", "lora_B.weight"))
         tensors[f"base_model.model.{path}.{a_key}"] = lora_a.contiguous()
         tensors[f"base_model.model.{path}.{b_key}"] = lora_b.contiguous()
-        e2 = _frob2_of_difference(m.b, m.a, lora_b.double(), lora_a.double())
+        e2 = _frob2_of_difference(m.b, m.a, b2.to(dtype), a2.to(dtype))   # the zero padding adds nothing
         total2 += e2
         modules[path]["rel_error"] = _rel(e2, _frob2(m.b, m.a))
 
