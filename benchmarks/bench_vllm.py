@@ -27,21 +27,40 @@ import argparse
 import inspect
 import json
 import os
-import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from prinmix import api
 from prinmix.evaluate.tasks import normalise_prediction, read_task_file
 from prinmix.export.lora import export_lora
+from prinmix.export.vllm_limits import VLLM_MAX_LORA_RANKS
 from prinmix.runtime.multi_tenant import MultiTenantModel
 
 RUNNER = Path(__file__).resolve().parent / "vllm_runner.py"
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable of /proc/meminfo (bytes); 0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def vllm_lora_bytes(adapter: Path, max_lora_rank: int) -> int:
+    """fp32 bytes one adapter costs a vLLM engine: its loaded copy (the file's tensors) plus its slot in the
+    engine's stacked LoRA buffers, which vLLM allocates at max_lora_rank for every module (the file's
+    padded rank r → max_lora_rank)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    file_floats = sum(t.numel() for t in load_file(str(adapter / "adapter_model.safetensors")).values())
+    return 4 * file_floats * (1 + max_lora_rank / config["r"])
 
 
 def run_vllm(python: str, request: dict, workdir: Path) -> dict:
@@ -114,6 +133,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--vllm-memory-gb", type=float, default=None,
+                   help="memory the N adapters may take in vLLM (default 60 %% of MemAvailable); larger N are "
+                        "reported as not run")
+    p.add_argument("--adapter", default=None, help="serve this exported adapter instead of exporting --delta again")
     p.add_argument("--workdir", default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: agreement, throughput")
     a = p.parse_args(argv)
@@ -125,18 +148,25 @@ def main(argv=None) -> int:
     rows = read_task_file(a.tasks)
     prompts_all = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
 
-    t0 = time.time()
-    adapter = work / "adapter"
-    report = export_lora(a.base, a.delta, adapter, max_rank=a.max_rank, dtype=torch.float32, overwrite=True,
-                         finetuned=a.finetuned, check_text=a.tasks)
-    whole = report["whole_model"]
-    print(f"export: r = {report['r']}, {len(report['modules'])} modules, {report['adapter_bytes'] / 2**20:.1f} MiB, "
-          f"truncation error {report['truncation_rel_error']:.3g} (per-module Frobenius), {time.time() - t0:.0f} s")
-    print(f"export whole-model check ({whole['tokens']} tokens of {whole['text']}): adapter vs merge "
-          f"{json.dumps(whole['adapter_vs_merge'])}")
-    if "adapter_vs_finetuned" in whole:
-        print(f"  adapter vs fine-tune {json.dumps(whole['adapter_vs_finetuned'])}")
-        print(f"  merge vs fine-tune   {json.dumps(whole['merge_vs_finetuned'])}")
+    if a.adapter:                                     # an adapter exported before (e.g. by a previous run)
+        adapter = Path(a.adapter)
+        r = json.loads((adapter / "adapter_config.json").read_text())["r"]
+        report = {"r": r, "vllm_max_lora_rank": next(v for v in VLLM_MAX_LORA_RANKS if v >= r)}
+        print(f"adapter {adapter}: r = {r} (not exported again)")
+    else:
+        t0 = time.time()
+        adapter = work / "adapter"
+        report = export_lora(a.base, a.delta, adapter, max_rank=a.max_rank, dtype=torch.float32, overwrite=True,
+                             finetuned=a.finetuned, check_text=a.tasks)
+        whole = report["whole_model"]
+        print(f"export: r = {report['r']}, {len(report['modules'])} modules, "
+              f"{report['adapter_bytes'] / 2**20:.1f} MiB, truncation error {report['truncation_rel_error']:.3g} "
+              f"(per-module Frobenius), {time.time() - t0:.0f} s")
+        print(f"export whole-model check ({whole['tokens']} tokens of {whole['text']}): adapter vs merge "
+              f"{json.dumps(whole['adapter_vs_merge'])}")
+        if "adapter_vs_finetuned" in whole:
+            print(f"  adapter vs fine-tune {json.dumps(whole['adapter_vs_finetuned'])}")
+            print(f"  merge vs fine-tune   {json.dumps(whole['merge_vs_finetuned'])}")
     rank = report["vllm_max_lora_rank"]
     skip = set(filter(None, a.skip.split(",")))
 
@@ -168,30 +198,42 @@ def main(argv=None) -> int:
 
     if "throughput" not in skip:
         prompts = prompts_all[: a.requests]
-        for n in ns:
-            target = work / f"adapter{n - 1}"
-            if n > 1 and not target.exists():
-                shutil.copytree(adapter, target)
-        adapters = {f"a{i}": str(adapter if i == 0 else work / f"adapter{i}") for i in range(max(ns))}
+        per_adapter = vllm_lora_bytes(adapter, rank)
+        budget = a.vllm_memory_gb * 2**30 if a.vllm_memory_gb else 0.6 * available_memory_bytes()
+        too_big = [n for n in ns if n * per_adapter > budget]
+        ns = [n for n in ns if n not in too_big]
+        for n in too_big:
+            print(f"vLLM + {n} LoRA adapters: not run, needs ≈ {n * per_adapter / 2**30:.1f} GiB of adapters "
+                  f"(loaded copy + engine slot at --max-lora-rank {rank}: {per_adapter / 2**30:.2f} GiB each) "
+                  f"> {budget / 2**30:.1f} GiB (--vllm-memory-gb)")
+        # N names (LoRA ids) for one adapter directory: vLLM loads and slots each id separately
+        adapters = {f"a{i}": str(adapter) for i in range(max(ns, default=0))}
         runs = [{"name": f"n{n}", "lora": [f"a{i % n}" for i in range(len(prompts))], "repeat": a.repeat} for n in ns]
         lora = run_vllm(a.vllm_python, {"model": a.base, "adapters": adapters, "max_lora_rank": rank, "prompts": prompts,
-                                        "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work)
+                                        "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work) if ns else None
         plain = run_vllm(a.vllm_python, {"model": a.base, "prompts": prompts, "max_tokens": a.max_tokens,
                                          "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat}]}, work)
         tokens = len(prompts) * a.max_tokens
         ref = tokens / min(plain["runs"]["base"]["seconds"])
         table = [("vLLM", "base alone", ref)]
         table += [("vLLM", f"{n} LoRA adapters", tokens / min(lora["runs"][f"n{n}"]["seconds"])) for n in ns]
+        table += [("vLLM", f"{n} LoRA adapters", None) for n in too_big]
         table.append(("prinmix serve", "base alone", prinmix_tok_s(a.base, a.delta, 0, prompts, a.max_tokens, a.repeat)))
         table += [("prinmix serve", f"{n} packed deltas", prinmix_tok_s(a.base, a.delta, n, prompts, a.max_tokens,
-                                                                       a.repeat)) for n in ns]
+                                                                       a.repeat)) for n in ns + too_big]
         print(f"\nthroughput: {len(prompts)} requests x {a.max_tokens} greedy tokens, fp32, CPU "
               f"({a.threads} threads for prinmix; vLLM's own), adapter r = {report['r']} "
               f"(--max-lora-rank {rank}), fastest of {a.repeat}")
         print(f"{'engine':<14} {'serving':<20} {'tok/s':>8} {'vs vLLM base':>13}")
         for engine, what, tok_s in table:
-            print(f"{engine:<14} {what:<20} {tok_s:>8.1f} {tok_s / ref:>12.2f}x")
-        print(f"(vLLM engine load: {lora['load_seconds']:.0f} s with LoRA, {plain['load_seconds']:.0f} s without)")
+            if tok_s is None:
+                print(f"{engine:<14} {what:<20} {'(memory)':>8} {'-':>13}")
+            else:
+                print(f"{engine:<14} {what:<20} {tok_s:>8.1f} {tok_s / ref:>12.2f}x")
+        print(f"(memory: {Path(a.delta).stat().st_size / 2**20:.1f} MiB per packed delta; "
+              f"≈ {per_adapter / 2**20:.0f} MiB per vLLM adapter at --max-lora-rank {rank}, fp32)")
+        if lora is not None:
+            print(f"(vLLM engine load: {lora['load_seconds']:.0f} s with LoRA, {plain['load_seconds']:.0f} s without)")
     return 0
 
 

@@ -12,11 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from prinmix import api
 from prinmix.api import CalibrationConfig
+from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.cli.export import add_export_lora_parser
 from prinmix.errors import PrinmixError
 from prinmix.export.lora import best_rank_factors, export_lora, factors_of_rows, fold_norm, row_delta_factors
 from prinmix.export.norm_fold import NormFoldError, fold_targets, norm_ratio
-from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.format.delta_file import load_delta, save_delta
 
 peft = pytest.importorskip("peft")
