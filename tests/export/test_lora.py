@@ -15,6 +15,7 @@ from prinmix.api import CalibrationConfig
 from prinmix.checkpoint.reader import CheckpointReader
 from prinmix.cli.export import add_export_lora_parser
 from prinmix.errors import PrinmixError
+from prinmix.export import lora as lora_module
 from prinmix.export.lora import best_rank_factors, export_lora, factors_of_rows, fold_norm, row_delta_factors
 from prinmix.export.norm_fold import NormFoldError, fold_targets, norm_ratio
 from prinmix.format.delta_file import load_delta, save_delta
@@ -281,3 +282,22 @@ def test_fold_norm_is_exact_and_in_svd_form():
     u, s, vh = torch.linalg.svd(dense)
     for r in (1, 4, 6):
         assert torch.allclose(m.b[:, :r] @ m.a[:r], (u[:, :r] * s[:r]) @ vh[:r], atol=1e-10)
+
+
+def test_cli_says_when_vllm_cannot_serve_the_rank(pair, tmp_path, capsys, monkeypatch):
+    """r above vLLM's largest --max-lora-rank (a folded d = 576 model exported without --max-rank): the
+    command says so and how to export a servable adapter instead of printing a serve line vLLM refuses."""
+    base, _, linear_only, _ = pair
+    real = lora_module.export_lora
+
+    def too_wide(*args, **kwargs):
+        report = real(*args, **kwargs)
+        return {**report, "r": 576, "vllm_max_lora_rank": None}
+
+    monkeypatch.setattr(lora_module, "export_lora", too_wide)
+    parser = argparse.ArgumentParser(prog="prinmix")
+    add_export_lora_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["export-lora", str(base), str(linear_only), "-o", str(tmp_path / "wide"), "--no-check"])
+    assert args.fn(args) == 0
+    out = capsys.readouterr().out
+    assert "vLLM cannot serve this adapter: r = 576" in out and "--max-rank 512" in out and "--enable-lora" not in out

@@ -41,6 +41,11 @@ def cmd_export_lora(a) -> int:
         if "adapter_vs_finetuned" in whole:
             print(f"  vs the fine-tune: adapter {_figures(whole['adapter_vs_finetuned'])}; merge "
                   f"{_figures(whole['merge_vs_finetuned'])}")
+    if report["vllm_max_lora_rank"] is None:
+        print(f"vLLM cannot serve this adapter: r = {report['r']} exceeds its largest --max-lora-rank "
+              f"({VLLM_MAX_LORA_RANKS[-1]}); export again with --max-rank {VLLM_MAX_LORA_RANKS[-1]} (each module "
+              f"above it cut to its best rank-{VLLM_MAX_LORA_RANKS[-1]} approximation; the check shows the cost)")
+        return 0
     print(f"serve: python -m vllm.entrypoints.openai.api_server --model {Path(a.base).resolve()} --enable-lora "
           f"--max-lora-rank {report['vllm_max_lora_rank']} --lora-modules NAME={Path(report['out_dir']).resolve()}")
     return 0
