@@ -46,3 +46,18 @@ def test_merge_dtype_casts_weights_and_config(tiny_pair, tmp_path):
     assert AutoConfig.from_pretrained(half).dtype == torch.bfloat16
     with pytest.raises(PrinmixError, match="--dtype 'int8'"):
         api.merge(base, delta, tmp_path / "bad", dtype="int8")
+
+
+def test_merge_to_float32_of_a_bf16_base_is_not_rounded_to_bf16(tiny_pair, tmp_path):
+    """dtype float32: the merged linear is base + ΔŴ in float32 (no bfloat16 rounding in between), the
+    reference an exporter or server that adds ΔŴ to the base at run time reproduces."""
+    base, ft = tiny_pair("llama", "bf16")
+    delta = tmp_path / "d.delta"
+    api.compress(base, ft, delta, method="lowrank", device="cpu")
+    name, m = next(iter(api.load_delta(delta).matrices.items()))
+    exact = CheckpointReader(base).get(name, dtype=None).float() + m.reconstruct(torch.float32)
+    wide = load_file(api.merge(base, delta, tmp_path / "f32", dtype="float32") / "model.safetensors")[name]
+    rounded = load_file(api.merge(base, delta, tmp_path / "bf16") / "model.safetensors")[name]
+    assert wide.dtype == torch.float32 and torch.equal(wide, exact)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, exact.to(torch.bfloat16))
+    assert not torch.equal(rounded.float(), exact)

@@ -71,8 +71,9 @@ def write_merged_checkpoint(base, delta_path, output, overwrite: bool = False,
             aux_files["config.json"] = _with_dtype(aux_files["config.json"], dtype)
 
     def make(name: str) -> torch.Tensor:
-        t = finetuned_tensor(name, base_r, delta)
-        t = t.to(cast) if cast is not None and t.is_floating_point() else t
+        # base + ΔŴ computed in float32 and rounded once to the output dtype: with dtype float32 a bfloat16
+        # base's merge is base + ΔŴ exactly (not rounded to bfloat16 first, then widened)
+        t = finetuned_tensor(name, base_r, delta, layout[name][1] if cast is not None else None)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # e.g. a delta overflowing fp16
             raise DeltaFormatError(f"{delta_path}: base + delta of {name!r} is not finite in {t.dtype}")
         return t
