@@ -179,22 +179,26 @@ def main(argv=None) -> int:
                                           "runs": [{"name": "ft", "lora": ["ft"] * len(prompts)}]}, work)
         vllm_out = [o["token_ids"] for o in result["outputs"]]
         vllm_first = [(o["token_ids"][0], o["logprobs"][0]) for o in result["outputs"]]
-        merged_dir = api.merge(a.base, a.delta, work / "merged", overwrite=True)
-        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-        merge_runs = [greedy_tokens(merged, q, a.answer_tokens) for q in prompts]
-        merge_out = [tokens for tokens, _ in merge_runs]
-        # vLLM's log-prob of its first token against the merge's log-prob of that same token
-        lp_diff = torch.tensor([abs(lp - float(first[t])) for (t, lp), (_, first) in zip(vllm_first, merge_runs)])
-        del merged
-        same = sum(x == y for v, m in zip(vllm_out, merge_out) for x, y in zip(v, m))
-        total = sum(len(m) for m in merge_out)
         eos = tokenizer.eos_token_id
-        print(f"\nagreement, {len(prompts)} held-out prompts x {a.answer_tokens} greedy tokens ({time.time() - t0:.0f} s):")
-        print(f"  vLLM + exported adapter vs prinmix merge (transformers): {same}/{total} tokens = {100 * same / total:.2f} %")
-        print(f"  first-token log-prob |vLLM - merge| (vLLM's first token): max {float(lp_diff.max()):.3g}, "
-              f"mean {float(lp_diff.mean()):.3g}")
-        print(f"  task accuracy: vLLM + adapter {100 * accuracy(tokenizer, sub, vllm_out, eos):.1f} %, "
-              f"prinmix merge {100 * accuracy(tokenizer, sub, merge_out, eos):.1f} %")
+        print(f"\nagreement, {len(prompts)} held-out prompts x {a.answer_tokens} greedy tokens:")
+        print(f"  task accuracy: vLLM + adapter {100 * accuracy(tokenizer, sub, vllm_out, eos):.1f} %")
+        # `prinmix merge` as users run it (the base's dtype: bfloat16 rounds base + ΔŴ) and --dtype float32
+        # (base + ΔŴ exactly, what an adapter added at run time reproduces)
+        for merge_dtype in (None, "float32"):
+            merged_dir = api.merge(a.base, a.delta, work / "merged", overwrite=True, dtype=merge_dtype)
+            merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+            merge_runs = [greedy_tokens(merged, q, a.answer_tokens) for q in prompts]
+            del merged
+            merge_out = [tokens for tokens, _ in merge_runs]
+            # vLLM's log-prob of its first token against the merge's log-prob of that same token
+            lp_diff = torch.tensor([abs(lp - float(first[t])) for (t, lp), (_, first) in zip(vllm_first, merge_runs)])
+            same = sum(x == y for v, m in zip(vllm_out, merge_out) for x, y in zip(v, m))
+            total = sum(len(m) for m in merge_out)
+            label = f"prinmix merge --dtype {merge_dtype or 'as the base'}"
+            print(f"  vLLM + exported adapter vs {label}: {same}/{total} tokens = {100 * same / total:.2f} %; "
+                  f"first-token log-prob |vLLM - merge| max {float(lp_diff.max()):.3g}, mean {float(lp_diff.mean()):.3g}; "
+                  f"merge's task accuracy {100 * accuracy(tokenizer, sub, merge_out, eos):.1f} %")
+        print(f"  ({time.time() - t0:.0f} s)")
 
     if "throughput" not in skip:
         prompts = prompts_all[: a.requests]

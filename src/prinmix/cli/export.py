@@ -36,7 +36,7 @@ def cmd_export_lora(a) -> int:
     if whole is None:
         print("whole model: not checked (--no-check); the figures above are per module, not the model's error")
     else:
-        print(f"whole model, {whole['tokens']} tokens of {whole['text']}: base + adapter (PEFT) vs prinmix merge: "
+        print(f"whole model, {whole['tokens']} tokens of {whole['text']}: base + adapter (PEFT) vs prinmix merge --dtype float32: "
               f"{_figures(whole['adapter_vs_merge'])}")
         if "adapter_vs_finetuned" in whole:
             print(f"  vs the fine-tune: adapter {_figures(whole['adapter_vs_finetuned'])}; merge "

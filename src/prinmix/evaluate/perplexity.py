@@ -61,11 +61,12 @@ def load_model(model_dir, device="cpu", dtype: str = "float32"):
 
 
 @contextlib.contextmanager
-def reconstructed_dir(base, delta_path, workdir=None) -> Iterator[Path]:
-    """A temporary checkpoint directory holding base + delta (prinmix merge), removed afterwards."""
+def reconstructed_dir(base, delta_path, workdir=None, dtype: str | None = None) -> Iterator[Path]:
+    """A temporary checkpoint directory holding base + delta (prinmix merge, `dtype` as merge's --dtype),
+    removed afterwards."""
     tmp = Path(tempfile.mkdtemp(prefix="prinmix-eval-", dir=workdir))
     try:
-        yield write_merged_checkpoint(base, delta_path, tmp / "model", overwrite=True)
+        yield write_merged_checkpoint(base, delta_path, tmp / "model", overwrite=True, dtype=dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
