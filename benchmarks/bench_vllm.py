@@ -63,15 +63,17 @@ def vllm_lora_bytes(adapter: Path, max_lora_rank: int) -> int:
     return 4 * file_floats * (1 + max_lora_rank / config["r"])
 
 
-def run_vllm(python: str, request: dict, workdir: Path) -> dict:
-    """vllm_runner.py on `request` in the vLLM interpreter; its RESULT dict."""
-    (workdir / "request.json").write_text(json.dumps(request))
+def run_vllm(python: str, request: dict, workdir: Path, limits: dict) -> dict:
+    """vllm_runner.py on `request` (plus the scheduler `limits`) in the vLLM interpreter; its RESULT dict.
+    The runner's whole output goes to workdir/vllm.log."""
+    (workdir / "request.json").write_text(json.dumps({**request, **limits}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     run = subprocess.run([python, str(RUNNER), str(workdir / "request.json"), str(workdir / "result.json")],
                          capture_output=True, text=True, env=env, check=False)
+    (workdir / "vllm.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
-        raise RuntimeError(f"vLLM run failed:\n{run.stderr[-4000:]}")
+        raise RuntimeError(f"vLLM run failed (whole log: {workdir / 'vllm.log'}):\n{run.stderr[-4000:]}")
     return json.loads((workdir / "result.json").read_text())
 
 
@@ -133,6 +135,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--vllm-batched-tokens", type=int, default=256,
+                   help="vLLM's max_num_batched_tokens: its CPU LoRA ops (vllm/lora/ops/torch_ops) gather a copy of "
+                        "each module's LoRA weights per token (tokens x h_out x rank floats), so a step of many "
+                        "prompt tokens at rank 512 needs tens of GB; chunked prefill bounds it")
+    p.add_argument("--vllm-max-seqs", type=int, default=16,
+                   help="vLLM's max_num_seqs (bounds the per-token lm_head LoRA copies: vocab x rank floats each)")
     p.add_argument("--vllm-memory-gb", type=float, default=None,
                    help="memory the N adapters may take in vLLM (default 60 %% of MemAvailable); larger N are "
                         "reported as not run")
@@ -168,6 +176,7 @@ def main(argv=None) -> int:
             print(f"  adapter vs fine-tune {json.dumps(whole['adapter_vs_finetuned'])}")
             print(f"  merge vs fine-tune   {json.dumps(whole['merge_vs_finetuned'])}")
     rank = report["vllm_max_lora_rank"]
+    limits = {"max_num_batched_tokens": a.vllm_batched_tokens, "max_num_seqs": a.vllm_max_seqs}
     skip = set(filter(None, a.skip.split(",")))
 
     if "agreement" not in skip:
@@ -176,7 +185,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         result = run_vllm(a.vllm_python, {"model": a.base, "adapters": {"ft": str(adapter)}, "max_lora_rank": rank,
                                           "prompts": prompts, "max_tokens": a.answer_tokens, "max_model_len": 256,
-                                          "runs": [{"name": "ft", "lora": ["ft"] * len(prompts)}]}, work)
+                                          "runs": [{"name": "ft", "lora": ["ft"] * len(prompts)}]}, work, limits)
         vllm_out = [o["token_ids"] for o in result["outputs"]]
         vllm_first = [(o["token_ids"][0], o["logprobs"][0]) for o in result["outputs"]]
         eos = tokenizer.eos_token_id
@@ -214,9 +223,9 @@ def main(argv=None) -> int:
         adapters = {f"a{i}": str(adapter) for i in range(max(ns, default=0))}
         runs = [{"name": f"n{n}", "lora": [f"a{i % n}" for i in range(len(prompts))], "repeat": a.repeat} for n in ns]
         lora = run_vllm(a.vllm_python, {"model": a.base, "adapters": adapters, "max_lora_rank": rank, "prompts": prompts,
-                                        "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work) if ns else None
+                                        "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work, limits) if ns else None
         plain = run_vllm(a.vllm_python, {"model": a.base, "prompts": prompts, "max_tokens": a.max_tokens,
-                                         "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat}]}, work)
+                                         "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat}]}, work, limits)
         tokens = len(prompts) * a.max_tokens
         ref = tokens / min(plain["runs"]["base"]["seconds"])
         table = [("vLLM", "base alone", ref)]

@@ -5,6 +5,7 @@ vllm installed (prinmix does not depend on vllm; see tests/export/test_vllm_inte
 
 REQUEST: {"model": base dir, "adapters": {name: adapter dir}, "max_lora_rank": int,
           "prompts": [[token ids]…], "max_tokens": int, "dtype": "float32", "max_model_len": int,
+          "max_num_batched_tokens": int, "max_num_seqs": int (optional scheduler limits),
           "runs": [{"name": str, "lora": [adapter name or null per prompt], "repeat": int}…]}
           (or one run given by top-level "lora" / "repeat")
 RESULT:  {"load_seconds": float, "runs": {name: {"outputs": [{"token_ids": [...], "logprobs": [logprob of
@@ -32,6 +33,9 @@ def main(request_path: str, result_path: str) -> None:
     t0 = time.perf_counter()
     kwargs = {"model": req["model"], "dtype": req.get("dtype", "float32"), "enforce_eager": True,
               "max_model_len": req.get("max_model_len", 256), "seed": 0}
+    for key in ("max_num_batched_tokens", "max_num_seqs"):   # scheduler limits, when the request sets them
+        if req.get(key):
+            kwargs[key] = req[key]
     if adapters:
         kwargs.update(enable_lora=True, max_lora_rank=req["max_lora_rank"], max_loras=len(adapters),
                       max_cpu_loras=len(adapters))
