@@ -64,8 +64,8 @@ def main(argv=None) -> int:
                                                      dtype=torch.float32, check=False))
         t_check = None
         if not a.skip_check:
-            _, t_full = timed(lambda: export_lora(a.base, a.delta, Path(tmp) / "b", max_rank=a.max_rank,
-                                                  dtype=torch.float32, finetuned=a.finetuned))
+            checked, t_full = timed(lambda: export_lora(a.base, a.delta, Path(tmp) / "b", max_rank=a.max_rank,
+                                                        dtype=torch.float32, finetuned=a.finetuned))
             t_check = t_full - t_export
     print(f"export-lora of {a.delta} ({len(modules)} modules, r = {report['r']}, --max-rank {a.max_rank}, "
           f"{report['adapter_bytes'] / 2**20:.0f} MiB fp32), {a.threads} threads")
@@ -78,6 +78,12 @@ def main(argv=None) -> int:
         table.append(("whole-model check (4 model loads, 512 tokens)", t_check))
     for what, t in table:
         print(f"{what:<56} {t:>8.2f} {t / t_dense:>12.2f}x")
+    print(f"per-module relative Frobenius error: truncation {report['truncation_rel_error']:.3g}, "
+          f"with float32 factors {report['rel_error']:.3g}")
+    if t_check is not None:
+        for what, figures in checked["whole_model"].items():
+            if isinstance(figures, dict):
+                print(f"whole model, {what}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     for what, rank, err in rows:
         print(f"embedding factors, {what}: rank {rank}, relative error vs float64 dense difference {err:.2e}")
     return 0
