@@ -19,6 +19,8 @@ dense difference ΔE_ref = E_ft − E_base, where E_ft is rebuilt row by row in 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--finetuned", default=None, help="also compared by the whole-model check")
     p.add_argument("--max-rank", type=int, default=512)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--profile", type=int, default=0, help="print the N costliest functions of the no-check export")
     p.add_argument("--skip-check", action="store_true", help="do not time the whole-model check")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -60,8 +63,11 @@ def main(argv=None) -> int:
         for what, (lf, rf) in (("stored factors", (left, right)), ("dense SVD", (u_s, vh))):
             rows.append((what, lf.shape[1], float((lf @ rf - ref).norm() / ref.norm())))
     with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        profile = cProfile.Profile()
+        profile.enable()
         report, t_export = timed(lambda: export_lora(a.base, a.delta, Path(tmp) / "a", max_rank=a.max_rank,
                                                      dtype=torch.float32, check=False))
+        profile.disable()
         t_check = None
         if not a.skip_check:
             checked, t_full = timed(lambda: export_lora(a.base, a.delta, Path(tmp) / "b", max_rank=a.max_rank,
@@ -84,6 +90,9 @@ def main(argv=None) -> int:
         for what, figures in checked["whole_model"].items():
             if isinstance(figures, dict):
                 print(f"whole model, {what}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+    if a.profile:
+        print("\nexport_lora without the check, by function (cProfile, cumulative):")
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(a.profile)
     for what, rank, err in rows:
         print(f"embedding factors, {what}: rank {rank}, relative error vs float64 dense difference {err:.2e}")
     return 0
