@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import subprocess
 import tempfile
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from prinmix import api
@@ -59,7 +60,8 @@ def vllm_lora_bytes(adapter: Path, max_lora_rank: int) -> int:
     engine's stacked LoRA buffers, which vLLM allocates at max_lora_rank for every module (the file's
     padded rank r → max_lora_rank)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
-    file_floats = sum(t.numel() for t in load_file(str(adapter / "adapter_model.safetensors")).values())
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        file_floats = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     return 4 * file_floats * (1 + max_lora_rank / config["r"])
 
 
