@@ -13,8 +13,10 @@ What the adapter carries, each module as ΔW = B·A (B = lora_B [h_out, r], A = 
   LogitsProcessorWithLoRA). Tied embeddings: lm_head is the embedding in both models, so a tied
   fine-tune whose embedding or final norm changed gets an `lm_head` LoRA holding E_ft·diag(ρ) − E_base
   beside the `embed_tokens` one (both PEFT and vLLM keep the two LoRAs apart over the shared weight).
-Each module's exact ΔW is factored (SVD of its factors, or of its changed rows) and, with `max_rank`
-(one of vLLM's --max-lora-rank values), cut to its best rank-max_rank approximation (Eckart–Young).
+Each module's exact ΔW is factored — compressed factors as stored (linears, compressed embedding rows),
+one SVD of the factors where a norm is folded in, an SVD of the changed rows for exact rows — and, with
+`max_rank` (one of vLLM's --max-lora-rank values, at most 512), cut to its best rank-max_rank approximation
+(Eckart–Young; a folded module is already in SVD form, so the cut is its first max_rank ranks).
 
 Ranks: vLLM reads only r and lora_alpha from adapter_config.json (rank_pattern / alpha_pattern are
 dropped by its PEFTHelper) and scales every module by lora_alpha / r, so modules of smaller rank are
