@@ -13,7 +13,8 @@ Part 2 — throughput. R requests (the first R task prompts, D greedy tokens eac
     prinmix + N     MultiTenantModel (what `prinmix serve` runs): the base + N packed deltas (copies of
                     the delta), the same R requests round-robin, one batch per step
     prinmix base    MultiTenantModel with no tenant
-tok/s = R·D / wall time of the whole batch (prefill + decode), fastest of --repeat runs after a warm-up.
+tok/s = R·D / wall time of the whole batch (prefill + decode), fastest of --repeat runs after a warm-up
+(--no-warmup: the first run is timed too).
 vLLM runs in its own interpreter (--vllm-python; prinmix does not depend on vllm) via vllm_runner.py.
 
     python benchmarks/bench_vllm.py --base /work/pairs/smollm2-arith/base \\
@@ -136,6 +137,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--no-warmup", action="store_true",
+                   help="time vLLM's first generate call too (no untimed warm-up: for slow rank-512 CPU runs)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--vllm-batched-tokens", type=int, default=256,
                    help="vLLM's max_num_batched_tokens: its CPU LoRA ops (vllm/lora/ops/torch_ops) gather a copy of "
@@ -223,11 +226,12 @@ def main(argv=None) -> int:
                   f"> {budget / 2**30:.1f} GiB (--vllm-memory-gb)")
         # N names (LoRA ids) for one adapter directory: vLLM loads and slots each id separately
         adapters = {f"a{i}": str(adapter) for i in range(max(ns, default=0))}
-        runs = [{"name": f"n{n}", "lora": [f"a{i % n}" for i in range(len(prompts))], "repeat": a.repeat} for n in ns]
+        runs = [{"name": f"n{n}", "lora": [f"a{i % n}" for i in range(len(prompts))], "repeat": a.repeat,
+                 "warmup": not a.no_warmup} for n in ns]
         lora = run_vllm(a.vllm_python, {"model": a.base, "adapters": adapters, "max_lora_rank": rank, "prompts": prompts,
                                         "max_tokens": a.max_tokens, "max_model_len": 256, "runs": runs}, work, limits) if ns else None
         plain = run_vllm(a.vllm_python, {"model": a.base, "prompts": prompts, "max_tokens": a.max_tokens,
-                                         "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat}]}, work, limits)
+                                         "max_model_len": 256, "runs": [{"name": "base", "repeat": a.repeat, "warmup": not a.no_warmup}]}, work, limits)
         tokens = len(prompts) * a.max_tokens
         ref = tokens / min(plain["runs"]["base"]["seconds"])
         table = [("vLLM", "base alone", ref)]

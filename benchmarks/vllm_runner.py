@@ -6,7 +6,8 @@ vllm installed (prinmix does not depend on vllm; see tests/export/test_vllm_inte
 REQUEST: {"model": base dir, "adapters": {name: adapter dir}, "max_lora_rank": int,
           "prompts": [[token ids]…], "max_tokens": int, "dtype": "float32", "max_model_len": int,
           "max_num_batched_tokens": int, "max_num_seqs": int (optional scheduler limits),
-          "runs": [{"name": str, "lora": [adapter name or null per prompt], "repeat": int}…]}
+          "runs": [{"name": str, "lora": [adapter name or null per prompt], "repeat": int,
+                    "warmup": bool (default true; false: the first run is timed too)}…]}
           (or one run given by top-level "lora" / "repeat")
 RESULT:  {"load_seconds": float, "runs": {name: {"outputs": [{"token_ids": [...], "logprobs": [logprob of
           each generated token]}…], "seconds": [wall seconds of each timed run after one warm-up run],
@@ -49,8 +50,9 @@ def main(request_path: str, result_path: str) -> None:
     for spec in runs:
         names = spec.get("lora") or [None] * len(prompts)
         per_prompt = [lora_requests[n] if n is not None else None for n in names] if adapters else None
+        t = time.perf_counter()
         outputs = llm.generate(prompts, params, lora_request=per_prompt, use_tqdm=False)   # warm-up, and checked
-        seconds = []
+        seconds = [] if spec.get("warmup", True) else [time.perf_counter() - t]
         for _ in range(spec.get("repeat", 0)):
             t = time.perf_counter()
             llm.generate(prompts, params, lora_request=per_prompt, use_tqdm=False)
