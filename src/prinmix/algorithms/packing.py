@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import torch
 
-
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"bit width must be an int in 1..8, got {bits!r}")
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes needed for `numel` codes of `bits` bits: ceil(numel * bits / 8)."""
-    _check_bits(bits)
-    if numel < 0:
-        raise ValueError(f"numel must be >= 0, got {numel}")
-    return (numel * bits + 7) // 8
+from .blob_layout import check_code_width, packed_nbytes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (any shape, values in [0, 2**bits)) into uint8 [packed_nbytes(numel, bits)]."""
-    _check_bits(bits)
+    check_code_width(bits)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor (uint8), got {codes.dtype}")
     flat = codes.reshape(-1)
