@@ -132,7 +132,8 @@ def info(delta_path: PathLike) -> DeltaInfo:
     """Method, ratios, true bytes, base fingerprint and per-matrix bit allocation of a delta file.
 
     Args:
-        delta_path: the delta file (loaded and verified; `prinmix info` reads the header only).
+        delta_path: the delta file (read and verified without torch: checksums, tensor list, blob headers;
+            see format/delta_info.py).
 
     Returns:
         DeltaInfo (`.to_dict()` is `prinmix info --json`).
