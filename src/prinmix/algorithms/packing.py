@@ -3,7 +3,8 @@
 Layout: codes are flattened row-major; code i occupies stream bits [i*bits, (i+1)*bits), least
 significant bit first, and stream bit k is bit (k % 8) of byte k // 8 ("little-endian" bit order).
 Eight codes always fill exactly `bits` bytes, so both directions work on groups of 8 codes held
-in one int64 word (at most 7*8 = 56 bits used). Pure tensor code; works on any device.
+in one int64 word (at most 7*8 = 56 bits used). Pure tensor code; works on any device. The size formula
+(packed_nbytes) lives in blob_layout.py, with the rest of the blob's sizes, torch-free.
 """
 
 from __future__ import annotations
