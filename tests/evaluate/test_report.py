@@ -18,7 +18,7 @@ from prinmix import api
 from prinmix.api import CalibrationConfig
 from prinmix.errors import PrinmixError
 from prinmix.evaluate.report import ReportOptions, build_report, concordance, report_data
-from prinmix.evaluate.report.figures import _width_colours, width_colour
+from prinmix.evaluate.report.figures import width_colour, width_colour_map
 from prinmix.evaluate.results import write_results
 from prinmix.evaluate.run import EvalConfig, run_eval
 
@@ -288,5 +288,5 @@ def test_a_width_has_one_colour_on_the_whole_page():
     widths = [0, 1, 2, 3, 4, 5, 6, 7, 8, 16]
     assert len({to_hex(width_colour(w)) for w in widths}) == len(widths)
     for subset in ([2, 3], [0, 2, 3, 4, 5], [3, 8, 16]):
-        cmap = _width_colours(subset)
+        cmap = width_colour_map(subset)
         assert [to_hex(cmap(i)) for i in range(len(subset))] == [to_hex(width_colour(w)) for w in subset]

@@ -20,7 +20,7 @@ import numpy as np
 from .statistics import FLOAT_BITS, MatrixStats
 
 __all__ = ["fig_width_heatmaps", "fig_memory_per_width", "fig_rank_bytes", "fig_kendall", "fig_scaling_difference",
-           "fig_eval_errors", "projection_types", "width_label", "depth_groups_with_data"]
+           "fig_eval_errors", "projection_types", "width_label", "width_colour", "width_colour_map", "depth_groups_with_data"]
 
 TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LABEL_SIZE = 9
@@ -81,7 +81,7 @@ def width_colour(w: int):
     return colormaps["turbo"](0.08 + 0.84 * (min(max(w, 1), 8) - 1) / 7)
 
 
-def _width_colours(widths: list[int]):
+def width_colour_map(widths: list[int]):
     """ListedColormap with one entry per width of WIDTHS (width_colour each); NaN (no rank) is white."""
     from matplotlib.colors import ListedColormap
 
@@ -106,7 +106,7 @@ def fig_width_heatmaps(stats: list[MatrixStats], true_svd: bool) -> bytes | None
     types = projection_types(ranked)
     layers = sorted({s.layer for s in ranked})
     widths = sorted({w for s in ranked for w in s.widths_by_index})  # 0 only where dropped ranks are shown
-    cmap = _width_colours(widths)
+    cmap = width_colour_map(widths)
     fig, axes = _panel_grid(len(types), 6.2, 2.6)
     im = None
     for ax, t in zip(axes, types):
