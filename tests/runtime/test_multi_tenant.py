@@ -224,3 +224,28 @@ def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
     assert 0 < mem["factor_cache_bytes"] <= cache_bytes
     assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
     assert model.factor_cache.hits > 0
+
+
+def test_token_choice_hook(served):
+    """prefill / decode_step hand the step's sequences and last-position logits to `choose` before appending
+    its tokens: the logits equal a full forward over prompt + chosen tokens, and the chosen (not the greedy)
+    tokens are what the next step feeds."""
+    tenants = ["lowrank", None, "bitdelta"]
+    prompts = _prompts((5, 8, 3), seed=7)
+    seen = []
+
+    def least_likely(seqs, logits):
+        seen.append(([list(s.prompt) + list(s.generated) for s in seqs], logits.clone()))
+        return logits.argmin(-1).tolist()
+
+    state = served.prefill(prompts, tenants, ["a", "b", "c"], choose=least_likely)
+    for _ in range(2):
+        served.decode_step(state, choose=least_likely)
+    for fed, logits in seen:                                          # what each step saw, before its token
+        ids, mask, pos = left_padded(fed)
+        full = served.logits(ids, tenants, attention_mask=mask, position_ids=pos)[:, -1]
+        assert torch.allclose(logits, full, atol=1e-4, rtol=1e-4)
+    assert [s.generated for s in state.seqs] == [[int(seen[k][1][i].argmin()) for k in range(3)] for i in range(3)]
+    assert state.seqs[0].generated != served.generate([prompts[0]], ["lowrank"], 3)[0]
+    with pytest.raises(PrinmixError, match="2 tokens for 3 sequences"):
+        served.decode_step(state, choose=lambda seqs, logits: [0, 0])

@@ -271,26 +271,29 @@ class DeltaLinear(nn.Module):
 
     def _add_deltas_cached(self, rows_x: torch.Tensor, rows_y: torch.Tensor, groups: RowGroups,
                            batch_id: int) -> None:
-        """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its dense factors
-        (written into one [n_delta_rows, h_out] buffer), one gather-add-scatter of y in float32 (as the
-        reference rounds: y + Δ once). Sign deltas use the reference's product."""
-        dtype = self.factor_cache.dtype if self.factor_cache is not None else torch.float32
-        xs = rows_x.index_select(0, groups.order).to(dtype)
-        out = torch.zeros(xs.shape[0], self.out_features, dtype=dtype, device=xs.device)
+        """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its cached factors
+        (written into one float32 [n_delta_rows, h_out] buffer), one gather-add-scatter of y in float32
+        (as the reference rounds: y + Δ once). Sign deltas use the reference's product."""
+        xs = rows_x.index_select(0, groups.order)
+        by_dtype = {}                                   # the delta rows in each factor kind's input dtype
+        out = torch.zeros(xs.shape[0], self.out_features, dtype=torch.float32, device=xs.device)
         for slot, start, length in groups.segments:
             d = self.tenants.get(slot)
             if d is None:
                 continue
             seg = out[start:start + length]
             if d.packed is not None and d.packed.sign is not None:
-                seg += self._delta_rows(d.packed, xs[start:start + length].float()).to(dtype)
+                seg += self._delta_rows(d.packed, xs[start:start + length].float())
             elif d.packed is not None and d.packed.rank:
                 factors = (self.factor_cache.get((id(self), slot), d.packed, batch_id)
-                           if self.factor_cache is not None else dense_factors(d.packed, dtype))
-                factors.apply(xs[start:start + length], out=seg)
+                           if self.factor_cache is not None else dense_factors(d.packed))
+                dtype = factors.input_dtype
+                if dtype not in by_dtype:
+                    by_dtype[dtype] = xs.to(dtype)
+                seg.copy_(factors.apply(by_dtype[dtype][start:start + length]))
             if d.bias is not None:
-                seg += d.bias.to(dtype)
-        acc = rows_y.index_select(0, groups.order).float() + out.float()
+                seg += d.bias
+        acc = rows_y.index_select(0, groups.order).float() + out
         rows_y.index_copy_(0, groups.order, acc.to(rows_y.dtype))
 
     def _delta_rows(self, p: PackedLinear, xs: torch.Tensor) -> torch.Tensor:

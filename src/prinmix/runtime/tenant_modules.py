@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import PrinmixError
 from .delta_linear import TenantContext
+from .factor_cache import FactorCache
+from .vocab_rows import VocabPayload
 
 __all__ = ["PerTenantEmbedding", "PerTenantParams", "PerTenantRows", "RowsPayload", "TensorsPayload",
            "output_is_weight_times"]
@@ -192,15 +194,48 @@ class PerTenantEmbedding(_TenantModule):
 
 
 class PerTenantRows(_TenantModule):
-    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed."""
+    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed.
+
+    A tenant's compressed rows (VocabPayload) add h ΔŴ_Rᵀ; with a `factor_cache` (the model's, shared
+    with the DeltaLinears) that product runs from the cached factors of ΔŴ_R like any linear's, instead of
+    dequantising its [|R|, r] expand factor at every step (the largest single factor of a whole delta)."""
+
+    def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None):
+        super().__init__(base, context)
+        self.factor_cache = factor_cache
+
+    def load_tenant(self, slot: int, payload) -> None:
+        super().load_tenant(slot, payload)
+        if self.factor_cache is not None:
+            self.factor_cache.drop((id(self), slot))
+
+    def unload_tenant(self, slot: int) -> None:
+        super().unload_tenant(slot)
+        if self.factor_cache is not None:
+            self.factor_cache.drop((id(self), slot))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
-        segments = self._segments(h.numel() // h.shape[-1], h.device)
-        if not segments:
+        batch = self.context.batch
+        if batch is None or not self.tenants:
             return out
+        groups = batch.rows(h.numel() // h.shape[-1], h.device)
         rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
-        for p, idx in segments:
-            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
+        for slot, start, length in groups.segments:
+            p = self.tenants.get(slot)
+            if p is None:
+                continue
+            idx = groups.rows_of(start, length)
+            if isinstance(p, VocabPayload):
+                o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias,
+                           self._factors(slot, p, batch.serial))
+            else:
+                o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
             rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
         return out
+
+    def _factors(self, slot: int, p: VocabPayload, batch_id: int):
+        """The cached factors of the tenant's compressed rows, or None (no cache, no low-rank rows)."""
+        if self.factor_cache is None or p.packed is None or p.packed.sign is not None or not p.packed.rank:
+            return None
+        return self.factor_cache.get((id(self), slot), p.packed, batch_id)

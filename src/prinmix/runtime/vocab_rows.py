@@ -108,11 +108,15 @@ class VocabPayload:
             out[hit] = self.exact_values[pos[hit]].float()
         return out
 
-    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]."""
+    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None,
+             factors=None) -> torch.Tensor:
+        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]. `factors`: the
+        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes)."""
         out = base_logits.float()
         if self.packed is not None and self.index.numel():
-            out[:, self.index] += delta_rows(self.packed, h.float())
+            delta = delta_rows(self.packed, h.float()) if factors is None \
+                else factors.apply(h.to(factors.input_dtype)).float()
+            out[:, self.index] += delta
         if self.exact_index.numel():
             out[:, self.exact_index] = torch.nn.functional.linear(
                 h.float(), self.exact_values.float(), None if bias is None else bias[self.exact_index].float())
