@@ -8,9 +8,9 @@ import torch
 from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
 from prinmix.runtime.factor_cache import INT8_PAD, DenseFactors, FactorCache, Int8Factors, dense_factors, int8_factors
+from prinmix.runtime.packed import PackedLinear
 from prinmix.runtime.tenant_modules import PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
-from prinmix.runtime.packed import PackedLinear
 
 H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mid-row
 

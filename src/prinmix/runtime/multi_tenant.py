@@ -52,8 +52,15 @@ from ..checkpoint.reader import CheckpointReader
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta
 from .decode_state import DecodeState, SequenceState, left_padded, make_cache
-from .delta_linear import (BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry,
-                           triton_available)
+from .delta_linear import (
+    BASE_SLOT,
+    DeltaLinear,
+    TenantBatch,
+    TenantContext,
+    TenantDelta,
+    TenantRegistry,
+    triton_available,
+)
 from .factor_cache import FactorCache
 from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
