@@ -9,7 +9,7 @@ from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
 from prinmix.runtime.factor_cache import INT8_PAD, DenseFactors, FactorCache, Int8Factors, dense_factors, int8_factors
 from prinmix.runtime.packed import PackedLinear
-from prinmix.runtime.tenant_modules import PerTenantRows
+from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
 
 H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mid-row
@@ -246,4 +246,37 @@ def test_lm_head_rows_from_cached_factors(dtype):
         assert _rel(rows[key][[0, 2]] - plain[[0, 2]], want[[0, 2]] - plain[[0, 2]].double()) < tol, key
     assert len(cache) == 1 and cache.misses == 1
     layers["cached"].load_tenant(0, payload)                          # a reload forgets the cached factors
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_embedding_rows_from_cached_factors(dtype):
+    """PerTenantEmbedding with a compressed-rows VocabPayload: rows looked up through the cached factors equal
+    the float64 reconstruction (base row + ΔŴ_R[position]); tokens outside R keep the base row; a tied lm_head
+    sharing the payload shares its cache entry."""
+    g = torch.Generator().manual_seed(6)
+    vocab, d = 70, 40
+    index = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:45].tolist()))
+    m = prinmix_layout(index.numel(), d, seed=12)
+    payload = VocabPayload(index, PackedLinear.from_compressed(m), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
+    emb = torch.nn.Embedding(vocab, d)
+    cache = FactorCache(1 << 30, dtype)
+    ctx = TenantContext()
+    layer, head = PerTenantEmbedding(emb, ctx, cache), PerTenantRows(torch.nn.Linear(d, vocab, bias=False), ctx, cache)
+    layer.load_tenant(0, payload)
+    head.load_tenant(0, payload)
+    ids = torch.tensor([[int(index[0]), int(index[44]), 0], [int(index[3]), 1, 2]])
+    outside = [i for i in range(vocab) if i not in set(index.tolist())][:2]
+    ids[0, 2], ids[1, 1] = outside
+    ctx.batch = TenantBatch([0, -1])
+    with torch.no_grad():
+        out = layer(ids)
+        head(torch.randn(2, 3, d))
+    rows = _reconstruct64(m)
+    want = emb.weight.detach().double()[ids[0]]
+    want[:2] += rows[[0, 44]]
+    assert _rel(out[0] - emb.weight[ids[0]], want - emb.weight.detach().double()[ids[0]]) < (1e-2 if dtype == torch.int8 else 1e-5)
+    assert torch.equal(out[0, 2], emb.weight[ids[0, 2]]) and torch.equal(out[1], emb.weight[ids[1]])
+    assert len(cache) == 1 and cache.hits == 1
+    layer.unload_tenant(0)
     assert len(cache) == 0

@@ -249,3 +249,27 @@ def test_token_choice_hook(served):
     assert state.seqs[0].generated != served.generate([prompts[0]], ["lowrank"], 3)[0]
     with pytest.raises(PrinmixError, match="2 tokens for 3 sequences"):
         served.decode_step(state, choose=lambda seqs, logits: [0, 0])
+
+
+def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
+    """A PrinMix whole delta (compressed linears and embedding rows) on the CPU default (auto → int8 factor
+    cache for linears, embedding and lm_head rows) gives the torch reference's logits within bfloat16
+    rounding of the delta's effect, from Int8Factors."""
+    base, ft = tiny_pair("llama")
+    path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
+    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
+                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
+    assert load_delta(path).vocab
+    fast, ref = MultiTenantModel(base), MultiTenantModel(base, backend="torch")
+    for model in (fast, ref):
+        model.add_tenant("t", path)
+    prompts = _prompts((9, 5), seed=3)
+    ids, mask, pos = left_padded(prompts)
+    got, want = (m.logits(ids, ["t", None], attention_mask=mask, position_ids=pos) for m in (fast, ref))
+    plain = ref.logits(ids, [None, None], attention_mask=mask, position_ids=pos)
+    assert torch.equal(got[1], want[1])
+    effect = (want[0] - plain[0]).norm()
+    assert effect > 0 and (got[0] - want[0]).norm() < 0.02 * effect
+    kinds = {type(f).__name__ for f, _ in fast.factor_cache._entries.values()}
+    assert "Int8Factors" in kinds

@@ -69,6 +69,10 @@ class DenseFactors:
         """x [n, h_in] (input_dtype) → x·ΔŴᵀ [n, h_out], written into `out` when given."""
         return torch.matmul(x @ self.a.T, self.b, out=out)
 
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows ΔŴ[positions] [T, h_in] float32 (an embedding lookup of compressed rows)."""
+        return self.b.index_select(1, positions).T.float() @ self.a.float()
+
 
 INT8_PAD = 16
 
@@ -103,6 +107,11 @@ class Int8Factors:
         if y.shape[1] != h_out:
             y = y[:, :h_out]
         return y if out is None else out.copy_(y)
+
+    def rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rows ΔŴ[positions] [T, h_in] float32: (b8[positions] ⊙ mid)·a8 (an embedding lookup)."""
+        u = self.b8.index_select(0, positions).float() * self.mid.float()
+        return (u @ self.a8.float())[:, :self.shape[1]]
 
 
 def dense_factors(p: PackedLinear, dtype: torch.dtype = torch.float32) -> DenseFactors:

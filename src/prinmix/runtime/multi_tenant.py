@@ -261,17 +261,17 @@ class MultiTenantModel:
         module = self.model.get_submodule(path)
         if kind == "linear":
             wrapper = DeltaLinear(module, self.context, self.backend, self.factor_cache)
-        elif kind == "rows":
-            wrapper = PerTenantRows(module, self.context, self._rows_factor_cache())
+        elif kind in ("rows", "embedding"):
+            wrapper = (PerTenantRows if kind == "rows" else PerTenantEmbedding)(module, self.context,
+                                                                                 self._rows_factor_cache())
         else:
-            wrapper = {"params": PerTenantParams, "embedding": PerTenantEmbedding, "rows": PerTenantRows}[kind](
-                module, self.context)
+            wrapper = PerTenantParams(module, self.context)
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, wrapper)
         self.modules[path] = wrapper
 
     def _rows_factor_cache(self) -> FactorCache | None:
-        """The factor cache for compressed lm_head rows: where DeltaLinear's backend is "cached" (so the
+        """The factor cache for compressed embedding / lm_head rows: where DeltaLinear's backend is "cached" (so the
         "torch" reference stays the reference; Triton's CUDA path has no rows kernel and keeps the packed form)."""
         if self.backend == "cached" or (self.backend == "auto" and not (self.device.type == "cuda"
                                                                          and triton_available())):
