@@ -284,7 +284,7 @@ class DeltaLinear(nn.Module):
             seg = out[start:start + length]
             if d.packed is not None and d.packed.sign is not None:
                 seg += self._delta_rows(d.packed, xs[start:start + length].float())
-            elif d.packed is not None and d.packed.rank:
+            elif d.packed is not None and d.packed.blocks:          # blocks of rank > 0 (from_compressed)
                 factors = (self.factor_cache.get((id(self), slot), d.packed, batch_id)
                            if self.factor_cache is not None else dense_factors(d.packed))
                 dtype = factors.input_dtype

@@ -131,7 +131,7 @@ def dense_factors(p: PackedLinear, dtype: torch.dtype = torch.float32) -> DenseF
 def int8_factors(p: PackedLinear) -> Int8Factors | None:
     """The rank blocks of `p` as Int8Factors, or None when a block has no exact int8 form (see the
     module docstring). The codes are unpacked once here; nothing is rounded except mid to bfloat16."""
-    if p.sign is not None or not p.blocks:
+    if p.sign is not None or p.rank == 0:
         return None
     a8, mid, b8 = [], [], []
     for b in p.blocks:
