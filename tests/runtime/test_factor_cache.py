@@ -99,7 +99,7 @@ def test_lru_budget_and_batch_protection(deltas):
     cache.get("a", p["prinmix"], 1)
     cache.get("b", p["deltacome"], 1)
     assert cache.used_bytes == size["prinmix"] + size["deltacome"]
-    assert cache.get("c", p["lowrank"], 1) is not None and "c" not in cache    # batch 1 holds a and b
+    assert cache.get("c", p["lowrank"], 1) is None and "c" not in cache        # batch 1 holds a and b: no room
     cache.get("a", p["prinmix"], 2)                                            # a is now the most recent
     cache.get("c", p["lowrank"], 2)                                            # evicts b (LRU), not a
     assert "a" in cache and "b" not in cache and "c" in cache
@@ -280,3 +280,13 @@ def test_embedding_rows_from_cached_factors(dtype):
     assert len(cache) == 1 and cache.hits == 1
     layer.unload_tenant(0)
     assert len(cache) == 0
+
+
+def test_expected_nbytes_is_what_the_cache_stores(deltas):
+    """FactorCache.expected_nbytes (from shapes, before building) equals the built factors' bytes."""
+    for dtype in (torch.int8, torch.float32, torch.bfloat16):
+        cache = FactorCache(1 << 30, dtype)
+        for name, m in deltas.items():
+            p = PackedLinear.from_compressed(m)
+            if p.sign is None:
+                assert cache.expected_nbytes(p) == cache.get(name, p).nbytes(), (name, dtype)

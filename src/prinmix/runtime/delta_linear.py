@@ -273,7 +273,8 @@ class DeltaLinear(nn.Module):
                            batch_id: int) -> None:
         """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its cached factors
         (written into one float32 [n_delta_rows, h_out] buffer), one gather-add-scatter of y in float32
-        (as the reference rounds: y + Δ once). Sign deltas use the reference's product."""
+        (as the reference rounds: y + Δ once). Sign deltas, and deltas the cache has no room for, use the
+        reference's product from the packed codes."""
         xs = rows_x.index_select(0, groups.order)
         by_dtype = {}                                   # the delta rows in each factor kind's input dtype
         out = torch.zeros(xs.shape[0], self.out_features, dtype=torch.float32, device=xs.device)
@@ -282,15 +283,17 @@ class DeltaLinear(nn.Module):
             if d is None:
                 continue
             seg = out[start:start + length]
-            if d.packed is not None and d.packed.sign is not None:
-                seg += self._delta_rows(d.packed, xs[start:start + length].float())
-            elif d.packed is not None and d.packed.blocks:          # blocks of rank > 0 (from_compressed)
+            factors = None
+            if d.packed is not None and d.packed.blocks:             # blocks of rank > 0 (from_compressed)
                 factors = (self.factor_cache.get((id(self), slot), d.packed, batch_id)
                            if self.factor_cache is not None else dense_factors(d.packed))
+            if factors is not None:
                 dtype = factors.input_dtype
                 if dtype not in by_dtype:
                     by_dtype[dtype] = xs.to(dtype)
                 seg.copy_(factors.apply(by_dtype[dtype][start:start + length]))
+            elif d.packed is not None and (d.packed.sign is not None or d.packed.blocks):
+                seg += self._delta_rows(d.packed, xs[start:start + length].float())   # signs; no room in the cache
             if d.bias is not None:
                 seg += d.bias
         acc = rows_y.index_select(0, groups.order).float() + out

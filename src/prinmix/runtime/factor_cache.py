@@ -12,7 +12,9 @@ every width block concatenated and σ folded into the shrink factor:
 so x·ΔŴᵀ = (x·Aᵀ)·B: two small GEMMs per (tenant, linear) whatever the widths. They cost
 r·(h_in + h_out)·itemsize bytes against ~r·(h_in + h_out)·b̄/8 packed (b̄ the mean width): ~9× the
 packed bytes for float32 at b̄ ≈ 3.6, so only the most recently used (tenant, linear) pairs stay,
-up to `budget_bytes` (LRU). A pair that does not fit is dequantised for the step and dropped.
+up to `budget_bytes` (LRU). A pair that does not fit gets no factors (`get` returns None): the caller
+multiplies from the packed codes for that step (the torch reference's product), which costs less than
+building factors only to drop them.
 
 Entries used by the batch being run are never evicted for another entry of the same batch: when
 the hot set exceeds the budget, the first pairs of each step keep hitting instead of LRU evicting
@@ -189,7 +191,7 @@ class FactorCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
-    def get(self, key: Hashable, packed: PackedLinear, batch_id: int = -1) -> DenseFactors | Int8Factors:
+    def get(self, key: Hashable, packed: PackedLinear, batch_id: int = -1) -> DenseFactors | Int8Factors | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries[key] = (entry[0], batch_id)
@@ -197,11 +199,26 @@ class FactorCache:
             self.hits += 1
             return entry[0]
         self.misses += 1
+        if not self._make_room(self.expected_nbytes(packed), batch_id):
+            return None
         factors = cached_factors(packed, self.dtype)
-        if self._make_room(factors.nbytes(), batch_id):
-            self._entries[key] = (factors, batch_id)
-            self.used_bytes += factors.nbytes()
+        if not self._make_room(factors.nbytes(), batch_id):     # larger than expected (int8 fell back)
+            return None
+        self._entries[key] = (factors, batch_id)
+        self.used_bytes += factors.nbytes()
         return factors
+
+    def expected_nbytes(self, p: PackedLinear) -> int:
+        """What cached_factors(p, dtype) will take, from the shapes alone (exact unless an int8 layout has
+        8-bit codes outside int8: then float32 factors, larger)."""
+        h_out, h_in = p.shape
+        r = p.rank
+        if self.dtype == torch.int8 and all(b.v.fused_rows() and b.u.fused_rows() and b.u_transposed
+                                             for b in p.blocks):
+            r, h_in, h_out = _pad_to(r), _pad_to(h_in), _pad_to(h_out)
+            return r * (h_in + h_out) + 2 * (r + h_out)
+        item = 4 if self.dtype == torch.int8 else torch.empty(0, dtype=self.dtype).element_size()
+        return r * (h_in + h_out) * item
 
     def drop(self, key: Hashable) -> None:
         entry = self._entries.pop(key, None)
