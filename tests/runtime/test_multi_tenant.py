@@ -252,16 +252,18 @@ def test_token_choice_hook(served):
 
 
 def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
-    """A PrinMix whole delta (compressed linears and embedding rows) on the CPU default (auto → int8 factor
-    cache for linears, embedding and lm_head rows) gives the torch reference's logits within bfloat16
-    rounding of the delta's effect, from Int8Factors."""
+    """A PrinMix whole delta (compressed linears and embedding rows) with an int8 factor cache (the CPU
+    default of a 16-bit model: linears, embedding and lm_head rows) gives the torch reference's logits within
+    bfloat16 rounding of the delta's effect, from Int8Factors."""
     base, ft = tiny_pair("llama")
     path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
     calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
     api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
                  calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
     assert load_delta(path).vocab
-    fast, ref = MultiTenantModel(base), MultiTenantModel(base, backend="torch")
+    assert MultiTenantModel(base).factor_cache.dtype == torch.float32           # the default of a float32 model
+    assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int8
+    fast, ref = MultiTenantModel(base, factor_cache_dtype=torch.int8), MultiTenantModel(base, backend="torch")
     for model in (fast, ref):
         model.add_tenant("t", path)
     prompts = _prompts((9, 5), seed=3)

@@ -21,7 +21,7 @@ the hot set exceeds the budget, the first pairs of each step keep hitting instea
 every entry just before its next use (the cyclic-access worst case of plain LRU).
 BitDelta's sign deltas are not low-rank (their dense form is a full matrix) and are not cached.
 
-`Int8Factors` (cache dtype torch.int8, the CPU default of MultiTenantModel) keeps the same two
+`Int8Factors` (cache dtype torch.int8, MultiTenantModel's CPU default for 16-bit models) keeps the same two
 products at 1 byte an entry instead of 4. PrinMix / Delta-CoMe store V̂ and the transposed Û with
 one asymmetric (scale, zero) per row, so with codes C and integer zero points z:
 

@@ -66,8 +66,8 @@ from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
 from .vocab_rows import VocabPayload
 
-__all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DEFAULT_FACTOR_CACHE_DTYPE", "DecodeState", "MultiTenantModel",
-           "SequenceState", "TokenChooser", "greedy"]
+__all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState", "TokenChooser",
+           "default_factor_cache_dtype", "greedy"]
 
 TokenChooser = Callable[[list[SequenceState], torch.Tensor], list[int]]
 """The token-choice hook of prefill / decode_step: (the step's sequences, their next-token logits
@@ -83,8 +83,14 @@ def greedy(seqs: list[SequenceState], logits: torch.Tensor) -> list[int]:
 # default: r·(h_in + h_out) bytes a linear, ~2.2× a tenant's packed bytes at a mean width of 3.6 bits
 # (float32: ~9×). SmolLM2-135M at whole-delta 1/16 (16 MiB file): ~53 MiB a tenant in int8 (linears and
 # the compressed lm_head rows), so 1 GiB holds ~19 tenants.
+# By default int8 for a 16-bit model (bfloat16 rounding of the delta product is below the model's own),
+# float32 for a float32 model (which then matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
-DEFAULT_FACTOR_CACHE_DTYPE = torch.int8
+
+
+def default_factor_cache_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """torch.int8 for a bfloat16 / float16 model, torch.float32 otherwise."""
+    return torch.int8 if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _vocab_payload(delta, name: str) -> VocabPayload | RowsPayload:
@@ -112,7 +118,8 @@ class MultiTenantModel:
     device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's;
     factor_cache_bytes: byte budget of the unpacked factors of the hottest tenants (the "cached"
     backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype
-    (torch.int8: exact int8 codes, bfloat16 activations; torch.float32 / bfloat16: dequantised factors).
+    (torch.int8: exact int8 codes, bfloat16 activations; torch.float32 / bfloat16: dequantised factors;
+    None: default_factor_cache_dtype of the model's dtype).
 
     Public surface beyond the step API: add_tenant / remove_tenant / tenants / tenant_bytes,
     memory() (bytes by kind), registry (TenantRegistry: residency, swaps) and factor_cache (hits,
@@ -122,13 +129,15 @@ class MultiTenantModel:
 
     def __init__(self, base_dir, device="cpu", dtype: torch.dtype | None = None, budget_bytes: int | None = None,
                  backend: str = "auto", factor_cache_bytes: int = DEFAULT_FACTOR_CACHE_BYTES,
-                 factor_cache_dtype: torch.dtype = DEFAULT_FACTOR_CACHE_DTYPE):
+                 factor_cache_dtype: torch.dtype | None = None):
         self.base_dir = Path(base_dir)
         self.reader = CheckpointReader(base_dir)
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto").to(self.device)
         self.model.eval()
         self.backend = backend
+        if factor_cache_dtype is None:
+            factor_cache_dtype = default_factor_cache_dtype(next(self.model.parameters()).dtype)
         self.factor_cache = FactorCache(factor_cache_bytes, factor_cache_dtype) if factor_cache_bytes else None
         self.context = TenantContext()
         self.modules: dict[str, nn.Module] = {}
