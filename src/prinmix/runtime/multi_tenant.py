@@ -81,8 +81,8 @@ def greedy(seqs: list[SequenceState], logits: torch.Tensor) -> list[int]:
 
 # Unpacked factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py), int8 by
 # default: r·(h_in + h_out) bytes a linear, ~2.2× a tenant's packed bytes at a mean width of 3.6 bits
-# (float32: ~9×). SmolLM2-135M at whole-delta 1/16 (16 MiB file): ~53 MiB a tenant in int8 (linears and
-# the compressed lm_head rows), so 1 GiB holds ~19 tenants.
+# (float32: ~9×). SmolLM2-135M at whole-delta 1/16 (16 MiB file): 51.5 MiB a tenant in int8 (linears and
+# the compressed vocabulary rows), so 1 GiB holds ~19 tenants.
 # By default int8 for a 16-bit model (bfloat16 rounding of the delta product is below the model's own),
 # float32 for a float32 model (which then matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
