@@ -79,10 +79,10 @@ def greedy(seqs: list[SequenceState], logits: torch.Tensor) -> list[int]:
     """The default TokenChooser: the most likely token of each row."""
     return logits.argmax(-1).tolist()
 
-# Unpacked factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py), int8 by
-# default: r·(h_in + h_out) bytes a linear, ~2.2× a tenant's packed bytes at a mean width of 3.6 bits
-# (float32: ~9×). SmolLM2-135M at whole-delta 1/16 (16 MiB file): 51.5 MiB a tenant in int8 (linears and
-# the compressed vocabulary rows), so 1 GiB holds ~19 tenants.
+# Unpacked factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py). In int8:
+# r·(h_in + h_out) bytes a linear, 2–3.5× a tenant's packed bytes at mean widths of 3.6–2.5 bits (float32:
+# 4× that). SmolLM2-135M at whole-delta 1/16 (16 MiB file, mostly 2-bit ranks): 51.5 MiB a tenant in int8
+# (linears and the compressed vocabulary rows), so 1 GiB holds 19 tenants.
 # By default int8 for a 16-bit model (bfloat16 rounding of the delta product is below the model's own),
 # float32 for a float32 model (which then matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
