@@ -178,43 +178,6 @@ def output_is_weight_times(module: nn.Module, dtype: torch.dtype) -> bool:
     return True
 
 
-class PerTenantEmbedding(_TenantModule):
-    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences).
-    Compressed rows come from the shared `factor_cache` when given (see _VocabFactors)."""
-
-    def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None):
-        super().__init__(base, context)
-        self.vocab_factors = _VocabFactors(factor_cache)
-
-    def load_tenant(self, slot: int, payload) -> None:
-        self.vocab_factors.forget(self.tenants.get(slot))
-        super().load_tenant(slot, payload)
-
-    def unload_tenant(self, slot: int) -> None:
-        self.vocab_factors.forget(self.tenants.get(slot))
-        super().unload_tenant(slot)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(ids)
-        batch = self.context.batch
-        if batch is None or not self.tenants:
-            return out
-        groups = batch.rows(ids.numel(), ids.device)
-        flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
-        for slot, start, length in groups.segments:
-            p = self.tenants.get(slot)
-            if p is None:
-                continue
-            idx = groups.rows_of(start, length)
-            tokens, base_rows = flat_ids.index_select(0, idx), rows_out.index_select(0, idx)
-            if isinstance(p, VocabPayload):
-                rows = p.lookup(tokens, base_rows, self.vocab_factors.get(p, batch.serial))
-            else:
-                rows = p.lookup(tokens, base_rows)
-            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
-        return out
-
-
 class _VocabFactors:
     """The cached factors of tenants' compressed vocabulary rows (VocabPayload.packed), keyed by payload:
     a tied embedding and lm_head share one payload object, hence one cache entry. The owning modules
@@ -238,13 +201,9 @@ class _VocabFactors:
             self.cache.drop(self.key(p))
 
 
-class PerTenantRows(_TenantModule):
-    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed.
-
-    A tenant's compressed rows (VocabPayload) add h ΔŴ_Rᵀ; with a `factor_cache` (the model's, shared
-    with the DeltaLinears) that product runs from the cached factors of ΔŴ_R like any linear's, instead of
-    dequantising its [|R|, r] expand factor at every step (the largest single factor of a whole delta;
-    SmolLM2 at 1/16: 67 → 1 ms a tenant and step)."""
+class _VocabModule(_TenantModule):
+    """Common part of the vocabulary wrappers: tenants' compressed rows' factors from the shared cache,
+    forgotten when a slot is loaded or unloaded."""
 
     def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None):
         super().__init__(base, context)
@@ -257,6 +216,40 @@ class PerTenantRows(_TenantModule):
     def unload_tenant(self, slot: int) -> None:
         self.vocab_factors.forget(self.tenants.get(slot))
         super().unload_tenant(slot)
+
+
+class PerTenantEmbedding(_VocabModule):
+    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences).
+    Compressed rows come from the shared `factor_cache` when given (see _VocabFactors)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        batch = self.context.batch
+        if batch is None or not self.tenants:
+            return out
+        groups = batch.rows(ids.numel(), ids.device)
+        flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+        for slot, start, length in groups.segments:
+            p = self.tenants.get(slot)
+            if p is None:
+                continue
+            idx = groups.rows_of(start, length)
+            tokens, base_rows = flat_ids.index_select(0, idx), rows_out.index_select(0, idx)
+            if isinstance(p, VocabPayload):
+                rows = p.lookup(tokens, base_rows, self.vocab_factors.get(p, batch.serial))
+            else:
+                rows = p.lookup(tokens, base_rows)
+            rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
+        return out
+
+
+class PerTenantRows(_VocabModule):
+    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed.
+
+    A tenant's compressed rows (VocabPayload) add h ΔŴ_Rᵀ; with a `factor_cache` (the model's, shared
+    with the DeltaLinears) that product runs from the cached factors of ΔŴ_R like any linear's, instead of
+    dequantising its [|R|, r] expand factor at every step (the largest single factor of a whole delta;
+    SmolLM2 at 1/16: 67 → 1 ms a tenant and step)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
