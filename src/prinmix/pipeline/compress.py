@@ -60,6 +60,7 @@ from .bitdelta_distill import distill_bitdelta_scales
 from .config import CalibrationConfig, CompressJob
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
 from .tensor_diff import add_non_layer_tensors, changed_exact_tensor, linear_delta
+from .budget_split import EffectProbe
 from .whole_budget import compress_vocab_parts, plan_whole_budget
 
 __all__ = ["CompressSummary", "MatrixCompressor", "run_compress"]
@@ -133,15 +134,19 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if not resume and work.exists():
         shutil.rmtree(work)
     calib = job.calibration
-    # the whole-delta budget: what differs and the ratio α' of every compressed blob (BitDelta: fixed size)
-    plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha,
-                                                               fixed_size=job.method == "bitdelta")
+    ids = calibration_ids(ft_r, calib) if job.calibrated else None
+    counts = None
+    if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
+        counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
+    # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
+    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None else None
+    plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
+                                                               job.config, counts, job.vocab_share, probe)
     layer_alpha = job.alpha if plan is None or job.method == "bitdelta" else plan.linear_alpha
 
     # 2. the hidden states entering layer 0
-    inputs, hidden_files, ids = None, None, None
+    inputs, hidden_files = None, None
     if job.calibrated:
-        ids = calibration_ids(ft_r, calib)
         hidden_shape = (*ids.shape, stack.config.get_text_config().hidden_size)
         if calib.offload:
             hidden_files = HiddenFiles(calib.offload, hidden_shape)
@@ -224,12 +229,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
             emit(PhaseDone(Phase.PROPAGATE, i))
         part = None
         emit(LayerDone(i, n_layers, resumed))
-    counts = head_H = None
+    head_H = None
     if plan is not None and inputs is not None and any("head" in p.roles for p in plan.vocab if p.changed.numel()):
         # the reconstructed model's last-layer outputs, through the (exactly stored) final norm
         head_H = stack.head_hessian(ft_r, ids, inputs.hidden, device, calib.batch_size).cpu()
-    if plan is not None and ids is not None:
-        counts = torch.bincount(ids.flatten().cpu(), minlength=plan.vocab[0].shape[0] if plan.vocab else 0)
     inputs = None
     if hidden_files:
         hidden_files.close()
@@ -253,12 +256,23 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                                                      if m.info.get("objective") is not None}}
     if plan is not None:
         delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
+        if plan.split is not None:
+            delta.stats["whole"]["split"] = {"rule": plan.split.rule, "vocab_share": plan.split.vocab_share,
+                                             **({"weights": plan.split.weights} if plan.split.weights else {})}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
-    return CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(), delta.dense_delta_params(),
-                           delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
-                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"),
-                           delta.whole_delta_params(), delta.weight_bytes(), job.exact_embeddings)
+    summary = CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(),
+                              delta.dense_delta_params(), delta.dense_bytes(), delta.aux_bytes(), file_bytes,
+                              time.time() - t0, n_layers, delta.linear_header_bytes(),
+                              delta.params.get("lora_adapter_bytes"), delta.whole_delta_params(),
+                              delta.weight_bytes(), job.exact_embeddings)
+    if plan is not None and job.method != "bitdelta" and summary.ratio_whole > job.alpha:
+        # whole_budget.py decision 5: the parts' fixed minimum sizes exceed their shares (toy models)
+        warnings.warn(f"{job.output}: the whole delta is stored at {summary.ratio_whole:.5f}, above the requested "
+                      f"{job.alpha:.5f}: the header entries of this model's toy-sized matrices are not charged to "
+                      f"their budgets and fixed per-matrix fields exceed their share (pipeline/whole_budget.py, "
+                      f"decisions 1 and 5)", stacklevel=3)
+    return summary
 
 
 def compress_checked(matrix_compressor: MatrixCompressor, d, H, ratio: float, job: CompressJob, name: str, i: int,
