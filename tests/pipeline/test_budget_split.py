@@ -83,11 +83,12 @@ def test_split_is_the_optimum_over_shares(tiny_models, tmp_path):
     plan, stack, b, f = _plan(base, ft, 1 / 32)
     entries = plan.linear_params + plan.vocab_params
     shared = plan.split.compressed_bits - prinmix_fixed_overhead_bits(PrinMixConfig().fmax)  # less the floor
-    lin = _linear_group_curve(stack, b, f, plan.linear_params, entries, shared, PrinMixConfig())
-    voc = _vocab_curve(plan.vocab[0], b, f, None, 0.0, entries, shared, PrinMixConfig())
+    lin = _linear_group_curve(stack, b, f, plan.linear_params, shared, PrinMixConfig(), {})
+    voc = _vocab_curve(plan.vocab[0], b, f, None, None, shared, PrinMixConfig())
+    w_lin, w_voc = plan.linear_params / entries, plan.vocab_params / entries   # no probe: weights n_p
 
     def objective(linear_bits):
-        return float(lin([linear_bits])[0] + voc([shared - linear_bits])[0])
+        return float(w_lin * lin([linear_bits])[0] + w_voc * voc([shared - linear_bits])[0])
 
     chosen = objective(plan.split.linear_bits)
     grid = [objective(shared * j / 64) for j in range(65)]

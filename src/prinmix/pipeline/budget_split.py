@@ -40,6 +40,7 @@ The benchmark (benchmarks/bench_real_pair.py `:share=S` runs) measures what othe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,13 +90,21 @@ def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
 
 
 class _RevertedReader:
-    """The fine-tune's reader with the tensors in `from_base` read from the base instead."""
+    """The fine-tune's reader with tensors put back to the base: `from_base` maps a name to None (the whole
+    tensor) or to row ids int64 [n] (those rows only — a vocabulary matrix keeps its added rows)."""
 
-    def __init__(self, ft_r, base_r, from_base: set[str]) -> None:
+    def __init__(self, ft_r, base_r, from_base: dict) -> None:
         self._ft, self._base, self._from_base = ft_r, base_r, from_base
 
     def get(self, name: str, *args, **kwargs) -> torch.Tensor:
-        return (self._base if name in self._from_base else self._ft).get(name, *args, **kwargs)
+        if name not in self._from_base:
+            return self._ft.get(name, *args, **kwargs)
+        rows = self._from_base[name]
+        if rows is None:
+            return self._base.get(name, *args, **kwargs)
+        out = self._ft.get(name, *args, **kwargs).clone()
+        out[rows] = self._base.get(name, *args, **kwargs)[rows].to(out.dtype)
+        return out
 
     def __contains__(self, name: str) -> bool:
         return name in self._ft
@@ -133,7 +142,7 @@ class _Probe:
     hessians: dict                # {weight name | "head": H} on the probe sequences
 
 
-def _probe(stack, base_r, ft_r, groups: list[set[str]], probe: EffectProbe) -> _Probe:
+def _probe(stack, base_r, ft_r, groups: list[dict], probe: EffectProbe) -> _Probe:
     """g² = mean over positions of ‖z_ft − z_ft∖G‖² for each group G of tensor names put back to the base,
     and the fine-tune's Hessians of the sampled layers' linears and of the head on the same sequences."""
     ids = probe.ids[:EFFECT_SEQUENCES]
@@ -174,8 +183,13 @@ def _linear_group_curve(stack, base_r, ft_r, linear_params: int, total_bits: int
                 continue
             h_out, h_in = d.shape
             budgets = [budget_bits(float(a), h_out, h_in) for a in alphas]
-            acc += h_out * h_in * prinmix_error_curve(d, hessians.get(name), None, budgets, cfg)
-            weight += h_out * h_in
+            try:
+                curve = prinmix_error_curve(d, hessians.get(name), None, budgets, cfg)
+            except (ValueError, RuntimeError):   # e.g. an entry overflowing float32: the pass says so, in one line
+                continue
+            if np.all(np.isfinite(curve)):
+                acc += h_out * h_in * curve
+                weight += h_out * h_in
     if not weight:
         return None
     return _interpolated(levels, acc / weight)
@@ -202,8 +216,8 @@ def _vocab_curve(part, base_r, ft_r, counts, head_H: torch.Tensor | None, total_
     return _interpolated(levels, prinmix_error_curve(d_rows, H, weights, [int(v) for v in levels], cfg))
 
 
-def _linear_names(stack) -> set[str]:
-    return {stack.layer_prefix(i) + n + ".weight" for i in range(stack.num_layers) for n in stack.linear_names(i)}
+def _linear_names(stack) -> list[str]:
+    return [stack.layer_prefix(i) + n + ".weight" for i in range(stack.num_layers) for n in stack.linear_names(i)]
 
 
 def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
@@ -232,7 +246,8 @@ def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, c
         return proportional
     labels = ["linears"] + [p.name for p in todo]
     if probe is not None:
-        measured = _probe(stack, base_r, ft_r, [_linear_names(stack)] + [{p.name} for p in todo], probe)
+        groups = [{n: None for n in _linear_names(stack) if n in base_r}] + [{p.name: p.changed} for p in todo]
+        measured = _probe(stack, base_r, ft_r, groups, probe)
         weights, hessians = measured.effects, measured.hessians
         if counts is not None:   # lookup weights count the probe's positions as the head's H does
             counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
@@ -242,10 +257,13 @@ def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, c
     linear_curve = _linear_group_curve(stack, base_r, ft_r, plan.linear_params, shared, cfg, hessians)
     if linear_curve is None:
         return proportional
-    curves = [linear_curve] + [_vocab_curve(p, base_r, ft_r, counts, hessians.get("head"), shared, cfg)
-                              for p in todo]
+    try:
+        curves = [linear_curve] + [_vocab_curve(p, base_r, ft_r, counts, hessians.get("head"), shared, cfg)
+                                  for p in todo]
+    except (ValueError, RuntimeError):   # non-finite rows or H: compress_vocab_parts reports them in one line
+        return proportional
     total = sum(weights)
-    if not total > 0:
+    if not (math.isfinite(total) and total > 0):   # a model whose logits overflow: no exchange rate to measure
         return proportional
     scaled = [lambda b, f=f, w=w: (w / total) * f(b) for f, w in zip(curves, weights)]
     bits = split_budget(scaled, shared, grid=SPLIT_GRID)

@@ -12,14 +12,18 @@ The data path, top to bottom (`run_compress`):
    c. propagate X through base + ΔŴ (compressed) of layer i;
 4. the tensors outside the layers (embeddings, final norm, lm_head) diffed exactly — in whole-delta mode
    (the default; not job.exact_embeddings) the changed rows of embedding / lm_head are compressed
-   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2);
+   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2, the
+   linears' share by one exchange rate measured on a probe pass: pipeline/budget_split.py);
 5. BitDelta with distill_steps: its scales distilled against the fine-tune's logits;
 6. the delta file written atomically; the resume parts removed.
 
 Calibration activations (decision): layer i's Hessian H = XXᵀ is taken on the hidden states of the
 *reconstructed* model — base + the compressed deltas of layers 0..i-1 — i.e. what the served model
 will feed layer i (GPTQ's sequential order). Inside layer i the inputs of each linear come from the
-layer run with the fine-tune's weights, so q/k/v/o and gate/up/down all see the same stream.
+layer run with the fine-tune's weights, so q/k/v/o and gate/up/down all see the same stream. The
+pass embeds with the fine-tune's exact embedding rows: the vocabulary rows are compressed after it
+(their head role needs the final states' H), so in whole-delta mode the served model's layer-0 input
+differs from the pass's by the embedding rows' compression error.
 tests/pipeline/test_compress_pipeline.py checks this against a direct computation on the merged model.
 
 Progress is reported as events (pipeline/events.py) to the listeners given; nothing else observes the run.
