@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from prinmix import api
 from prinmix.algorithms.budget import prinmix_fixed_overhead_bits
 from prinmix.algorithms.prinmix_config import PrinMixConfig
+from prinmix.calibration.decoder_stack import DecoderStack
 from prinmix.errors import BudgetError
 from prinmix.format.delta_file import matrix_header_bytes, ratio_within_file
-from prinmix.calibration.decoder_stack import DecoderStack
 from prinmix.pipeline.budget_split import _linear_group_curve, _vocab_curve, sample_layers
 from prinmix.pipeline.compress import open_pair
 from prinmix.pipeline.whole_budget import plan_whole_budget

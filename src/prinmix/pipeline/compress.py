@@ -57,14 +57,14 @@ from ..checkpoint.compatibility import CompatibilityReport, check_compatible
 from ..checkpoint.hub import resolve_model_dir
 from ..checkpoint.lora_source import LoraFinetunedReader, is_lora_adapter
 from ..checkpoint.reader import CheckpointReader
-from ..errors import CheckpointError, DeltaRangeError
+from ..errors import CheckpointError, DeltaRangeError, WholeBudgetWarning
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
 from ..format.resume_part import MappedCompressedLinear, part_problem, read_layer_part, write_layer_part
 from .bitdelta_distill import distill_bitdelta_scales
+from .budget_split import EffectProbe
 from .config import CalibrationConfig, CompressJob
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
 from .tensor_diff import add_non_layer_tensors, changed_exact_tensor, linear_delta
-from .budget_split import EffectProbe
 from .whole_budget import compress_vocab_parts, plan_whole_budget
 
 __all__ = ["CompressSummary", "MatrixCompressor", "run_compress"]
@@ -275,7 +275,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
         warnings.warn(f"{job.output}: the whole delta is stored at {summary.ratio_whole:.5f}, above the requested "
                       f"{job.alpha:.5f}: the header entries of this model's toy-sized matrices are not charged to "
                       f"their budgets and fixed per-matrix fields exceed their share (pipeline/whole_budget.py, "
-                      f"decisions 1 and 5)", stacklevel=3)
+                      f"decisions 1 and 5)", WholeBudgetWarning, stacklevel=3)
     return summary
 
 
