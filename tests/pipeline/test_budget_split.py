@@ -1,6 +1,7 @@
 """How the whole-delta budget is shared between the decoder linears and the vocabulary rows (budget_split.py):
-the split follows the parts' error curves (cheap parts give bits away), is the optimum of Σ n_p·e_p on a
-brute-force grid of shares, a forced share is honoured, and the whole file stays within α either way."""
+proportional by default; the exchange rule follows the parts' error curves (cheap parts give bits away), is
+the optimum of Σ w_p·e_p on a brute-force grid of shares, and measures its weights on a probe; a forced share
+is honoured, and the whole file stays within α either way."""
 
 import math
 import shutil
@@ -16,7 +17,15 @@ from prinmix.algorithms.prinmix_config import PrinMixConfig
 from prinmix.calibration.decoder_stack import DecoderStack
 from prinmix.errors import BudgetError
 from prinmix.format.delta_file import matrix_header_bytes, ratio_within_file
-from prinmix.pipeline.budget_split import _linear_group_curve, _vocab_curve, sample_layers
+from prinmix.pipeline.budget_split import (
+    EffectProbe,
+    _linear_group_curve,
+    _PerturbedReader,
+    _streamed_logits,
+    _truncation_residual,
+    _vocab_curve,
+    sample_layers,
+)
 from prinmix.pipeline.compress import open_pair
 from prinmix.pipeline.whole_budget import plan_whole_budget
 
@@ -51,10 +60,11 @@ def _pair(root, tokenizer_dir, vocab, linear_rank, embed_rank, seed=0):
     return base, ft
 
 
-def _plan(base, ft, alpha, vocab_share=None):
+def _plan(base, ft, alpha, vocab_share=None, split="exchange", probe=None):
     b, f, compat = open_pair(base, ft, None, None)
     stack = DecoderStack(f)
-    return plan_whole_budget(stack, b, f, compat, alpha, "prinmix", PrinMixConfig(), None, vocab_share), stack, b, f
+    plan = plan_whole_budget(stack, b, f, compat, alpha, "prinmix", PrinMixConfig(), None, vocab_share, probe, split)
+    return plan, stack, b, f
 
 
 def test_sample_layers_spread_over_depth():
@@ -99,7 +109,7 @@ def test_forced_share_and_the_whole_file_stays_within_alpha(tiny_models, tmp_pat
     base, ft = _pair(tmp_path, tiny_models.tokenizer_dir, len(tiny_models.tokenizer), 4, 4, seed=2)
     vocab_bytes = {}
     for share in (0.0, 0.6):
-        plan, *_ = _plan(base, ft, 1 / 16, vocab_share=share)
+        plan, *_ = _plan(base, ft, 1 / 16, vocab_share=share, split="proportional")
         assert plan.split.rule == "fixed share" and plan.split.vocab_share == share
         assert plan.split.linear_bits == int(plan.split.compressed_bits * (1 - share))
         path = tmp_path / f"d{share}.delta"
@@ -116,6 +126,41 @@ def test_forced_share_and_the_whole_file_stays_within_alpha(tiny_models, tmp_pat
         assert s.weight_bytes["total"] <= math.floor(s.whole_params) // 8 + exempt
     # share 0: the rows get only what the linears left unspent
     assert vocab_bytes[0.0] < vocab_bytes[0.6] / 4
+
+
+def test_default_is_proportional_and_the_probe_weighs_the_head(tiny_models, tmp_path):
+    base, ft = _pair(tmp_path, tiny_models.tokenizer_dir, len(tiny_models.tokenizer), 4, 4, seed=3)
+    plan, *_ = _plan(base, ft, 1 / 16, split="proportional")
+    assert plan.split.rule == "proportional"
+    assert plan.split.vocab_share == pytest.approx(plan.vocab_params / (plan.vocab_params + plan.linear_params))
+    ids = torch.randint(3, len(tiny_models.tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+    probe = EffectProbe(ids)
+    plan, *_ = _plan(base, ft, 1 / 16, probe=probe)
+    assert plan.split.rule == "exchange" and set(plan.split.weights) == {"linears", "model.embed_tokens.weight"}
+    assert all(w > 0 and math.isfinite(w) for w in plan.split.weights.values())
+
+
+def test_sensitivity_is_the_logit_change_per_unit_of_objective(tiny_models, tmp_path):
+    """The logit change per unit of objective is a property of the part (first order): halving a small residual
+    quarters the logit change as it quarters J (the linearisation _sensitivity_weights relies on; tied embedding)."""
+    base, ft = _pair(tmp_path, tiny_models.tokenizer_dir, len(tiny_models.tokenizer), 4, 4, seed=4)
+    b, f, compat = open_pair(base, ft, None, None)
+    stack = DecoderStack(f)
+    ids = torch.randint(3, len(tiny_models.tokenizer), (8, 32), generator=torch.Generator().manual_seed(1))
+    name = "model.embed_tokens.weight"
+    d = f.get(name, dtype=torch.float32) - b.get(name, dtype=torch.float32)
+    R = _truncation_residual(d, 1 / 16)
+    assert torch.linalg.matrix_rank(d - R) == int(1 / 16 * d.shape[0] * d.shape[1] / sum(d.shape))
+    z = _streamed_logits(stack, f, ids, "cpu", 8)
+
+    def change(scale):
+        rows = torch.arange(d.shape[0])
+        z2 = _streamed_logits(stack, _PerturbedReader(f, {name: (rows, f.get(name, dtype=torch.float32) - scale * R)}),
+                              ids, "cpu", 8)
+        return float(((z2 - z) ** 2).sum(-1).mean())
+
+    full, half = change(0.2), change(0.1)
+    assert full > 0 and half == pytest.approx(full / 4, rel=0.15)
 
 
 def test_vocab_share_out_of_range_is_refused(tiny_pair, tmp_path):

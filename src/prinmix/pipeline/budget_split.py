@@ -1,41 +1,35 @@
-"""How the whole-delta budget is shared between the decoder linears and the vocabulary parts: one exchange rate.
+"""How the whole-delta budget is shared between the decoder linears and the vocabulary rows.
 
 The bits left for compressed content, B (the whole budget less exact tensors and header entries), go to
-parts p — the decoder linears as one group at a common ratio α' (the paper's rule among linears), and each
-compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py) — so as to
+the decoder linears (one ratio α' for all of them, the paper's rule among linears) and to each
+compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py). Two rules:
 
-    minimise  Σ_p g_p² · e_p(B_p)   subject to   Σ_p B_p = B,
+proportional (the default): every compressed part gets the same share of its 16-bit size, α' = B / 16·n
+    — the paper's uniform ratio extended from the linears to the whole delta.
+exchange (`--split exchange`): minimise  Σ_p w_p · e_p(B_p)  subject to  Σ_p B_p = B, with
+    e_p(B) = J_p(B) / J_p(0) the part's relative error at B bits in its own objective (Eq. 8 with
+        Eq. 5's width errors, vocab_delta.prinmix_error_curve; linears: the calibrated H of the linears
+        of SAMPLE_LAYERS layers spread over the depth, entry-weighted mean; vocabulary rows: token-count
+        row weights for the lookup role, the head's H = Σhhᵀ of the final normed states);
+    w_p = κ_p · J_p(0) the logit error the part's whole change would cause if lost the way compression
+        loses it: κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
+        (the tail of the part's spectrum beyond the rank fp16 factors would get at α) into the
+        fine-tune, one part at a time, on EFFECT_SEQUENCES calibration sequences (a streamed forward
+        each; the same probe pass captures the H's);
+    at the optimum every part's marginal weighted error reduction per bit is one exchange rate λ (the
+    Lagrange multiplier Eq. 8 has inside each matrix), found by vocab_delta.split_budget.
 
-e_p(B) = J_p(B) / J_p(0) the part's *relative* error at B bits — the fraction of its fine-tuning change
-that compression loses, in its own objective (Eq. 8 with Eq. 5's width errors: vocab_delta.
-prinmix_error_curve) — and g_p² the part's measured effect on the output: the mean squared change of the
-logits when the part alone is put back to the base, ‖z_ft − z_ft∖p‖² (a streamed forward of a few
-calibration sequences per part). At the optimum every part's marginal weighted error reduction per bit is
-one exchange rate λ (the Lagrange multiplier Eq. 8 has inside each matrix), found by split_budget.
-
-Why this rule (decisions):
-- e_p makes different error units comparable (a logit error, an input-vector error, a layer output error
-  each become "the share of this part's change that is lost"); g_p² converts that share back into what a
-  user sees — logits — to first order: losing the fraction e of a part's change loses about e of its
-  effect (PrinMix drops the tail of the change's spectrum and quantises the rest: the residual lies in
-  the change's own directions). Measured, because the alternatives are not: an lm_head error reaches the
-  logits unattenuated while a layer's error passes the rest of the network; weighting every entry alike
-  (n_p, a size-proportional rule) gave lm_head half its proportional share on the demo model and 5× its
-  logit error (0.024 vs 0.0044).
-- The linears' curves are needed before the layer pass (their budget is fixed before they are compressed
-  one by one on the reconstructed model), so they are estimated then, in their calibrated objective:
-  the probe's pass over the fine-tune captures H = XXᵀ of the linears of SAMPLE_LAYERS layers spread
-  over the depth (and the head's H), on EFFECT_SEQUENCES calibration sequences; the group's curve is the
-  entry-weighted mean of theirs, and its g² reverts all linears at once. The Frobenius objective (H = I)
-  is no stand-in: on the demo model it puts a linear's relative error at 1/16 near 0.02 where the
-  calibrated one is < 0.001, and the split then starved the vocabulary rows. The vocabulary parts use
-  their objective (token-count row weights for the lookup role, the probe's head H for the head role);
-  they are compressed at the end with the full calibration set's counts and H.
-- Without calibration inputs (no g² or H to measure) the objectives are Frobenius and every part is
-  weighted by its entries n_p, which reduces to the paper's uniform α when all curves coincide. Methods without a PrinMix error curve here
-  (Delta-CoMe, low-rank) share B in proportion to entries (one ratio for all parts); BitDelta's size is
-  fixed by its format.
-The benchmark (benchmarks/bench_real_pair.py `:share=S` runs) measures what other shares give.
+Why proportional is the default (measured, benchmarks/README.md "Sharing the whole budget"):
+- On the SmolLM2 pair at whole 1/32 an exchange rule (an earlier variant weighting by the logit change of
+  reverting each part, g²) gave the tied embedding 0.08 MiB instead of 1.67 MiB: Eq. 1 layer error 0.0354
+  vs 0.0415 (better), but logit error on held-out task text 0.0040 vs 0.0019 and KL 0.0025 vs 0.0002
+  nats/token (12× worse), accuracy 0.910 both. The sensitivity-weighted rule above still gives the
+  embedding only 2.4 % of B there (proportional: 21 %).
+- On the demo model: exchange 0.0069 vs proportional 0.0043 logit error at 1/16, 0.0146 vs 0.0258 at 1/32.
+The cause is the calibration text: every error curve and sensitivity is measured on it, while the rows a
+fine-tune changes most are its task's tokens, rare there; a uniform share does not depend on that. The
+exchange rule stays available to compare (and for fine-tunes calibrated on their own task's text).
+Delta-CoMe and low-rank always split proportionally; BitDelta's size is fixed by its format.
 """
 
 from __future__ import annotations
@@ -52,12 +46,13 @@ from ..algorithms.prinmix_config import PrinMixConfig
 from ..algorithms.vocab_delta import lookup_weights, prinmix_error_curve, split_budget
 from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import run_layer
+from .config import SPLIT_RULES
 from .tensor_diff import linear_delta
 
-__all__ = ["SAMPLE_LAYERS", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers"]
+__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers"]
 
 SAMPLE_LAYERS = 4      # layers whose linears estimate the linear group's error curve
-EFFECT_SEQUENCES = 8   # calibration sequences of the probe (g_p², the sampled layers' and the head's H)
+EFFECT_SEQUENCES = 8   # calibration sequences of the probe (κ_p, the sampled layers' and the head's H)
 CURVE_POINTS = 17      # budgets each curve is evaluated at (linear interpolation in between)
 SPLIT_GRID = 128       # budget levels of the split (B/128 resolution)
 
@@ -70,12 +65,12 @@ class BudgetSplit:
     compressed_bits: int  # B
     linear_bits: int      # the linear group's B_lin
     vocab_share: float    # 1 − B_lin / B
-    weights: dict | None = None   # {"linears" | vocabulary name: g_p² (or n_p)} of the exchange rule
+    weights: dict | None = None   # {"linears" | vocabulary name: w_p} of the exchange rule
 
 
 @dataclass
 class EffectProbe:
-    """Where g_p² is measured: calibration token ids [n, seq] (the first EFFECT_SEQUENCES are used)."""
+    """Where sensitivities are measured: calibration token ids [n, seq] (the first EFFECT_SEQUENCES)."""
 
     ids: torch.Tensor
     device: torch.device | str = "cpu"
@@ -89,21 +84,22 @@ def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
     return sorted({round(j * (n_layers - 1) / (k - 1)) for j in range(k)})
 
 
-class _RevertedReader:
-    """The fine-tune's reader with tensors put back to the base: `from_base` maps a name to None (the whole
-    tensor) or to row ids int64 [n] (those rows only — a vocabulary matrix keeps its added rows)."""
+class _PerturbedReader:
+    """The fine-tune's reader with some tensors replaced: {name: (row ids int64 [n] or None, values)}."""
 
-    def __init__(self, ft_r, base_r, from_base: dict) -> None:
-        self._ft, self._base, self._from_base = ft_r, base_r, from_base
+    def __init__(self, ft_r, replaced: dict) -> None:
+        self._ft, self._replaced = ft_r, replaced
 
     def get(self, name: str, *args, **kwargs) -> torch.Tensor:
-        if name not in self._from_base:
-            return self._ft.get(name, *args, **kwargs)
-        rows = self._from_base[name]
+        out = self._ft.get(name, *args, **kwargs)
+        if name not in self._replaced:
+            return out
+        rows, values = self._replaced[name]
+        out = out.clone()
         if rows is None:
-            return self._base.get(name, *args, **kwargs)
-        out = self._ft.get(name, *args, **kwargs).clone()
-        out[rows] = self._base.get(name, *args, **kwargs)[rows].to(out.dtype)
+            out.copy_(values.to(out.dtype))
+        else:
+            out[rows] = values.to(out.dtype)
         return out
 
     def __contains__(self, name: str) -> bool:
@@ -111,6 +107,28 @@ class _RevertedReader:
 
     def __getattr__(self, attribute: str):
         return getattr(self._ft, attribute)
+
+
+def _truncation_residual(delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R = Δ − Δ_k [m, n], Δ_k the best rank-k approximation with k = α·mn/(m+n) (float16 factors at α):
+    a compression residual of the shape PrinMix leaves (the spectrum's tail), to measure sensitivities."""
+    m, n = delta.shape
+    k = max(1, int(alpha * m * n / (m + n)))
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return (U[:, k:] * S[k:]) @ Vh[k:]
+
+
+def _objective(R: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None) -> float:
+    """tr(R H Rᵀ) + Σ_t c_t ‖r_t‖² (Frobenius when both are None), float64."""
+    R64 = R.double()
+    out = 0.0
+    if H is not None:
+        out += float(((R64 @ H.double()) * R64).sum())
+    if row_weights is not None:
+        out += float((row_weights.double() * (R64 * R64).sum(1)).sum())
+    if H is None and row_weights is None:
+        out = float((R64 * R64).sum())
+    return out
 
 
 @torch.no_grad()
@@ -134,25 +152,51 @@ def _streamed_logits(stack, reader, ids: torch.Tensor, device, batch_size: int,
     return stack.logits(reader, ids, inputs.hidden, device, batch_size)
 
 
-@dataclass
-class _Probe:
-    """What one streamed pass of the fine-tune (and one per reverted group) measured."""
-
-    effects: list[float]          # g² per group
-    hessians: dict                # {weight name | "head": H} on the probe sequences
-
-
-def _probe(stack, base_r, ft_r, groups: list[dict], probe: EffectProbe) -> _Probe:
-    """g² = mean over positions of ‖z_ft − z_ft∖G‖² for each group G of tensor names put back to the base,
-    and the fine-tune's Hessians of the sampled layers' linears and of the head on the same sequences."""
+def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe: EffectProbe,
+                         hessians: dict) -> list[float]:
+    """w_p = κ_p·J_p(0): the logit error the part's whole change would cause if lost the way compression
+    loses it. κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
+    (_truncation_residual at α) into the fine-tune, part by part; J_p its objective (module docstring).
+    Linears: the sampled layers' linears together, scaled to all layers. Fills `hessians` (probe pass)."""
     ids = probe.ids[:EFFECT_SEQUENCES]
-    hessians: dict = {}
     z_ft = _streamed_logits(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
-    effects = []
-    for group in groups:
-        z = _streamed_logits(stack, _RevertedReader(ft_r, base_r, group), ids, probe.device, probe.batch_size)
-        effects.append(float(((z - z_ft) ** 2).sum(-1).mean()))
-    return _Probe(effects, hessians)
+
+    def logit_error(replaced: dict) -> float:
+        z = _streamed_logits(stack, _PerturbedReader(ft_r, replaced), ids, probe.device, probe.batch_size)
+        return float(((z - z_ft) ** 2).sum(-1).mean())
+
+    weights = []
+    replaced, j_res, j_zero = {}, 0.0, 0.0
+    sampled = sample_layers(stack.num_layers)
+    for i in sampled:
+        for short in stack.linear_names(i):
+            name = stack.layer_prefix(i) + short + ".weight"
+            d = linear_delta(name, base_r, ft_r) if name in base_r else None
+            if d is None or not isinstance(d, torch.Tensor):
+                continue
+            R = _truncation_residual(d, alpha)
+            H = hessians.get(name)
+            j_res, j_zero = j_res + _objective(R, H, None), j_zero + _objective(d, H, None)
+            replaced[name] = (None, ft_r.get(name, dtype=torch.float32) - R)
+    if not replaced or j_res <= 0:
+        return []
+    weights.append(logit_error(replaced) / j_res * j_zero * stack.num_layers / len(sampled))
+    for part in todo:
+        base_t = base_r.get(part.name, dtype=torch.float32)[part.changed]
+        ft_t = ft_r.get(part.name, dtype=torch.float32)[part.changed]
+        d_rows = ft_t - base_t
+        rw = None
+        if counts is not None and "lookup" in part.roles:
+            c = torch.zeros(part.shape[0], dtype=torch.float64)
+            c[: min(counts.numel(), part.shape[0])] = counts[: part.shape[0]].double()
+            rw = lookup_weights(c)[part.changed]
+        H = hessians.get("head") if "head" in part.roles else None
+        R = _truncation_residual(d_rows, alpha)
+        jr = _objective(R, H, rw)
+        if jr <= 0:
+            return []
+        weights.append(logit_error({part.name: (part.changed, ft_t - R)}) / jr * _objective(d_rows, H, rw))
+    return weights
 
 
 def _interpolated(points: np.ndarray, values: np.ndarray) -> Callable:
@@ -216,17 +260,15 @@ def _vocab_curve(part, base_r, ft_r, counts, head_H: torch.Tensor | None, total_
     return _interpolated(levels, prinmix_error_curve(d_rows, H, weights, [int(v) for v in levels], cfg))
 
 
-def _linear_names(stack) -> list[str]:
-    return [stack.layer_prefix(i) + n + ".weight" for i in range(stack.num_layers) for n in stack.linear_names(i)]
-
-
 def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
-                   vocab_share: float | None = None, probe: EffectProbe | None = None) -> BudgetSplit:
+                   vocab_share: float | None = None, probe: EffectProbe | None = None,
+                   rule: str = "proportional") -> BudgetSplit:
     """Share plan's compressed bits between the linear group and the vocabulary parts (module docstring).
 
     plan: a whole_budget.WholeBudget; counts: int64 [vocab] calibration token counts (None: uncalibrated,
     Frobenius objectives); vocab_share: force the vocabulary parts' share of B (benchmarks), None: by error;
-    probe: where the effects g_p² are measured (None: weights n_p)."""
+    probe: where the sensitivities are measured (None: weights n_p, Frobenius curves); rule: "proportional"
+    or "exchange" (module docstring)."""
     compressed = plan.total_bits - 8 * (plan.exact_bytes + plan.overhead_bytes)
     todo = [p for p in plan.vocab if p.changed.numel()]
     entries = plan.linear_params + plan.vocab_params
@@ -238,7 +280,7 @@ def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, c
         return BudgetSplit("fixed share", compressed, int(compressed * (1 - share)), share)
     proportional = BudgetSplit("proportional", compressed, compressed * plan.linear_params // entries,
                                plan.vocab_params / entries)
-    if method != "prinmix":
+    if method != "prinmix" or rule != "exchange":
         return proportional
     # every vocabulary part keeps at least its blob's fixed fields (a blob of no ranks), outside the split
     shared = compressed - len(todo) * prinmix_fixed_overhead_bits(cfg.fmax)
@@ -246,11 +288,12 @@ def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, c
         return proportional
     labels = ["linears"] + [p.name for p in todo]
     if probe is not None:
-        groups = [{n: None for n in _linear_names(stack) if n in base_r}] + [{p.name: p.changed} for p in todo]
-        measured = _probe(stack, base_r, ft_r, groups, probe)
-        weights, hessians = measured.effects, measured.hessians
         if counts is not None:   # lookup weights count the probe's positions as the head's H does
             counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
+        hessians = {}
+        weights = _sensitivity_weights(stack, base_r, ft_r, todo, plan.alpha, counts, probe, hessians)
+        if not weights:
+            return proportional
     else:
         weights = [float(plan.linear_params)] + [float(p.changed.numel() * p.shape[1]) for p in todo]
         hessians = {}

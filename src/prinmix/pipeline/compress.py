@@ -143,9 +143,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
         counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
     # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
-    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None else None
+    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "exchange" else None
     plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
-                                                               job.config, counts, job.vocab_share, probe)
+                                                               job.config, counts, job.vocab_share, probe,
+                                                               job.split)
     layer_alpha = job.alpha if plan is None or job.method == "bitdelta" else plan.linear_alpha
 
     # 2. the hidden states entering layer 0

@@ -18,12 +18,13 @@ How the budget is spent (decisions):
    1 KiB at 1/16; no matrix of a real LLM): charging them would leave toy models' linears almost no bits
    and make comparisons on them meaningless. Such a file can end above α; see 5.
 2. What is left, B, is shared between the decoder linears (one ratio α' for all of them, as the paper
-   does) and the vocabulary parts by one exchange rate between their relative errors (budget_split.py:
-   minimise Σ_p n_p·e_p(B_p)); the linears' α' is fixed before the pass, which compresses them one layer
-   at a time on the reconstructed model.
+   does) and the vocabulary parts: by default in proportion to their size (the same ratio for every
+   compressed part), or by one exchange rate between their weighted relative errors (`--split exchange`);
+   budget_split.py says why proportional is the default (measured). The linears' α' is fixed before the
+   pass, which compresses them one layer at a time on the reconstructed model.
 3. The vocabulary parts (untied: embedding and lm_head) are compressed after the pass with what the
    linears left (their real spending, not the plan), shared between them by the same rule (the plan's
-   measured effects g_p² as weights) with their calibrated objectives (vocab_delta.split_budget; PrinMix only — the baselines have no error curve
+   measured weights w_p under `--split exchange`, else their entries n_p) with their calibrated objectives (vocab_delta.split_budget; PrinMix only — the baselines have no error curve
    here and split in proportion to size). A tied matrix is one part with both roles in its objective.
 4. BitDelta's size is fixed by its format (1 bit per entry + 5 B): its whole delta is ≈ 1/16 + the exact
    tensors' excess, reported as such; ratios below 1/16 are refused as before.
@@ -101,13 +102,14 @@ def _changed_rows(base_t: torch.Tensor, ft_t: torch.Tensor) -> tuple[torch.Tenso
 
 def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "prinmix",
                       config: PrinMixConfig | None = None, counts: torch.Tensor | None = None,
-                      vocab_share: float | None = None, probe: EffectProbe | None = None) -> WholeBudget:
+                      vocab_share: float | None = None, probe: EffectProbe | None = None,
+                      split: str = "proportional") -> WholeBudget:
     """Scan what differs (exact tensors read and compared; linears counted whole) and fix α'.
 
     method "bitdelta": the size is fixed by its format — report, never refuse. counts: int64 [vocab] token
     counts of the calibration inputs (None: uncalibrated). vocab_share: force the vocabulary parts' share
-    of the compressed bits (benchmarks); None: by the exchange rate (budget_split.py), its output effects
-    measured on `probe` (None: weights by entries)."""
+    of the compressed bits (benchmarks); None: by `split` — "proportional" (one ratio for every compressed
+    part) or "exchange" (budget_split.py; its sensitivities measured on `probe`)."""
     fixed_size = method == "bitdelta"
     vocab_names = _vocab_matrix_names(stack, ft_r, compat)
     head = stack.output_embedding_name()
@@ -153,7 +155,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     if fixed_size or not compressed:
         return plan
     plan.split = exchange_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
-                                probe)
+                                probe, split)
     plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
     return plan
 
@@ -211,7 +213,7 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
     sizes = [p.changed.numel() * p.shape[1] for p, *_ in problems]
     if method == "prinmix" and len(problems) > 1 and counts is not None:
         # Σ_p w_p·e_p(B_p) as for the linears/vocabulary split (budget_split.py): w_p the part's measured
-        # effect g_p² on the logits when the plan measured it for every part, else its entries n_p
+        # weight when the plan measured one for every part (--split exchange), else its entries n_p
         measured = (plan.split.weights or {}) if plan.split is not None else {}
         if all(p.name in measured for p, *_ in problems):
             w_of = [float(measured[p.name]) for p, *_ in problems]
