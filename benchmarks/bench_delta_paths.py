@@ -7,8 +7,10 @@ decaying spectrum plus noise: widths 3–7 within each matrix). Options, each co
 every (tenant, linear):
 
     packed      the torch reference: one product per width block, codes unpacked at every call
-    f32 GEMMs   dequantised factors cached in float32, two GEMMs per (tenant, linear)  ← chosen
+    f32 GEMMs   dequantised factors cached in float32, two GEMMs per (tenant, linear)
     bf16 GEMMs  the same in bfloat16 (half the cache bytes)
+    int8 GEMMs  the codes minus zero points cached in int8, two weight-only int8 GEMMs (bfloat16
+                activations) per (tenant, linear)  ← chosen (runtime/factor_cache.py Int8Factors)
     bmm         all tenants' factors pre-stacked [N, r_max, h] (zero-padded), two bmm per linear
     bmm+stack   the same, stacking the tenants' factors at every call
     compiled    --compile: the unpack-and-multiply of one block through torch.compile (inductor)
@@ -33,7 +35,7 @@ from bench_kernels import synthetic_delta  # noqa: E402
 
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
 from prinmix.runtime.delta_linear import DeltaLinear  # noqa: E402
-from prinmix.runtime.factor_cache import dense_factors  # noqa: E402
+from prinmix.runtime.factor_cache import dense_factors, int8_factors  # noqa: E402
 from prinmix.runtime.packed import PackedLinear, unpack_fast  # noqa: E402
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -90,6 +92,14 @@ def main(argv=None) -> int:
                 for f, x in zip(factors, xd):
                     f.apply(x)
         rows.append((name, fastest_ms(run_gemms, args.reps), sum(f.nbytes() for f in factors)))
+    factors8 = [int8_factors(q) for q in packs]
+    x8 = [x.bfloat16() for x in xs]
+
+    def run_int8():
+        for _ in range(n):
+            for f, x in zip(factors8, x8):
+                f.apply(x)
+    rows.append(("int8 GEMMs", fastest_ms(run_int8, args.reps), sum(f.nbytes() for f in factors8)))
     factors = [dense_factors(q) for q in packs]
     stacks = [_stacked([f], n, torch.float32) for f in factors]
     xb = [torch.randn(n, 1, i) for _, i in SMOLLM2_LAYER]

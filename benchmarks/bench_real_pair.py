@@ -14,7 +14,8 @@ embedding, exact tensors), and the logit error against the fine-tune on held-out
 `--runs method@ratio[:variant],…` lists runs explicitly: ":exact" = `--exact-embeddings`; derived from the
 whole delta of method@ratio without compressing again (CPU is scarce): ":exact-rows" = its linears and norms
 with the embedding / lm_head rows stored exactly instead (what exact embeddings cost on top of the same
-linears), ":no-vocab" = its linears and norms with the embedding / lm_head changes dropped (what the file
+linears), ":share=S" = compressed with `--vocab-share S` (the embedding / lm_head rows get the share S of
+the compressed bits), ":exchange" = compressed with `--split exchange`, ":no-vocab" = its linears and norms with the embedding / lm_head changes dropped (what the file
 size of the linears buys without the embedding delta).
 Prints one table; writes results.json beside the deltas. Not run in CI (minutes to hours on CPU).
 """
@@ -60,11 +61,14 @@ def derive_delta(whole: Path, out: Path, variant: str, base: Path, ft: Path) -> 
     save_delta(delta, out)
 
 
-def compress_measured(base, ft, out, ratio, method, nsamples, seqlen, exact_embeddings=False) -> dict:
+def compress_measured(base, ft, out, ratio, method, nsamples, seqlen, exact_embeddings=False,
+                      vocab_share=None, split=None) -> dict:
     """Run `prinmix compress` in a child process; wall seconds and the child's peak RSS (GiB)."""
     cmd = [sys.executable, "-m", "prinmix.cli", "compress", str(base), str(ft), "-o", str(out), "--ratio", ratio,
            "--method", method, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--no-resume"]
     cmd += ["--exact-embeddings"] if exact_embeddings else []
+    cmd += ["--vocab-share", str(vocab_share)] if vocab_share is not None else []
+    cmd += ["--split", split] if split else []
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -161,7 +165,9 @@ def main(argv=None) -> int:
             derive_delta(out / f"{stem}.delta", delta, variant, base, ft)
         elif not (a.reuse and delta.exists()):
             print(f"compress {method} at {ratio}{' (exact embeddings)' if exact else ''} …", flush=True)
-            meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen, exact)
+            share = float(variant.split("=", 1)[1]) if variant.startswith("share=") else None
+            meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen, exact, share,
+                                     "exchange" if variant == "exchange" else None)
         info = api.info(delta)
         w = info.weight_bytes
         vocab = {("lm_head" if "lm_head" in n else "embed"): b for n, b in w["vocab"].items()}

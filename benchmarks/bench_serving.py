@@ -92,7 +92,8 @@ def worker(cfg: dict) -> dict:
         out.update(state_bytes=n * weights + kv, loaded_copies=len(copies))
     else:
         model = MultiTenantModel(cfg["base"], device=device, dtype=dtype, backend=cfg["backend"],
-                                 factor_cache_bytes=cfg["cache_mib"] << 20)
+                                 factor_cache_bytes=cfg["cache_mib"] << 20,
+                                 factor_cache_dtype=getattr(torch, cfg["cache_dtype"]))
         tenants = [None] * n
         if cfg["system"] == "prinmix":
             tenants = [f"tenant{i}" for i in range(n)]
@@ -170,7 +171,7 @@ def run(system: str, n: int, args, base, delta, merged) -> dict:
     cfg = {"system": system, "n": n, "base": str(base), "delta": str(delta), "merged": str(merged),
            "prefill": args.prefill, "decode": args.decode, "device": args.device, "dtype": args.dtype,
            "backend": args.backend, "threads": args.threads, "naive_copies": args.naive_copies,
-           "repeat": args.repeat, "cache_mib": args.factor_cache_mib}
+           "repeat": args.repeat, "cache_mib": args.factor_cache_mib, "cache_dtype": args.factor_cache_dtype}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
@@ -195,7 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement; the fastest counts")
     p.add_argument("--naive-copies", type=int, default=8, help="dense copies really loaded for (b)")
     p.add_argument("--factor-cache-mib", type=int, default=1024,
-                   help="prinmix: byte budget of the dequantised factors of the hottest tenants (0 = none)")
+                   help="prinmix: byte budget of the unpacked factors of the hottest tenants (0 = none)")
+    p.add_argument("--factor-cache-dtype", default="int8", choices=["int8", "float32", "bfloat16"],
+                   help="prinmix: how the factor cache keeps them (runtime/factor_cache.py)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -205,7 +208,8 @@ def main(argv=None) -> int:
     base, delta, merged = prepare(args)
     ns = [int(x) for x in args.tenants.split(",")]
     print(f"base {base}\ndelta {delta} ({delta.stat().st_size} bytes)\nP = {args.prefill}, D = {args.decode}, "
-          f"device {args.device}, dtype {args.dtype or 'checkpoint'}, backend {args.backend}, "
+          f"device {args.device}, dtype {args.dtype or 'checkpoint'}, backend {args.backend}, factor cache "
+          f"{args.factor_cache_mib} MiB {args.factor_cache_dtype}, "
           f"{args.threads} threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}\n")
     head = (f"{'N':>3} | {'prinmix tok/s':>13} {'naive tok/s':>11} {'base tok/s':>10} | {'vs naive':>8} "
             f"{'vs base':>7} | {'decode tok/s p/n/b':>20} | {'state MiB p/n/b':>22} | {'peak RSS MiB p/n/b':>20}")
@@ -229,8 +233,10 @@ def main(argv=None) -> int:
     file_mib = delta.stat().st_size / 2 ** 20
     for n, vs_naive, vs_base, per_tenant, cache in targets:
         print(f"target N={n}: prinmix decode {vs_naive:.2f}x naive (>= 2), {vs_base:.2f}x base (>= 0.4); "
-              f"memory per extra tenant {per_tenant / 2 ** 20:.1f} MiB, delta file {file_mib:.1f} MiB, "
-              f"factor cache {cache / 2 ** 20:.0f} MiB in all")
+              f"memory per extra tenant {per_tenant / 2 ** 20:.1f} MiB packed + {cache / n / 2 ** 20:.1f} MiB "
+              f"factor cache = {(per_tenant + cache / n) / 2 ** 20:.1f} MiB against a {file_mib:.1f} MiB delta file "
+              f"(cache {cache / 2 ** 20:.0f} MiB in all, budget {args.factor_cache_mib} MiB "
+              f"{args.factor_cache_dtype})")
     return 0
 
 

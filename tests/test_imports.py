@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import prinmix
+from fixtures.compressed_deltas import method_deltas
+from prinmix.format.delta_file import DeltaFile, save_delta
 
 PACKAGE = Path(prinmix.__file__).parent
 
@@ -143,3 +145,17 @@ def test_cli_help_loads_no_torch():
             "heavy = [m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_info_loads_no_torch(tmp_path):
+    """`prinmix info` (text and --json) reads a delta, verified, without importing torch or transformers."""
+    delta = DeltaFile("prinmix", 0.25, {}, matrices={f"m{i}.weight": m for i, m in enumerate(method_deltas().values())},
+                      base_fingerprint={"model_type": "llama", "content_hash": "ab" * 32})
+    save_delta(delta, tmp_path / "d.delta")
+    code = ("import sys\nfrom prinmix.cli import main\n"
+            f"assert main(['info', {str(tmp_path / 'd.delta')!r}]) == 0\n"
+            f"assert main(['info', {str(tmp_path / 'd.delta')!r}, '--json']) == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'safetensors.torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "m0.weight" in out and '"matrices"' in out

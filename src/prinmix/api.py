@@ -53,7 +53,8 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
              method: str = "prinmix", *, config: PrinMixConfig | None = None,
              calibration: CalibrationConfig | None = None, device: str = "auto", resume: bool = True,
              distill_steps: int = 0, listeners: Sequence[Listener] = (), base_revision: str | None = None,
-             finetuned_revision: str | None = None, exact_embeddings: bool = False) -> CompressSummary:
+             finetuned_revision: str | None = None, exact_embeddings: bool = False,
+             vocab_share: float | None = None, split: str = "proportional") -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     Args:
@@ -73,6 +74,11 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
         exact_embeddings: α holds for the decoder linears only and every other tensor that differs is stored
             exactly (the earlier behaviour, for comparison); default: α holds for the whole delta
             (pipeline/whole_budget.py). Becomes CompressJob.exact_embeddings.
+        vocab_share: whole-delta mode: force the embedding / lm_head rows' share of the compressed bits
+            (to compare splits); None (default): shared by `split`.
+        split: whole-delta mode: "proportional" (default; one ratio for every compressed part) or
+            "exchange" (one exchange rate between measured, weighted relative errors; see
+            pipeline/budget_split.py for the rule and why it is not the default).
 
     Returns:
         CompressSummary: the file's path, its byte counts and the achieved ratio.
@@ -83,7 +89,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
     """
     base, finetuned = _model_location(base, "base"), _model_location(finetuned, "finetuned")
     job = CompressJob.create(base, finetuned, output, ratio, method, config, calibration, distill_steps,
-                             base_revision, finetuned_revision, exact_embeddings)
+                             base_revision, finetuned_revision, exact_embeddings, vocab_share, split)
     return run_compress(job, resolve_device(device), resume, listeners)
 
 
@@ -132,7 +138,8 @@ def info(delta_path: PathLike) -> DeltaInfo:
     """Method, ratios, true bytes, base fingerprint and per-matrix bit allocation of a delta file.
 
     Args:
-        delta_path: the delta file (loaded and verified; `prinmix info` reads the header only).
+        delta_path: the delta file (read and verified without torch: checksums, tensor list, blob headers;
+            see format/delta_info.py).
 
     Returns:
         DeltaInfo (`.to_dict()` is `prinmix info --json`).

@@ -31,3 +31,7 @@ class DeltaRangeError(PrinmixError):
 
 class DeviceError(PrinmixError):
     """The requested device is not available."""
+
+
+class WholeBudgetWarning(UserWarning):
+    """A delta file ended above its whole-delta ratio (toy-sized matrices; pipeline/whole_budget.py, 5.)."""

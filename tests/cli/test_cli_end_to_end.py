@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from prinmix import api
 from prinmix.algorithms.budget import budget_bits
 from prinmix.cli import main
 
@@ -38,8 +39,10 @@ def test_compress_merge_every_method(tiny_pair, tmp_path, capsys, probe_ids, met
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == method and info["file_bytes"] == delta.stat().st_size
     assert info["matrices"], "no linear was compressed"
+    # every blob within the ratio its plan gave the linears (α' of the whole-delta split, = α for BitDelta)
+    linear_alpha = api.load_delta(delta).stats["whole"]["linear_ratio"]
     for name, m in info["matrices"].items():
-        allowed = budget_bits(1 / 16, *m["shape"])
+        allowed = budget_bits(linear_alpha, *m["shape"])
         slack = 5 * 8 if method == "bitdelta" else 0     # BitDelta: 1 bit/entry + a fixed scale/header
         assert 8 * m["bytes"] <= allowed + slack, name
     assert sum(m["bytes"] for m in info["matrices"].values()) == info["linear_bytes"]

@@ -10,6 +10,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 from scipy.stats import kendalltau
 
 from fixtures.tiny_models import single_thread
@@ -17,6 +18,7 @@ from prinmix import api
 from prinmix.api import CalibrationConfig
 from prinmix.errors import PrinmixError
 from prinmix.evaluate.report import ReportOptions, build_report, concordance, report_data
+from prinmix.evaluate.report.figures import width_colour, width_colour_map
 from prinmix.evaluate.results import write_results
 from prinmix.evaluate.run import EvalConfig, run_eval
 
@@ -279,3 +281,12 @@ def test_figures_label_axes_keep_legends_off_data_and_ticks_integer(made, monkey
                 assert not box.overlaps(ax.get_window_extent(renderer)), (ax.get_title(), "legend over data")
     eval_fig = figs[-1]
     assert [t.get_text() for t in eval_fig.axes[0].get_xticklabels()] == ["high", "all"]  # 2 layers: no low/mid
+
+
+def test_a_width_has_one_colour_on_the_whole_page():
+    """Every figure colours a width the same (width_colour), whatever other widths it shows; all differ."""
+    widths = [0, 1, 2, 3, 4, 5, 6, 7, 8, 16]
+    assert len({to_hex(width_colour(w)) for w in widths}) == len(widths)
+    for subset in ([2, 3], [0, 2, 3, 4, 5], [3, 8, 16]):
+        cmap = width_colour_map(subset)
+        assert [to_hex(cmap(i)) for i in range(len(subset))] == [to_hex(width_colour(w)) for w in subset]

@@ -1,21 +1,24 @@
-"""The fast CPU path (backend "cached"): dense factors equal the float64 reconstruction, the cached
-products equal the torch reference for mixed tenants, all widths and odd shapes, and the cache keeps
-its byte budget, its LRU order and never serves a replaced tenant's stale factors."""
+"""The fast CPU path (backend "cached"): dense and int8 factors equal the float64 reconstruction, the
+cached products equal the torch reference for mixed tenants, all widths and odd shapes, and the cache
+keeps its byte budget, its LRU order and never serves a replaced tenant's stale factors."""
 
 import pytest
 import torch
 
-from fixtures.compressed_deltas import all_widths, method_deltas
-from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantDelta
-from prinmix.runtime.factor_cache import FactorCache, dense_factors
+from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
+from prinmix.runtime.factor_cache import INT8_PAD, DenseFactors, FactorCache, Int8Factors, dense_factors, int8_factors
 from prinmix.runtime.packed import PackedLinear
+from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
+from prinmix.runtime.vocab_rows import VocabPayload
 
 H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mid-row
 
 
 @pytest.fixture(scope="module")
 def deltas():
-    return {**method_deltas(H_OUT, H_IN, seed=3), "widths 2-8": all_widths(H_OUT, H_IN, seed=3)}
+    return {**method_deltas(H_OUT, H_IN, seed=3), "widths 2-8": all_widths(H_OUT, H_IN, seed=3),
+            "prinmix widths 2-7": prinmix_layout(H_OUT, H_IN, seed=3)}
 
 
 def test_dense_factors_equal_float64_reconstruction(deltas):
@@ -96,7 +99,7 @@ def test_lru_budget_and_batch_protection(deltas):
     cache.get("a", p["prinmix"], 1)
     cache.get("b", p["deltacome"], 1)
     assert cache.used_bytes == size["prinmix"] + size["deltacome"]
-    assert cache.get("c", p["lowrank"], 1) is not None and "c" not in cache    # batch 1 holds a and b
+    assert cache.get("c", p["lowrank"], 1) is None and "c" not in cache        # batch 1 holds a and b: no room
     cache.get("a", p["prinmix"], 2)                                            # a is now the most recent
     cache.get("c", p["lowrank"], 2)                                            # evicts b (LRU), not a
     assert "a" in cache and "b" not in cache and "c" in cache
@@ -131,3 +134,159 @@ def test_auto_uses_the_cache_only_when_given(deltas):
     with torch.no_grad():
         assert torch.allclose(with_cache(x, [0, 0]), without(x, [0, 0]), atol=1e-5)
     assert len(cache) == 1
+
+
+def _reconstruct64(m) -> torch.Tensor:
+    """ΔŴ [h_out, h_in] in float64 from the stored (unpacked) codes: the independent reference."""
+    dense = torch.zeros(m.shape, dtype=torch.float64)
+    for b in m.blocks:
+        v, u = _value64(b.v, b.bits), _value64(b.u, b.bits)
+        u = u.T if b.u_transposed else u
+        if b.sigma is not None:
+            u = u * b.sigma.double()[None, :]
+        dense += u @ v
+    return dense
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("h_out,h_in", [(37, 53), (64, 32), (1, 17), (130, 16)])
+def test_int8_factors_hold_the_codes_exactly(h_out, h_in):
+    """a8 / b8 are the stored codes minus their zero points (exact), zero-padded to INT8_PAD; the product
+    equals x·ΔŴᵀ of the float64 reconstruction up to bfloat16 rounding of x and of x·a8ᵀ."""
+    m = prinmix_layout(h_out, h_in, seed=h_out)
+    f = int8_factors(PackedLinear.from_compressed(m))
+    assert isinstance(f, Int8Factors)
+    r = sum(b.rank for b in m.blocks)
+    assert all(n % INT8_PAD == 0 for n in (*f.a8.shape, *f.b8.shape))
+    want_a = torch.cat([b.v.codes.short() - b.v.zero.short() for b in m.blocks])
+    want_b = torch.cat([b.u.codes.short() - b.u.zero.short() for b in m.blocks]).T
+    assert torch.equal(f.a8[:r, :h_in].short(), want_a) and torch.equal(f.b8[:h_out, :r].short(), want_b)
+    assert not f.a8[r:].any() and not f.a8[:, h_in:].any() and not f.b8[h_out:].any() and not f.b8[:, r:].any()
+    mid = torch.cat([b.v.scale.double()[:, 0] * b.u.scale.double()[:, 0] * b.sigma.double() for b in m.blocks])
+    assert torch.allclose(f.mid[:r].double(), mid, rtol=2 ** -8)
+    x = torch.randn(5, h_in, generator=torch.Generator().manual_seed(1))
+    y = f.apply(x.bfloat16())
+    assert y.shape == (5, h_out)
+    assert _rel(y, x.double() @ _reconstruct64(m).T) < 1e-2
+
+
+def test_int8_factors_refuse_what_int8_cannot_hold(deltas):
+    """Column-grouped scales, plain (non-transposed) Û, 16-bit factors, signs: None, and a FactorCache of
+    dtype int8 keeps float32 DenseFactors for them; 8-bit codes only where C − z fits."""
+    for name in ("mixed", "deltacome", "lowrank", "bitdelta", "widths 2-8"):
+        p = PackedLinear.from_compressed(deltas[name])
+        assert int8_factors(p) is None, name
+        if p.sign is None:
+            assert isinstance(FactorCache(1 << 30, torch.int8).get(name, p), DenseFactors), name
+    wide = prinmix_layout(H_OUT, H_IN, widths=[8], seed=5)
+    fits = bool(((wide.blocks[0].v.codes.short() - wide.blocks[0].v.zero.short()).abs().max() <= 127)
+                and ((wide.blocks[0].u.codes.short() - wide.blocks[0].u.zero.short()).abs().max() <= 127))
+    assert (int8_factors(PackedLinear.from_compressed(wide)) is not None) == fits
+    narrow = prinmix_layout(H_OUT, H_IN, widths=[8], seed=5)
+    for q in (narrow.blocks[0].v, narrow.blocks[0].u):
+        q.codes.clamp_(100, 150)
+        q.zero.fill_(128)
+    assert isinstance(int8_factors(PackedLinear.from_compressed(narrow)), Int8Factors)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 0, 3000], ids=["all cached", "no cache", "some cached"])
+def test_int8_cache_equals_reference(deltas, budget):
+    """A model-wide int8 cache (PrinMix tenants as Int8Factors, the others as float32 factors) adds each
+    row's delta within bfloat16 rounding of the delta; base rows untouched."""
+    cache = FactorCache(budget, torch.int8)
+    base, ref, fast = _layers(deltas, cache)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(31, H_IN, generator=g)
+            slots = torch.randint(-1, len(deltas), (31,), generator=g)
+            y0, y_ref, y_fast = base(x), ref(x, slots), fast(x, slots)
+            assert torch.equal(y_fast[slots == -1], y0[slots == -1])
+            for slot in slots.unique().tolist():
+                rows = slots == slot
+                if slot >= 0:
+                    assert _rel(y_fast[rows] - y0[rows], y_ref[rows] - y0[rows]) < 1e-2, slot
+    kinds = {type(f) for f, _ in cache._entries.values()}
+    assert cache.used_bytes <= budget
+    if budget > 1 << 20:
+        assert kinds == {Int8Factors, DenseFactors}
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_lm_head_rows_from_cached_factors(dtype):
+    """PerTenantRows with a compressed-rows VocabPayload: the head product from the factor cache equals the
+    packed reference (no cache) and the float64 reconstruction of the changed rows' logits."""
+    g = torch.Generator().manual_seed(4)
+    vocab, d = 70, 48
+    index = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:45].tolist()))
+    m = prinmix_layout(index.numel(), d, seed=9)
+    payload = VocabPayload(index, PackedLinear.from_compressed(m), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
+    base = torch.nn.Linear(d, vocab, bias=False)
+    cache = FactorCache(1 << 30, dtype)
+    rows, layers = {}, {}
+    for key, c in (("cached", cache), ("packed", None)):
+        ctx = TenantContext()
+        layers[key] = layer = PerTenantRows(base, ctx, c)
+        layer.load_tenant(0, payload)
+        ctx.batch = TenantBatch([0, -1, 0])
+        with torch.no_grad():
+            rows[key] = layer(torch.randn(3, 2, d, generator=torch.Generator().manual_seed(5)))
+    h = torch.randn(3, 2, d, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = base(h)
+    want = plain.double()
+    for i in (0, 2):
+        want[i, :, index] += h[i].double() @ _reconstruct64(m).T
+    tol = 1e-2 if dtype == torch.int8 else 1e-5
+    for key in rows:
+        assert torch.equal(rows[key][1], plain[1])
+        assert _rel(rows[key][[0, 2]] - plain[[0, 2]], want[[0, 2]] - plain[[0, 2]].double()) < tol, key
+    assert len(cache) == 1 and cache.misses == 1
+    layers["cached"].load_tenant(0, payload)                          # a reload forgets the cached factors
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_embedding_rows_from_cached_factors(dtype):
+    """PerTenantEmbedding with a compressed-rows VocabPayload: rows looked up through the cached factors equal
+    the float64 reconstruction (base row + ΔŴ_R[position]); tokens outside R keep the base row; a tied lm_head
+    sharing the payload shares its cache entry."""
+    g = torch.Generator().manual_seed(6)
+    vocab, d = 70, 40
+    index = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:45].tolist()))
+    m = prinmix_layout(index.numel(), d, seed=12)
+    payload = VocabPayload(index, PackedLinear.from_compressed(m), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
+    emb = torch.nn.Embedding(vocab, d)
+    cache = FactorCache(1 << 30, dtype)
+    ctx = TenantContext()
+    layer, head = PerTenantEmbedding(emb, ctx, cache), PerTenantRows(torch.nn.Linear(d, vocab, bias=False), ctx, cache)
+    layer.load_tenant(0, payload)
+    head.load_tenant(0, payload)
+    ids = torch.tensor([[int(index[0]), int(index[44]), 0], [int(index[3]), 1, 2]])
+    outside = [i for i in range(vocab) if i not in set(index.tolist())][:2]
+    ids[0, 2], ids[1, 1] = outside
+    ctx.batch = TenantBatch([0, -1])
+    with torch.no_grad():
+        out = layer(ids)
+        head(torch.randn(2, 3, d))
+    rows = _reconstruct64(m)
+    want = emb.weight.detach().double()[ids[0]]
+    want[:2] += rows[[0, 44]]
+    assert _rel(out[0] - emb.weight[ids[0]], want - emb.weight.detach().double()[ids[0]]) < (1e-2 if dtype == torch.int8 else 1e-5)
+    assert torch.equal(out[0, 2], emb.weight[ids[0, 2]]) and torch.equal(out[1], emb.weight[ids[1]])
+    assert len(cache) == 1 and cache.hits == 1
+    layer.unload_tenant(0)
+    assert len(cache) == 0
+
+
+def test_expected_nbytes_is_what_the_cache_stores(deltas):
+    """FactorCache.expected_nbytes (from shapes, before building) equals the built factors' bytes."""
+    for dtype in (torch.int8, torch.float32, torch.bfloat16):
+        cache = FactorCache(1 << 30, dtype)
+        for name, m in deltas.items():
+            p = PackedLinear.from_compressed(m)
+            if p.sign is None:
+                assert cache.expected_nbytes(p) == cache.get(name, p).nbytes(), (name, dtype)

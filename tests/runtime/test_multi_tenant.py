@@ -224,3 +224,54 @@ def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
     assert 0 < mem["factor_cache_bytes"] <= cache_bytes
     assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
     assert model.factor_cache.hits > 0
+
+
+def test_token_choice_hook(served):
+    """prefill / decode_step hand the step's sequences and last-position logits to `choose` before appending
+    its tokens: the logits equal a full forward over prompt + chosen tokens, and the chosen (not the greedy)
+    tokens are what the next step feeds."""
+    tenants = ["lowrank", None, "bitdelta"]
+    prompts = _prompts((5, 8, 3), seed=7)
+    seen = []
+
+    def least_likely(seqs, logits):
+        seen.append(([list(s.prompt) + list(s.generated) for s in seqs], logits.clone()))
+        return logits.argmin(-1).tolist()
+
+    state = served.prefill(prompts, tenants, ["a", "b", "c"], choose=least_likely)
+    for _ in range(2):
+        served.decode_step(state, choose=least_likely)
+    for fed, logits in seen:                                          # what each step saw, before its token
+        ids, mask, pos = left_padded(fed)
+        full = served.logits(ids, tenants, attention_mask=mask, position_ids=pos)[:, -1]
+        assert torch.allclose(logits, full, atol=1e-4, rtol=1e-4)
+    assert [s.generated for s in state.seqs] == [[int(seen[k][1][i].argmin()) for k in range(3)] for i in range(3)]
+    assert state.seqs[0].generated != served.generate([prompts[0]], ["lowrank"], 3)[0]
+    with pytest.raises(PrinmixError, match="2 tokens for 3 sequences"):
+        served.decode_step(state, choose=lambda seqs, logits: [0, 0])
+
+
+def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
+    """A PrinMix whole delta (compressed linears and embedding rows) with an int8 factor cache (the CPU
+    default of a 16-bit model: linears, embedding and lm_head rows) gives the torch reference's logits within
+    bfloat16 rounding of the delta's effect, from Int8Factors."""
+    base, ft = tiny_pair("llama")
+    path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
+    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
+                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
+    assert load_delta(path).vocab
+    assert MultiTenantModel(base).factor_cache.dtype == torch.float32           # the default of a float32 model
+    assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int8
+    fast, ref = MultiTenantModel(base, factor_cache_dtype=torch.int8), MultiTenantModel(base, backend="torch")
+    for model in (fast, ref):
+        model.add_tenant("t", path)
+    prompts = _prompts((9, 5), seed=3)
+    ids, mask, pos = left_padded(prompts)
+    got, want = (m.logits(ids, ["t", None], attention_mask=mask, position_ids=pos) for m in (fast, ref))
+    plain = ref.logits(ids, [None, None], attention_mask=mask, position_ids=pos)
+    assert torch.equal(got[1], want[1])
+    effect = (want[0] - plain[0]).norm()
+    assert effect > 0 and (got[0] - want[0]).norm() < 0.02 * effect
+    kinds = {type(f).__name__ for f, _ in fast.factor_cache._entries.values()}
+    assert "Int8Factors" in kinds

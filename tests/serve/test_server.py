@@ -10,8 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from server_helpers import CHAT_TEMPLATE, MAX_LEN, PROMPTS, is_error_shape, post
+from server_helpers import CHAT_TEMPLATE, MAX_LEN, PROMPTS, is_error_shape, post, running
 
+from conftest import make_app
+from prinmix.cli import build_parser
+from prinmix.cli.serve import server_config
+from prinmix.errors import PrinmixError
+from prinmix.serve.config import ServerConfig
 from prinmix.serve.text_stream import TextStream
 
 
@@ -148,3 +153,17 @@ def test_load_and_unload_at_run_time(server, llama):
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="low2", prompt="5+5=", max_tokens=2)
     assert post(f"{url}/v1/unload_lora_adapter", json.dumps({"lora_name": "low2"}).encode())[0] == 404
+
+
+def test_dtype_flag_sets_the_base_and_compute_dtype(server, llama):
+    assert {p.dtype for p in server.scheduler.model.model.parameters()} == {torch.float32}  # auto: the checkpoint's
+    base = str(llama[0])
+    config = server_config(build_parser().parse_args(["serve", base, "--dtype", "bfloat16"]))
+    assert config.dtype == "bfloat16"
+    with running(make_app(llama, dtype=config.dtype)) as s:
+        assert {p.dtype for p in s.scheduler.model.model.parameters()} == {torch.bfloat16}
+        for model in ("base", "low", "bit"):
+            answer = s.client.completions.create(model=model, prompt=PROMPTS[model], max_tokens=4, temperature=0)
+            assert answer.usage.completion_tokens == 4 or answer.choices[0].finish_reason == "stop"
+    with pytest.raises(PrinmixError, match="--dtype 'int8'"):
+        ServerConfig(dtype="int8").check()

@@ -18,6 +18,6 @@ bit budget B, G_b        α · 16 · h_out · h_in bits, every stored byte count
 
 Also here: the method registry (methods.py), the baselines Delta-CoMe, low-rank and BitDelta
 (baselines.py), min–max quantisation (quantize.py), bit packing (packing.py), the compressed-matrix
-type and its stored blob (compressed_linear.py), the SVD of a delta or of LoRA factors (lowrank_svd.py).
+type and its stored blob (compressed_linear.py; the blob's byte layout without torch: blob_layout.py), the SVD of a delta or of LoRA factors (lowrank_svd.py).
 Entry point for every method: compress_matrix.compress_matrix(ΔW, H, ratio, method, config).
 """

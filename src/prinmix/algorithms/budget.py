@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-from .compressed_linear import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES
-from .packing import packed_nbytes  # noqa: F401  (re-exported for callers sizing blobs)
+from .blob_layout import BLOB_HEADER_BYTES, BLOCK_HEADER_BYTES, packed_nbytes  # noqa: F401  (packed_nbytes re-exported)
 
 SCALE_ZERO_BITS = 16 + 8   # float16 scale + uint8 zero point per quantisation group
 

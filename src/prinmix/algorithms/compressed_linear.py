@@ -29,12 +29,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .packing import pack_codes, packed_nbytes, unpack_codes
-
-BLOB_HEADER_BYTES = 2          # kind, n_blocks
-BLOCK_HEADER_BYTES = 14        # bits, k, flags, v_group, u_group
-SIGN_HEADER_BYTES = 1 + 2      # kind, scale
-FLOAT_BITS = 16                # width tag of raw float16 factors
+from .blob_layout import (  # noqa: F401  (header sizes re-exported: the blob layout's constants)
+    BLOB_HEADER_BYTES,
+    BLOCK_HEADER_BYTES,
+    BLOCK_HEADER_FORMAT,
+    FLAG_SIGMA,
+    FLAG_U_TRANSPOSED,
+    FLOAT_BITS,
+    SIGN_HEADER_BYTES,
+    block_nbytes,
+    packed_nbytes,
+    quantized_nbytes,
+    sign_blob_nbytes,
+)
+from .packing import pack_codes, unpack_codes
 
 
 @dataclass
@@ -66,10 +74,7 @@ class QuantizedMatrix:
     @staticmethod
     def nbytes_for(rows: int, cols: int, bits: int, group_size: int) -> int:
         """Stored bytes of a rows×cols matrix: packed codes + f16 scale + u8 zero per group."""
-        if bits == FLOAT_BITS:
-            return 2 * rows * cols
-        groups = rows * math.ceil(cols / group_size) if cols else 0
-        return packed_nbytes(rows * cols, bits) + 3 * groups
+        return quantized_nbytes(rows, cols, bits, group_size)
 
 
 def _n_groups(cols: int, group_size: int) -> int:
@@ -176,7 +181,7 @@ class CompressedLinear:
         """Exact size of the stored blob in bytes (== to_blob().numel())."""
         h_out, h_in = self.shape
         if self.sign is not None:
-            return SIGN_HEADER_BYTES + packed_nbytes(h_out * h_in, 1)
+            return sign_blob_nbytes(h_out, h_in)
         return BLOB_HEADER_BYTES + sum(
             block_nbytes(b.bits, b.rank, h_out, h_in, _group(b.v), _group(b.u), b.u_transposed,
                          b.sigma is not None)
@@ -202,8 +207,8 @@ class CompressedLinear:
                 raise ValueError("at most 255 rank blocks per matrix")
             parts.append(struct.pack("<BB", 0, len(self.blocks)))
             for b in self.blocks:
-                flags = (1 if b.sigma is not None else 0) | (2 if b.u_transposed else 0)
-                parts.append(struct.pack("<BIBII", b.bits, b.rank, flags, _group(b.v), _group(b.u)))
+                flags = (FLAG_SIGMA if b.sigma is not None else 0) | (FLAG_U_TRANSPOSED if b.u_transposed else 0)
+                parts.append(struct.pack(BLOCK_HEADER_FORMAT, b.bits, b.rank, flags, _group(b.v), _group(b.u)))
                 for m in (b.v, b.u):
                     parts.append(_matrix_bytes(m, b.bits))
                 if b.sigma is not None:
@@ -231,15 +236,15 @@ class CompressedLinear:
         n_blocks = reader.unpack("<B")[0]
         blocks = []
         for _ in range(n_blocks):
-            bits, k, flags, v_group, u_group = reader.unpack("<BIBII")
+            bits, k, flags, v_group, u_group = reader.unpack(BLOCK_HEADER_FORMAT)
             if not (1 <= bits <= 8 or bits == FLOAT_BITS):
                 raise ValueError(f"invalid width {bits}")
             if k > min(h_out, h_in):
                 raise ValueError(f"rank {k} exceeds min{shape}")
-            u_t = bool(flags & 2)
+            u_t = bool(flags & FLAG_U_TRANSPOSED)
             v = reader.matrix(k, h_in, bits, v_group)
             u = reader.matrix(k, h_out, bits, u_group) if u_t else reader.matrix(h_out, k, bits, u_group)
-            sigma = reader.tensor(torch.float16, k) if flags & 1 else None
+            sigma = reader.tensor(torch.float16, k) if flags & FLAG_SIGMA else None
             blocks.append(RankBlock(bits, v, u, u_t, sigma))
         reader.finish()
         out = cls(shape, method, blocks=blocks)
@@ -251,15 +256,6 @@ class CompressedLinear:
 
 def _group(m) -> int:
     return m.group_size if isinstance(m, QuantizedMatrix) else 0
-
-
-def block_nbytes(bits: int, k: int, h_out: int, h_in: int, v_group: int, u_group: int,
-                 u_transposed: bool, sigma: bool) -> int:
-    """Exact stored bytes of one RankBlock (header + V + U + σ)."""
-    n = BLOCK_HEADER_BYTES + QuantizedMatrix.nbytes_for(k, h_in, bits, v_group or 1)
-    u_shape = (k, h_out) if u_transposed else (h_out, k)
-    n += QuantizedMatrix.nbytes_for(*u_shape, bits, u_group or 1)
-    return n + (2 * k if sigma else 0)
 
 
 def _matrix_bytes(m, bits: int) -> bytes:

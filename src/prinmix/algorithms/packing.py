@@ -3,30 +3,20 @@
 Layout: codes are flattened row-major; code i occupies stream bits [i*bits, (i+1)*bits), least
 significant bit first, and stream bit k is bit (k % 8) of byte k // 8 ("little-endian" bit order).
 Eight codes always fill exactly `bits` bytes, so both directions work on groups of 8 codes held
-in one int64 word (at most 7*8 = 56 bits used). Pure tensor code; works on any device.
+in one int64 word (at most 7*8 = 56 bits used). Pure tensor code; works on any device. The size formula
+(packed_nbytes) lives in blob_layout.py, with the rest of the blob's sizes, torch-free.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _check_bits(bits: int) -> None:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
-        raise ValueError(f"bit width must be an int in 1..8, got {bits!r}")
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes needed for `numel` codes of `bits` bits: ceil(numel * bits / 8)."""
-    _check_bits(bits)
-    if numel < 0:
-        raise ValueError(f"numel must be >= 0, got {numel}")
-    return (numel * bits + 7) // 8
+from .blob_layout import check_code_width, packed_nbytes
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes (any shape, values in [0, 2**bits)) into uint8 [packed_nbytes(numel, bits)]."""
-    _check_bits(bits)
+    check_code_width(bits)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor (uint8), got {codes.dtype}")
     flat = codes.reshape(-1)

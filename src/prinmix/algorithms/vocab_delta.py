@@ -30,11 +30,13 @@ not finish on the shared 2-core machine when this was written (see benchmarks/RE
 belongs here once measured. Known limit: PrinMix's SVD basis is the plain SVD of ΔE_R (as for every
 linear), not a weighted one, so the row weights act through the allocation, RTC and the quantisers only.
 
-Budget sharing (split_budget): parts are given bits so as to minimise the sum of their *relative*
-errors J_p(B_p) / J_p(0) under Σ B_p = B — one exchange rate between error units, since at the optimum
-every part's marginal relative error reduction per bit is the same λ (the Lagrange multiplier of Eq. 8
-is exactly a matrix's marginal error per bit). Relative errors make a logit error and an input-vector
-error comparable (each is the fraction of its part's fine-tuning change that is lost).
+Budget sharing (split_budget): parts are given bits so as to minimise a weighted sum of their *relative*
+errors Σ_p w_p·J_p(B_p) / J_p(0) under Σ B_p = B — one exchange rate between error units, since at the
+optimum every part's marginal weighted error reduction per bit is the same λ (the Lagrange multiplier of
+Eq. 8 is exactly a matrix's marginal error per bit). Relative errors make a logit error and an
+input-vector error comparable (each is the fraction of its part's fine-tuning change that is lost); the
+weights w_p (the part's measured effect on the logits, else its entries) are the caller's:
+pipeline/budget_split.py.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ def prinmix_error_curve(delta: torch.Tensor, H: torch.Tensor | None, row_weights
 
 
 def split_budget(curves: list, total_bits: int, grid: int = 32) -> list[int]:
-    """Share total_bits between parts minimising Σ_p f_p(B_p), f_p the relative-error curve of part p
-    (a callable budgets → values, e.g. a partial of prinmix_error_curve), evaluated on `grid`+1 budgets
+    """Share total_bits between parts minimising Σ_p f_p(B_p), f_p the (weighted) relative-error curve of
+    part p (a callable budgets → values, e.g. a partial of prinmix_error_curve), evaluated on `grid`+1 budgets
     each: the parts' budgets at one exchange rate λ (min over B of f_p(B) + λB, λ bisected so the
     budgets fill total_bits), then what is left of total_bits spread in proportion. One part: all of it."""
     if len(curves) == 1:

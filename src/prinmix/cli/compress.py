@@ -33,7 +33,8 @@ def cmd_compress(a) -> int:
     s = api.compress(a.base, a.finetuned, a.output, ratio=a.ratio, method=a.method, config=config,
                      calibration=calibration, device=a.device, resume=not a.no_resume,
                      distill_steps=a.distill_steps, listeners=listeners, base_revision=a.base_revision,
-                     finetuned_revision=a.finetuned_revision, exact_embeddings=a.exact_embeddings)
+                     finetuned_revision=a.finetuned_revision, exact_embeddings=a.exact_embeddings,
+                     vocab_share=a.vocab_share, split=a.split)
     if a.json:
         print(json.dumps({**asdict(s), "ratio_achieved": s.ratio_achieved, "ratio_on_disk": s.ratio_on_disk,
                           "ratio_whole": s.ratio_whole}))
@@ -161,6 +162,13 @@ def add_compress_parsers(sub) -> None:
     c.add_argument("--exact-embeddings", action="store_true",
                    help="earlier behaviour, for comparison: --ratio holds for the decoder linears only and "
                         "embedding / lm_head rows, norms and biases that differ are stored exactly")
+    c.add_argument("--split", choices=("proportional", "exchange"), default="proportional",
+                   help="how the whole budget is shared between the linears and the embedding / lm_head rows: "
+                        "one ratio for all (proportional) or one exchange rate between measured errors "
+                        "(exchange; src/prinmix/pipeline/budget_split.py)")
+    c.add_argument("--vocab-share", type=float, default=None, metavar="S",
+                   help="for comparing splits: the embedding / lm_head rows' share of the compressed bits, "
+                        "forced (default: by --split)")
     c.add_argument("--distill-steps", type=int, default=0,
                    help="bitdelta: Adam steps of scale distillation against the fine-tune's logits (0 = off)")
     _add_output_flags(c, json_help="print the summary as one JSON object")

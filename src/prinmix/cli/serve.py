@@ -11,6 +11,7 @@ from ..errors import PrinmixError
 from ..serve.config import (
     API_KEY_ENV,
     RUNTIME_LOADING_ENV,
+    SERVE_DTYPES,
     ServerConfig,
     env_api_key,
     env_runtime_loading,
@@ -50,7 +51,7 @@ def server_config(a) -> ServerConfig:
                           max_body_bytes=a.max_body_bytes,
                           allow_runtime_loading=a.allow_runtime_loading or env_runtime_loading(),
                           runtime_delta_dirs=a.runtime_delta_dir, max_tenants=a.max_tenants, chat_template=template,
-                          base_name=a.base_name)
+                          base_name=a.base_name, dtype=a.dtype)
     config.check()
     return config
 
@@ -87,6 +88,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="most tokens of prompt + completion (default: the model's max_position_embeddings)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=SERVE_DTYPES,
+                   help="the base's weights and the compute dtype (auto: the checkpoint's, as vLLM's --dtype)")
     p.add_argument("--served-model-name", "--base-name", dest="base_name", default=None,
                    help="the base's model name (default: its directory's name)")
     p.add_argument("--chat-template", default=None, metavar="FILE",

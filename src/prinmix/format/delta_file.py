@@ -42,17 +42,27 @@ from safetensors.torch import save_file
 
 from ..algorithms.budget import budget_bits
 from ..algorithms.compressed_linear import CompressedLinear
-from ..algorithms.methods import METHOD_NAMES
 from ..algorithms.vocab_delta import decode_row_set, encode_row_set
 from ..errors import DeltaFormatError
-from .file_names import aux_name_problem
+from .byte_counts import (  # noqa: F401  (the header-byte bounds re-exported: the compressor sizes with them)
+    dense_header_bytes,
+    matrix_header_bytes,
+    rows_header_bytes,
+    vocab_header_bytes,
+    weight_bytes_by_part,
+    whole_delta_entries,
+)
+from .delta_metadata import (  # noqa: F401  (re-exported: the format's constants and metadata reader)
+    FORMAT_VERSION,
+    METADATA_KEY,
+    METADATA_SHA256_FIELD,
+    READABLE_VERSIONS,
+    metadata_digest,
+    metadata_problem,
+    read_metadata,
+    tensor_key_problem,
+)
 from .output_safety import apply_umask
-
-FORMAT_VERSION = 2            # 2: compressed vocabulary-row deltas ("vocab"); version-1 files are still read
-READABLE_VERSIONS = (1, 2)
-METADATA_KEY = "prinmix"
-METADATA_SHA256_FIELD = "metadata_sha256"
-TENSOR_NAME_MAX_CHARS = 1000
 
 
 @dataclass
@@ -97,69 +107,18 @@ class DeltaFile:
     def whole_delta_params(self) -> int:
         """Entries of what differs from the base, the 16-bit size of which the whole-delta ratio is of: whole
         matrices of the linears, the changed and new rows of embedding / lm_head, whole other tensors."""
-        n = self.dense_delta_params() + sum(t.numel() for t in self.dense.values())
-        n += sum(int(i.numel()) * int(shape[1]) for i, _, shape in self.rows.values())
-        return n + sum(m.shape[0] * m.shape[1] for _, m, _ in self.vocab.values())
+        return whole_delta_entries([m.shape for m in self.matrices.values()],
+                                   [t.numel() for t in self.dense.values()],
+                                   [(i.numel(), shape[1]) for i, _, shape in self.rows.values()],
+                                   [m.shape for _, m, _ in self.vocab.values()])
 
     def weight_bytes(self) -> dict:
-        """Bytes stored for weights, by part, each with its header entries (upper bound, see
-        entries_header_bytes): {"linear", "vocab": {name: bytes}, "exact", "total"}. Config/tokenizer
-        files (aux/) and the file-level metadata (params, fingerprint) are not weights."""
-        linear = self.linear_bytes() + self.linear_header_bytes()
-        vocab = {n: b + vocab_header_bytes(n) for n, b in self.vocab_bytes().items()}
-        exact = self.dense_bytes() + sum(dense_header_bytes(n, t.ndim) for n, t in self.dense.items())
-        exact += sum(rows_header_bytes(n) for n in self.rows)
-        return {"linear": linear, "vocab": vocab, "exact": exact, "total": linear + sum(vocab.values()) + exact}
-
-
-def entries_header_bytes(tensors: dict[str, int], meta: dict, skeleton: dict) -> int:
-    """Upper bound (bytes) of the header entries of some tensors: their safetensors entries ({key: ndim},
-    dtype, shape and offsets with 20 digits allowed per number) plus `meta`, their part of the metadata
-    JSON (sha256 in "checksums" added here), measured on the serialised, string-escaped form against
-    `skeleton` (the same keys, empty), with the separators between entries."""
-    big = 10 ** 20 - 1
-    n = 0
-    for key, ndim in tensors.items():
-        entry = json.dumps({key: {"dtype": "U8", "shape": [big] * max(ndim, 1), "data_offsets": [big, big]}},
-                           separators=(",", ":"))
-        n += len(entry) - 2 + 1
-    meta = {**meta, "checksums": {k: "0" * 64 for k in tensors}}
-    skeleton = {**skeleton, "checksums": {}}
-    full, empty = json.dumps(meta, sort_keys=True), json.dumps(skeleton, sort_keys=True)
-    return n + (len(json.dumps(full)) - len(json.dumps(empty))) + 3 * 2 * (len(tensors) + len(meta) - 1)
-
-
-def matrix_header_bytes(name: str, shape) -> int:
-    """Upper bound (bytes) of what linear delta NAME of `shape` adds to the file's header.
-
-    Its safetensors entry and its entries in the metadata JSON (sha256 in "checksums", shape in
-    "matrices", objective in "stats"; see entries_header_bytes). compress() takes this from the
-    matrix's bit budget, so the linear deltas' bytes *on disk* (blobs + their header entries) meet α.
-    """
-    return entries_header_bytes({f"linear/{name}": 1},
-                                {"matrices": {name: [int(v) for v in shape]},
-                                 "stats": {"objective": {name: -1.2345678901234567e-300}}},
-                                {"matrices": {}, "stats": {"objective": {}}})
-
-
-def dense_header_bytes(name: str, ndim: int) -> int:
-    """Upper bound of the header entries of an exactly stored tensor dense/NAME."""
-    return entries_header_bytes({f"dense/{name}": ndim}, {}, {})
-
-
-def rows_header_bytes(name: str) -> int:
-    """Upper bound of the header entries of exactly stored rows of NAME (index, values, shape)."""
-    big = 10 ** 20 - 1
-    return entries_header_bytes({f"rows/{name}/index": 1, f"rows/{name}/values": 2},
-                                {"rows": {name: [big, big]}}, {"rows": {}})
-
-
-def vocab_header_bytes(name: str) -> int:
-    """Upper bound of the header entries of the compressed rows of NAME (row set, blob, shape)."""
-    big = 10 ** 20 - 1
-    return entries_header_bytes({f"vocab/{name}/rows": 1, f"vocab/{name}/delta": 1},
-                                {"vocab": {name: [big, big, big]}}, {"vocab": {}})
-
+        """Bytes stored for weights, by part, each with its header entries (byte_counts.weight_bytes_by_part):
+        {"linear", "vocab": {name: bytes}, "exact", "total"}."""
+        return weight_bytes_by_part(
+            {n: (m.nbytes(), m.shape) for n, m in self.matrices.items()}, self.vocab_bytes(),
+            {n: (t.numel() * t.element_size(), t.ndim) for n, t in self.dense.items()},
+            {n: i.numel() * i.element_size() + v.numel() * v.element_size() for n, (i, v, _) in self.rows.items()})
 
 def ratio_within_file(alpha: float, name: str, shape) -> float:
     """The ratio to compress matrix NAME at so that its blob plus its header entries fit α's budget.
@@ -263,129 +222,6 @@ def save_delta(delta: DeltaFile, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
-def metadata_digest(meta: dict) -> str:
-    """sha256 (hex) of the canonical JSON (sorted keys, ASCII) of META without its own digest field."""
-    rest = {k: v for k, v in meta.items() if k != METADATA_SHA256_FIELD}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_sha256(v) -> bool:
-    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
-
-
-def _is_shape(v) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(_is_int(x) and 0 < x < 2 ** 40 for x in v)
-
-
-def _is_tensor_name(v) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= TENSOR_NAME_MAX_CHARS and v.isprintable()
-
-
-def metadata_problem(meta) -> str | None:
-    """Why the decoded "prinmix" JSON is not a valid delta description (types and names), or None."""
-    if not isinstance(meta, dict):
-        return "metadata is not a JSON object"
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS or not _is_int(version):
-        return (f"format version {version!r} is not supported "
-                f"(this prinmix reads {', '.join(map(str, READABLE_VERSIONS))})")
-    for key in ("method", "ratio", "params", "matrices", "rows", "base_fingerprint", "checksums"):
-        if key not in meta:
-            return f"metadata lacks '{key}'"
-    if meta["method"] not in METHOD_NAMES:
-        return f"unknown method {meta['method']!r} (known: {', '.join(METHOD_NAMES)})"
-    ratio = meta["ratio"]
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < float("inf"):
-        return f"ratio {ratio!r} is not a positive number"
-    for key in ("params", "matrices", "rows", "base_fingerprint", "checksums", "stats"):
-        if key in meta and not isinstance(meta[key], dict):
-            return f"'{key}' is a {type(meta[key]).__name__}, not a JSON object"
-    for key in ("matrices", "rows"):
-        for name, shape in meta[key].items():
-            if not _is_tensor_name(name) or not _is_shape(shape):
-                return f"'{key}' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [int, int] of positive sizes"
-    vocab = meta.get("vocab", {})
-    if not isinstance(vocab, dict):
-        return "'vocab' is not a JSON object"
-    for name, shape in vocab.items():
-        if not _is_tensor_name(name) or not isinstance(shape, list) or len(shape) != 3 \
-                or not _is_shape(shape[:2]) or not _is_int(shape[2]) or not 0 < shape[2] <= shape[0]:
-            return f"'vocab' entry {name[:80]!r}: {str(shape)[:40]} is not a name → [rows, d, changed rows]"
-    for name, digest in meta["checksums"].items():
-        if not _is_sha256(digest):
-            return f"checksum of {name[:80]!r} is not a sha256 hex digest"
-    fp = meta["base_fingerprint"]
-    if not all(isinstance(fp.get(k), str) for k in ("model_type", "content_hash")):
-        return "base_fingerprint lacks its model_type / content_hash strings"
-    params = meta["params"]
-    removed = params.get("removed_tensors", [])
-    if not isinstance(removed, list) or not all(_is_tensor_name(n) for n in removed):
-        return "params.removed_tensors is not a list of tensor names"
-    from_base = params.get("aux_from_base", {})
-    if not isinstance(from_base, dict):
-        return "params.aux_from_base is not a JSON object"
-    for name, digest in from_base.items():
-        problem = aux_name_problem(name)
-        if problem:
-            return f"params.aux_from_base: {problem}"
-        if not _is_sha256(digest):
-            return f"params.aux_from_base: the digest of {name!r} is not a sha256 hex digest"
-    return None
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The JSON metadata of a delta file, validated; raises DeltaFormatError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DeltaFormatError(f"{path}: no such delta file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DeltaFormatError(f"{path}: not a readable delta file (truncated or corrupted?): {e}") from None
-    raw = header.get(METADATA_KEY)
-    if raw is None:
-        raise DeltaFormatError(f"{path}: a safetensors file, but not a prinmix delta (no '{METADATA_KEY}' metadata)")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise DeltaFormatError(f"{path}: corrupted metadata: {e}") from None
-    if not isinstance(meta, dict):
-        raise DeltaFormatError(f"{path}: metadata is not a JSON object")
-    digest = meta.get(METADATA_SHA256_FIELD)
-    if digest is None:
-        raise DeltaFormatError(f"{path}: its metadata has no checksum ('{METADATA_SHA256_FIELD}'; written by a "
-                               f"prinmix before metadata checksums?): compress it again")
-    if digest != metadata_digest(meta):
-        raise DeltaFormatError(f"{path}: checksum mismatch in its metadata (corrupted file)")
-    problem = metadata_problem(meta)
-    if problem:
-        raise DeltaFormatError(f"{path}: {problem}")
-    return meta
-
-
-def _tensor_key_problem(key: str, meta: dict) -> str | None:
-    """Why safetensors key KEY is not one the metadata describes, or None."""
-    kind, _, name = key.partition("/")
-    if kind == "linear" and name in meta["matrices"]:
-        return None
-    if kind == "dense" and _is_tensor_name(name):
-        return None
-    if kind == "rows" and (name.endswith("/index") or name.endswith("/values")) \
-            and name.rsplit("/", 1)[0] in meta["rows"]:
-        return None
-    if kind == "vocab" and (name.endswith("/rows") or name.endswith("/delta")) \
-            and name.rsplit("/", 1)[0] in meta.get("vocab", {}):
-        return None
-    if kind == "aux":
-        return aux_name_problem(name)
-    return f"tensor {key[:80]!r} is not one the format defines"
-
-
 def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
     """Read and validate a delta file: metadata (types, names), checksums, blob structure, shapes, dtypes,
     finiteness. Raises DeltaFormatError naming the file; the base-dependent checks are in check_base."""
@@ -399,7 +235,7 @@ def load_delta(path: str | os.PathLike, verify: bool = True) -> DeltaFile:
             if keys != set(checksums):
                 raise DeltaFormatError(f"{path}: tensor list does not match its metadata")
             for k in sorted(keys):  # names first: nothing is read for a file naming a forbidden path
-                problem = _tensor_key_problem(k, meta)
+                problem = tensor_key_problem(k, meta)
                 if problem:
                     raise DeltaFormatError(f"{path}: {problem}")
             for k in sorted(keys):

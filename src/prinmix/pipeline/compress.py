@@ -12,14 +12,18 @@ The data path, top to bottom (`run_compress`):
    c. propagate X through base + ΔŴ (compressed) of layer i;
 4. the tensors outside the layers (embeddings, final norm, lm_head) diffed exactly — in whole-delta mode
    (the default; not job.exact_embeddings) the changed rows of embedding / lm_head are compressed
-   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2);
+   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2, the
+   linears' share by one exchange rate measured on a probe pass: pipeline/budget_split.py);
 5. BitDelta with distill_steps: its scales distilled against the fine-tune's logits;
 6. the delta file written atomically; the resume parts removed.
 
 Calibration activations (decision): layer i's Hessian H = XXᵀ is taken on the hidden states of the
 *reconstructed* model — base + the compressed deltas of layers 0..i-1 — i.e. what the served model
 will feed layer i (GPTQ's sequential order). Inside layer i the inputs of each linear come from the
-layer run with the fine-tune's weights, so q/k/v/o and gate/up/down all see the same stream.
+layer run with the fine-tune's weights, so q/k/v/o and gate/up/down all see the same stream. The
+pass embeds with the fine-tune's exact embedding rows: the vocabulary rows are compressed after it
+(their head role needs the final states' H), so in whole-delta mode the served model's layer-0 input
+differs from the pass's by the embedding rows' compression error.
 tests/pipeline/test_compress_pipeline.py checks this against a direct computation on the merged model.
 
 Progress is reported as events (pipeline/events.py) to the listeners given; nothing else observes the run.
@@ -53,10 +57,11 @@ from ..checkpoint.compatibility import CompatibilityReport, check_compatible
 from ..checkpoint.hub import resolve_model_dir
 from ..checkpoint.lora_source import LoraFinetunedReader, is_lora_adapter
 from ..checkpoint.reader import CheckpointReader
-from ..errors import CheckpointError, DeltaRangeError
+from ..errors import CheckpointError, DeltaRangeError, WholeBudgetWarning
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
 from ..format.resume_part import MappedCompressedLinear, part_problem, read_layer_part, write_layer_part
 from .bitdelta_distill import distill_bitdelta_scales
+from .budget_split import EffectProbe
 from .config import CalibrationConfig, CompressJob
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
 from .tensor_diff import add_non_layer_tensors, changed_exact_tensor, linear_delta
@@ -133,15 +138,20 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if not resume and work.exists():
         shutil.rmtree(work)
     calib = job.calibration
-    # the whole-delta budget: what differs and the ratio α' of every compressed blob (BitDelta: fixed size)
-    plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha,
-                                                               fixed_size=job.method == "bitdelta")
+    ids = calibration_ids(ft_r, calib) if job.calibrated else None
+    counts = None
+    if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
+        counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
+    # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
+    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "exchange" else None
+    plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
+                                                               job.config, counts, job.vocab_share, probe,
+                                                               job.split)
     layer_alpha = job.alpha if plan is None or job.method == "bitdelta" else plan.linear_alpha
 
     # 2. the hidden states entering layer 0
-    inputs, hidden_files, ids = None, None, None
+    inputs, hidden_files = None, None
     if job.calibrated:
-        ids = calibration_ids(ft_r, calib)
         hidden_shape = (*ids.shape, stack.config.get_text_config().hidden_size)
         if calib.offload:
             hidden_files = HiddenFiles(calib.offload, hidden_shape)
@@ -224,12 +234,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
             emit(PhaseDone(Phase.PROPAGATE, i))
         part = None
         emit(LayerDone(i, n_layers, resumed))
-    counts = head_H = None
+    head_H = None
     if plan is not None and inputs is not None and any("head" in p.roles for p in plan.vocab if p.changed.numel()):
         # the reconstructed model's last-layer outputs, through the (exactly stored) final norm
         head_H = stack.head_hessian(ft_r, ids, inputs.hidden, device, calib.batch_size).cpu()
-    if plan is not None and ids is not None:
-        counts = torch.bincount(ids.flatten().cpu(), minlength=plan.vocab[0].shape[0] if plan.vocab else 0)
     inputs = None
     if hidden_files:
         hidden_files.close()
@@ -253,12 +261,23 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                                                      if m.info.get("objective") is not None}}
     if plan is not None:
         delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
+        if plan.split is not None:
+            delta.stats["whole"]["split"] = {"rule": plan.split.rule, "vocab_share": plan.split.vocab_share,
+                                             **({"weights": plan.split.weights} if plan.split.weights else {})}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
-    return CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(), delta.dense_delta_params(),
-                           delta.dense_bytes(), delta.aux_bytes(), file_bytes, time.time() - t0, n_layers,
-                           delta.linear_header_bytes(), delta.params.get("lora_adapter_bytes"),
-                           delta.whole_delta_params(), delta.weight_bytes(), job.exact_embeddings)
+    summary = CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(),
+                              delta.dense_delta_params(), delta.dense_bytes(), delta.aux_bytes(), file_bytes,
+                              time.time() - t0, n_layers, delta.linear_header_bytes(),
+                              delta.params.get("lora_adapter_bytes"), delta.whole_delta_params(),
+                              delta.weight_bytes(), job.exact_embeddings)
+    if plan is not None and job.method != "bitdelta" and summary.ratio_whole > job.alpha:
+        # whole_budget.py decision 5: the parts' fixed minimum sizes exceed their shares (toy models)
+        warnings.warn(f"{job.output}: the whole delta is stored at {summary.ratio_whole:.5f}, above the requested "
+                      f"{job.alpha:.5f}: the header entries of this model's toy-sized matrices are not charged to "
+                      f"their budgets and fixed per-matrix fields exceed their share (pipeline/whole_budget.py, "
+                      f"decisions 1 and 5)", WholeBudgetWarning, stacklevel=3)
+    return summary
 
 
 def compress_checked(matrix_compressor: MatrixCompressor, d, H, ratio: float, job: CompressJob, name: str, i: int,

@@ -14,6 +14,8 @@ from ..format.output_safety import refuse_input_overlap
 
 __all__ = ["CalibrationConfig", "CompressJob"]
 
+SPLIT_RULES = ("proportional", "exchange")   # how the whole budget is shared: pipeline/budget_split.py
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -48,6 +50,10 @@ class CompressJob:
     exact_embeddings: α holds for the decoder linears only and every other tensor that differs is stored
     exactly (the earlier behaviour, for comparison); default False: α holds for the whole delta
     (pipeline/whole_budget.py).
+    vocab_share: the embedding / lm_head rows' share of the compressed bits in whole-delta mode, forced
+    (for benchmarks comparing splits); None (default): by `split`.
+    split: "proportional" (default: one ratio for every compressed part) or "exchange" (one exchange rate
+    between measured, weighted relative errors); pipeline/budget_split.py says why and what was measured.
     """
 
     base: Path
@@ -61,12 +67,15 @@ class CompressJob:
     base_revision: str | None = None
     finetuned_revision: str | None = None
     exact_embeddings: bool = False
+    vocab_share: float | None = None
+    split: str = "proportional"
 
     @classmethod
     def create(cls, base, finetuned, output, ratio: str | float = "1/16", method: str = "prinmix",
                config: PrinMixConfig | None = None, calibration: CalibrationConfig | None = None,
                distill_steps: int = 0, base_revision: str | None = None,
-               finetuned_revision: str | None = None, exact_embeddings: bool = False) -> "CompressJob":
+               finetuned_revision: str | None = None, exact_embeddings: bool = False,
+               vocab_share: float | None = None, split: str = "proportional") -> "CompressJob":
         """Validate the user's settings (one-line PrinmixError/BudgetError each) and build the job."""
         if method not in METHODS:
             raise PrinmixError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
@@ -89,8 +98,12 @@ class CompressJob:
             config.validate()
         except ValueError as e:
             raise BudgetError(f"invalid bit-width settings (--bits/--fmax): {e}") from None
+        if split not in SPLIT_RULES:
+            raise PrinmixError(f"--split {split!r}: choose one of {', '.join(SPLIT_RULES)}")
+        if vocab_share is not None and not 0.0 <= vocab_share <= 1.0:
+            raise BudgetError(f"vocab_share must lie in [0, 1], got {vocab_share}")
         return cls(Path(base), Path(finetuned), Path(output), alpha, method, config, calibration, distill_steps,
-                   base_revision, finetuned_revision, bool(exact_embeddings))
+                   base_revision, finetuned_revision, bool(exact_embeddings), vocab_share, split)
 
     @property
     def calibrated(self) -> bool:
@@ -102,4 +115,4 @@ class CompressJob:
         return {"method": self.method, "ratio": self.alpha, "budget": "blob+header", "exact": "base-dtype",
                 "config": asdict(self.config), "calib": c.calib, "nsamples": c.nsamples, "seqlen": c.seqlen,
                 "seed": c.seed, "base": base_hash, "finetuned": finetuned_hash, "distill_steps": self.distill_steps,
-                "whole": not self.exact_embeddings}
+                "whole": not self.exact_embeddings, "vocab_share": self.vocab_share, "split": self.split}

@@ -10,22 +10,26 @@ Config/tokenizer files and the file's own metadata (parameters, base fingerprint
 reported apart. `exact_embeddings=True` keeps the earlier behaviour (α for the linears only; every other
 tensor that differs stored exactly) for comparison.
 
-How the budget is shared (decisions):
+How the budget is spent (decisions):
 1. Exact tensors (norms, biases, added vocabulary rows) are paid first, at their real stored size with
-   their header entries; they are tiny (SmolLM2: 70 KB of a 17 MB budget). So are the header entries
-   of every compressed part (a linear's header, as in `exact_embeddings` mode, except for toy matrices
-   whose header would exceed a quarter of their budget: ratio_within_file).
-2. The decoder linears are compressed one layer at a time, each calibrated on the reconstructed model
-   so far, so their budget must be fixed before the pass: every compressed part gets the same ratio α'
-   of its own 16-bit size, α' = (budget − exact − vocabulary overheads) / 16·(linear + vocabulary
-   entries) ≤ α. An exchange rate with the linears would need their error curves before the pass
-   (a second pass over the model); not done — the benchmark measures what other splits would give.
-3. The vocabulary parts (untied: embedding and lm_head) then share what the linears left, by one
-   exchange rate: minimise the sum of their relative errors (vocab_delta.split_budget; PrinMix only —
-   the baselines have no error curve and split in proportion to size). A tied matrix is one part with
-   both roles in its objective (vocab_delta.py).
+   their header entries; they are tiny on real models (SmolLM2: 70 KB of a 17 MB budget). So are the
+   header entries of every compressed part, except those of a toy matrix whose entries would exceed a
+   quarter of its own budget (format/delta_file.ratio_within_file: a 64×128 matrix's ~400 B of its
+   1 KiB at 1/16; no matrix of a real LLM): charging them would leave toy models' linears almost no bits
+   and make comparisons on them meaningless. Such a file can end above α; see 5.
+2. What is left, B, is shared between the decoder linears (one ratio α' for all of them, as the paper
+   does) and the vocabulary parts: by default in proportion to their size (the same ratio for every
+   compressed part), or by one exchange rate between their weighted relative errors (`--split exchange`);
+   budget_split.py says why proportional is the default (measured). The linears' α' is fixed before the
+   pass, which compresses them one layer at a time on the reconstructed model.
+3. The vocabulary parts (untied: embedding and lm_head) are compressed after the pass with what the
+   linears left (their real spending, not the plan), shared between them by the same rule (the plan's
+   measured weights w_p under `--split exchange`, else their entries n_p) with their calibrated objectives (vocab_delta.split_budget; PrinMix only — the baselines have no error curve
+   here and split in proportion to size). A tied matrix is one part with both roles in its objective.
 4. BitDelta's size is fixed by its format (1 bit per entry + 5 B): its whole delta is ≈ 1/16 + the exact
    tensors' excess, reported as such; ratios below 1/16 are refused as before.
+5. A file that ends above α (toy matrices' uncharged header entries, 1.; a part's fixed minimum size
+   above its share) is written, and compress warns with both numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..algorithms.budget import budget_bits
+from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
 from ..algorithms.compress_matrix import compress_matrix
 from ..algorithms.compressed_linear import BLOB_HEADER_BYTES
 from ..algorithms.prinmix_config import PrinMixConfig
@@ -49,6 +53,7 @@ from ..format.delta_file import (
     rows_header_bytes,
     vocab_header_bytes,
 )
+from .budget_split import BudgetSplit, EffectProbe, exchange_split, linear_alpha_of
 from .tensor_diff import stored_form
 
 __all__ = ["VocabPart", "WholeBudget", "compress_vocab_parts", "plan_whole_budget"]
@@ -78,8 +83,9 @@ class WholeBudget:
     exact_bytes: int                    # their stored bytes + header entries
     overhead_bytes: int                 # header entries of the linears, row sets + header entries of the
                                         # compressed vocabulary parts (paid before any blob)
-    linear_alpha: float                 # α' of every compressed blob (see module docstring, 2.)
+    linear_alpha: float                 # α' of every linear blob (see module docstring, 2.)
     vocab: list[VocabPart] = field(default_factory=list)
+    split: BudgetSplit | None = None    # how the compressed bits were shared (budget_split.py)
 
 
 def _vocab_matrix_names(stack, ft_r, compat) -> list[str]:
@@ -94,9 +100,17 @@ def _changed_rows(base_t: torch.Tensor, ft_t: torch.Tensor) -> tuple[torch.Tenso
     return torch.nonzero(~same).flatten(), torch.arange(n, ft_t.shape[0])
 
 
-def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, fixed_size: bool = False) -> WholeBudget:
+def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "prinmix",
+                      config: PrinMixConfig | None = None, counts: torch.Tensor | None = None,
+                      vocab_share: float | None = None, probe: EffectProbe | None = None,
+                      split: str = "proportional") -> WholeBudget:
     """Scan what differs (exact tensors read and compared; linears counted whole) and fix α'.
-    fixed_size: the method's size is fixed by its format (BitDelta): report, never refuse."""
+
+    method "bitdelta": the size is fixed by its format — report, never refuse. counts: int64 [vocab] token
+    counts of the calibration inputs (None: uncalibrated). vocab_share: force the vocabulary parts' share
+    of the compressed bits (benchmarks); None: by `split` — "proportional" (one ratio for every compressed
+    part) or "exchange" (budget_split.py; its sensitivities measured on `probe`)."""
+    fixed_size = method == "bitdelta"
     vocab_names = _vocab_matrix_names(stack, ft_r, compat)
     head = stack.output_embedding_name()
     tied = bool(getattr(ft_r, "tied_embeddings", False))
@@ -136,9 +150,14 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, fixed_size: boo
         raise BudgetError(f"ratio {alpha:g} of the whole delta ({total // 8} B) does not even pay for the tensors "
                           f"stored exactly ({exact_bytes} B: norms, biases, added vocabulary rows) and the "
                           f"header entries ({overhead} B)")
-    linear_alpha = min(alpha, max(left, 0) / (16 * compressed)) if compressed else alpha
-    return WholeBudget(alpha, total, linear_params, vocab_params, exact_params, exact_bytes, overhead,
-                       linear_alpha, parts)
+    plan = WholeBudget(alpha, total, linear_params, vocab_params, exact_params, exact_bytes, overhead,
+                       alpha, parts)
+    if fixed_size or not compressed:
+        return plan
+    plan.split = exchange_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
+                                probe, split)
+    plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
+    return plan
 
 
 def _exact_cost(name: str, base_r, ft_r) -> tuple[int, int]:
@@ -193,8 +212,18 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
         problems.append((p, d_rows, H, weights))
     sizes = [p.changed.numel() * p.shape[1] for p, *_ in problems]
     if method == "prinmix" and len(problems) > 1 and counts is not None:
-        curves = [lambda b, d=d, H=H, w=w: prinmix_error_curve(d, H, w, b, cfg) for _, d, H, w in problems]
-        budgets = split_budget(curves, left)
+        # Σ_p w_p·e_p(B_p) as for the linears/vocabulary split (budget_split.py): w_p the part's measured
+        # weight when the plan measured one for every part (--split exchange), else its entries n_p
+        measured = (plan.split.weights or {}) if plan.split is not None else {}
+        if all(p.name in measured for p, *_ in problems):
+            w_of = [float(measured[p.name]) for p, *_ in problems]
+        else:
+            w_of = [float(n) for n in sizes]
+        total_w = sum(w_of) or 1.0
+        curves = [lambda b, d=d, H=H, w=w, wp=wp: (wp / total_w) * prinmix_error_curve(d, H, w, b, cfg)
+                  for (_, d, H, w), wp in zip(problems, w_of)]
+        floor = prinmix_fixed_overhead_bits(cfg.fmax)   # every part keeps a blob of no ranks at least
+        budgets = [b + floor for b in split_budget(curves, max(left - floor * len(curves), 0))]
     else:
         budgets = [left * s // sum(sizes) for s in sizes]
     report = {}

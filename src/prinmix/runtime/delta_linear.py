@@ -271,26 +271,32 @@ class DeltaLinear(nn.Module):
 
     def _add_deltas_cached(self, rows_x: torch.Tensor, rows_y: torch.Tensor, groups: RowGroups,
                            batch_id: int) -> None:
-        """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its dense factors
-        (written into one [n_delta_rows, h_out] buffer), one gather-add-scatter of y in float32 (as the
-        reference rounds: y + Δ once). Sign deltas use the reference's product."""
-        dtype = self.factor_cache.dtype if self.factor_cache is not None else torch.float32
-        xs = rows_x.index_select(0, groups.order).to(dtype)
-        out = torch.zeros(xs.shape[0], self.out_features, dtype=dtype, device=xs.device)
-        for slot, start, length in groups.segments:
+        """The fast CPU path: one gather of the delta rows, two GEMMs per tenant with its cached factors,
+        one concatenation of the tenants' products and one gather-add-scatter of y in float32 (as the
+        reference rounds: y + Δ once). Sign deltas, and deltas the cache has no room for, use the
+        reference's product from the packed codes. Per tenant only the two GEMMs run as tensor ops
+        (the rows of each tenant are views from one split per input dtype)."""
+        xs = rows_x.index_select(0, groups.order)
+        lengths = [n for _, _, n in groups.segments]
+        by_dtype = {}                                   # the delta rows in each factor kind's input dtype, split
+        parts = []
+        for i, (slot, _, length) in enumerate(groups.segments):
             d = self.tenants.get(slot)
-            if d is None:
-                continue
-            seg = out[start:start + length]
-            if d.packed is not None and d.packed.sign is not None:
-                seg += self._delta_rows(d.packed, xs[start:start + length].float()).to(dtype)
-            elif d.packed is not None and d.packed.rank:
+            factors = part = None
+            if d is not None and d.packed is not None and d.packed.blocks:   # blocks of rank > 0
                 factors = (self.factor_cache.get((id(self), slot), d.packed, batch_id)
-                           if self.factor_cache is not None else dense_factors(d.packed, dtype))
-                factors.apply(xs[start:start + length], out=seg)
-            if d.bias is not None:
-                seg += d.bias.to(dtype)
-        acc = rows_y.index_select(0, groups.order).float() + out.float()
+                           if self.factor_cache is not None else dense_factors(d.packed))
+            if factors is not None:
+                dtype = factors.input_dtype
+                if dtype not in by_dtype:
+                    by_dtype[dtype] = xs.to(dtype).split(lengths)
+                part = factors.apply(by_dtype[dtype][i])
+            elif d is not None and d.packed is not None and (d.packed.sign is not None or d.packed.blocks):
+                part = self._delta_rows(d.packed, xs.float().split(lengths)[i])  # signs; no room in the cache
+            if d is not None and d.bias is not None:
+                part = d.bias.expand(length, -1) if part is None else part.float() + d.bias
+            parts.append(part if part is not None else xs.new_zeros(length, self.out_features, dtype=torch.float32))
+        acc = rows_y.index_select(0, groups.order).float() + torch.cat(parts).float()
         rows_y.index_copy_(0, groups.order, acc.to(rows_y.dtype))
 
     def _delta_rows(self, p: PackedLinear, xs: torch.Tensor) -> torch.Tensor:

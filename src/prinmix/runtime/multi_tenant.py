@@ -16,13 +16,17 @@ a whole linear or embedding weight, a changed vocabulary size, tensors removed o
 the base, a bias the base lacks, and modules the runtime cannot wrap (non-nn.Linear / nn.Embedding).
 Every tenant payload is swapped between host and device as a whole by the TenantRegistry.
 
-Step-level API for a continuous-batching server (token ids in, token ids out; greedy):
+Step-level API for a continuous-batching server (token ids in, token ids out):
 
     state = model.prefill(prompts, tenants, seq_ids)   # one forward over the left-padded prompts
     state.next_tokens                                  # the first generated token of each sequence
     model.decode_step(state)                           # one token for every sequence, one forward
     state = DecodeState.join(state, model.prefill(...))  # new sequences join the running batch
     state.drop(seq_ids)                                # finished sequences leave
+
+Both steps take `choose`, the token-choice hook (a TokenChooser: the step's sequences and their
+next-token logits [B, vocab] in, one token id per sequence out); the default is greedy (argmax). A
+server samples per request through it (serve/scheduler.py) and runs exactly these steps.
 
 The running batch (sequences, KV cache, mask; join / drop) is runtime/decode_state.py's DecodeState;
 the per-tenant norm / embedding-row / lm_head-row wrappers are runtime/tenant_modules.py's; the
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 from torch import nn
@@ -48,17 +52,45 @@ from ..checkpoint.reader import CheckpointReader
 from ..errors import PrinmixError
 from ..format.delta_file import load_delta
 from .decode_state import DecodeState, SequenceState, left_padded, make_cache
-from .delta_linear import BASE_SLOT, DeltaLinear, TenantBatch, TenantContext, TenantDelta, TenantRegistry
+from .delta_linear import (
+    BASE_SLOT,
+    DeltaLinear,
+    TenantBatch,
+    TenantContext,
+    TenantDelta,
+    TenantRegistry,
+    triton_available,
+)
 from .factor_cache import FactorCache
 from .packed import PackedLinear
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
 from .vocab_rows import VocabPayload
 
-__all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState"]
+__all__ = ["DEFAULT_FACTOR_CACHE_BYTES", "DecodeState", "MultiTenantModel", "SequenceState", "TokenChooser",
+           "default_factor_cache_dtype", "greedy"]
 
-# Dequantised factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py): ~9× a
-# tenant's packed bytes in float32, so 1 GiB holds ~8 SmolLM2-135M tenants at 1/16 (≈ 99 MiB each).
+TokenChooser = Callable[[list[SequenceState], torch.Tensor], list[int]]
+"""The token-choice hook of prefill / decode_step: (the step's sequences, their next-token logits
+[B, vocab] in the same row order) → the next token id of each. Called once per step, before the
+tokens are appended (a sequence's `generated` holds the tokens before this one)."""
+
+
+def greedy(seqs: list[SequenceState], logits: torch.Tensor) -> list[int]:
+    """The default TokenChooser: the most likely token of each row."""
+    return logits.argmax(-1).tolist()
+
+# Unpacked factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py). In int8:
+# r·(h_in + h_out) bytes a linear, 2–3.5× a tenant's packed bytes at mean widths of 3.6–2.5 bits (float32:
+# 4× that). SmolLM2-135M at whole-delta 1/16 (16 MiB file, mostly 2-bit ranks): 51.5 MiB a tenant in int8
+# (linears and the compressed vocabulary rows), so 1 GiB holds 19 tenants.
+# By default int8 for a 16-bit model (bfloat16 rounding of the delta product is below the model's own),
+# float32 for a float32 model (which then matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
+
+
+def default_factor_cache_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """torch.int8 for a bfloat16 / float16 model, torch.float32 otherwise."""
+    return torch.int8 if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _vocab_payload(delta, name: str) -> VocabPayload | RowsPayload:
@@ -84,8 +116,10 @@ class MultiTenantModel:
 
     device: where the base and resident tenants live; dtype: None = the checkpoint's; budget_bytes:
     device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's;
-    factor_cache_bytes: byte budget of the dequantised factors of the hottest tenants (the "cached"
-    backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype.
+    factor_cache_bytes: byte budget of the unpacked factors of the hottest tenants (the "cached"
+    backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype
+    (torch.int8: exact int8 codes, bfloat16 activations; torch.float32 / bfloat16: dequantised factors;
+    None: default_factor_cache_dtype of the model's dtype).
 
     Public surface beyond the step API: add_tenant / remove_tenant / tenants / tenant_bytes,
     memory() (bytes by kind), registry (TenantRegistry: residency, swaps) and factor_cache (hits,
@@ -95,13 +129,15 @@ class MultiTenantModel:
 
     def __init__(self, base_dir, device="cpu", dtype: torch.dtype | None = None, budget_bytes: int | None = None,
                  backend: str = "auto", factor_cache_bytes: int = DEFAULT_FACTOR_CACHE_BYTES,
-                 factor_cache_dtype: torch.dtype = torch.float32):
+                 factor_cache_dtype: torch.dtype | None = None):
         self.base_dir = Path(base_dir)
         self.reader = CheckpointReader(base_dir)
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or "auto").to(self.device)
         self.model.eval()
         self.backend = backend
+        if factor_cache_dtype is None:
+            factor_cache_dtype = default_factor_cache_dtype(next(self.model.parameters()).dtype)
         self.factor_cache = FactorCache(factor_cache_bytes, factor_cache_dtype) if factor_cache_bytes else None
         self.context = TenantContext()
         self.modules: dict[str, nn.Module] = {}
@@ -234,12 +270,22 @@ class MultiTenantModel:
         module = self.model.get_submodule(path)
         if kind == "linear":
             wrapper = DeltaLinear(module, self.context, self.backend, self.factor_cache)
+        elif kind in ("rows", "embedding"):
+            wrapper = (PerTenantRows if kind == "rows" else PerTenantEmbedding)(module, self.context,
+                                                                                 self._rows_factor_cache())
         else:
-            wrapper = {"params": PerTenantParams, "embedding": PerTenantEmbedding, "rows": PerTenantRows}[kind](
-                module, self.context)
+            wrapper = PerTenantParams(module, self.context)
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, wrapper)
         self.modules[path] = wrapper
+
+    def _rows_factor_cache(self) -> FactorCache | None:
+        """The factor cache for compressed embedding / lm_head rows: where DeltaLinear's backend is "cached" (so the
+        "torch" reference stays the reference; Triton's CUDA path has no rows kernel and keeps the packed form)."""
+        if self.backend == "cached" or (self.backend == "auto" and not (self.device.type == "cuda"
+                                                                         and triton_available())):
+            return self.factor_cache
+        return None
 
     # ---- running -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -266,8 +312,9 @@ class MultiTenantModel:
     logits = forward
 
     def prefill(self, prompts: Sequence[Sequence[int]], tenants: Sequence[str | None],
-                seq_ids: Sequence[Hashable] | None = None) -> DecodeState:
-        """Run the prompts (token ids) in one left-padded forward; the state holds each one's first token."""
+                seq_ids: Sequence[Hashable] | None = None, choose: TokenChooser = greedy) -> DecodeState:
+        """Run the prompts (token ids) in one left-padded forward; the state holds each one's first token,
+        picked by `choose` from the logits of the prompt's last position."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise PrinmixError("prefill needs at least one non-empty prompt")
         seq_ids = list(range(len(prompts))) if seq_ids is None else list(seq_ids)
@@ -275,12 +322,14 @@ class MultiTenantModel:
         mask, positions = mask.to(self.device), positions.to(self.device)
         cache = make_cache([])
         logits = self.forward(ids, tenants, attention_mask=mask, position_ids=positions, cache=cache, last_only=True)
-        first = logits[:, -1].argmax(-1).tolist()
-        seqs = [SequenceState(sid, t, list(p), [tok]) for sid, t, p, tok in zip(seq_ids, tenants, prompts, first)]
-        return DecodeState(seqs, cache, mask)
+        state = DecodeState([SequenceState(sid, t, list(p)) for sid, t, p in zip(seq_ids, tenants, prompts)],
+                            cache, mask)
+        self._append(state, choose, logits[:, -1])
+        return state
 
-    def decode_step(self, state: DecodeState) -> list[int]:
-        """Feed every sequence's last token (one forward for the batch); append and return the next ones."""
+    def decode_step(self, state: DecodeState, choose: TokenChooser = greedy) -> list[int]:
+        """Feed every sequence's last token (one forward for the batch); append and return the next ones
+        (picked by `choose`)."""
         if not state.seqs:
             return []
         ids = torch.tensor([[s.generated[-1]] for s in state.seqs], dtype=torch.long)
@@ -289,10 +338,16 @@ class MultiTenantModel:
                                                         device=state.mask.device)], 1)
         logits = self.forward(ids, [s.tenant for s in state.seqs], attention_mask=state.mask,
                               position_ids=positions, cache=state.cache, last_only=True)
-        nxt = logits[:, -1].argmax(-1).tolist()
-        for s, tok in zip(state.seqs, nxt):
-            s.generated.append(tok)
-        return nxt
+        return self._append(state, choose, logits[:, -1])
+
+    @staticmethod
+    def _append(state: DecodeState, choose: TokenChooser, logits: torch.Tensor) -> list[int]:
+        tokens = list(choose(state.seqs, logits))
+        if len(tokens) != len(state.seqs):
+            raise PrinmixError(f"the token chooser returned {len(tokens)} tokens for {len(state.seqs)} sequences")
+        for s, tok in zip(state.seqs, tokens):
+            s.generated.append(int(tok))
+        return tokens
 
     def generate(self, prompts: Sequence[Sequence[int]], tenants: Sequence[str | None], max_new_tokens: int,
                  eos_token_id: int | None = None) -> list[list[int]]:

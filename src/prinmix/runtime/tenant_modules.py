@@ -20,6 +20,8 @@ from torch import nn
 
 from ..errors import PrinmixError
 from .delta_linear import TenantContext
+from .factor_cache import FactorCache
+from .vocab_rows import VocabPayload
 
 __all__ = ["PerTenantEmbedding", "PerTenantParams", "PerTenantRows", "RowsPayload", "TensorsPayload",
            "output_is_weight_times"]
@@ -176,31 +178,95 @@ def output_is_weight_times(module: nn.Module, dtype: torch.dtype) -> bool:
     return True
 
 
-class PerTenantEmbedding(_TenantModule):
-    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences)."""
+class _VocabFactors:
+    """The cached factors of tenants' compressed vocabulary rows (VocabPayload.packed), keyed by payload:
+    a tied embedding and lm_head share one payload object, hence one cache entry. The owning modules
+    forget a payload's entry when its slot is loaded or unloaded, before the payload can be freed (so
+    a later payload cannot reuse its id while the entry lives)."""
+
+    def __init__(self, cache: FactorCache | None):
+        self.cache = cache
+
+    @staticmethod
+    def key(p) -> tuple:
+        return ("vocab rows", id(p))
+
+    def get(self, p: VocabPayload, batch_id: int):
+        if self.cache is None or p.packed is None or p.packed.sign is not None or not p.packed.rank:
+            return None
+        return self.cache.get(self.key(p), p.packed, batch_id)
+
+    def forget(self, p) -> None:
+        if self.cache is not None and p is not None:
+            self.cache.drop(self.key(p))
+
+
+class _VocabModule(_TenantModule):
+    """Common part of the vocabulary wrappers: tenants' compressed rows' factors from the shared cache,
+    forgotten when a slot is loaded or unloaded."""
+
+    def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None):
+        super().__init__(base, context)
+        self.vocab_factors = _VocabFactors(factor_cache)
+
+    def load_tenant(self, slot: int, payload) -> None:
+        self.vocab_factors.forget(self.tenants.get(slot))
+        super().load_tenant(slot, payload)
+
+    def unload_tenant(self, slot: int) -> None:
+        self.vocab_factors.forget(self.tenants.get(slot))
+        super().unload_tenant(slot)
+
+
+class PerTenantEmbedding(_VocabModule):
+    """nn.Embedding whose rows some tenants replace (looked up per token of that tenant's sequences).
+    Compressed rows come from the shared `factor_cache` when given (see _VocabFactors)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)
-        segments = self._segments(ids.numel(), ids.device)
-        if not segments:
+        batch = self.context.batch
+        if batch is None or not self.tenants:
             return out
+        groups = batch.rows(ids.numel(), ids.device)
         flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
-        for p, idx in segments:
-            rows = p.lookup(flat_ids.index_select(0, idx), rows_out.index_select(0, idx))
+        for slot, start, length in groups.segments:
+            p = self.tenants.get(slot)
+            if p is None:
+                continue
+            idx = groups.rows_of(start, length)
+            tokens, base_rows = flat_ids.index_select(0, idx), rows_out.index_select(0, idx)
+            if isinstance(p, VocabPayload):
+                rows = p.lookup(tokens, base_rows, self.vocab_factors.get(p, batch.serial))
+            else:
+                rows = p.lookup(tokens, base_rows)
             rows_out.index_copy_(0, idx, rows.to(rows_out.dtype))
         return out
 
 
-class PerTenantRows(_TenantModule):
-    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed."""
+class PerTenantRows(_VocabModule):
+    """An output nn.Linear (lm_head) whose weight rows some tenants replace: those logits are recomputed.
+
+    A tenant's compressed rows (VocabPayload) add h ΔŴ_Rᵀ; with a `factor_cache` (the model's, shared
+    with the DeltaLinears) that product runs from the cached factors of ΔŴ_R like any linear's, instead of
+    dequantising its [|R|, r] expand factor at every step (the largest single factor of a whole delta;
+    SmolLM2 at 1/16: 67 → 1 ms a tenant and step)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.base(h)
-        segments = self._segments(h.numel() // h.shape[-1], h.device)
-        if not segments:
+        batch = self.context.batch
+        if batch is None or not self.tenants:
             return out
+        groups = batch.rows(h.numel() // h.shape[-1], h.device)
         rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
-        for p, idx in segments:
-            o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
+        for slot, start, length in groups.segments:
+            p = self.tenants.get(slot)
+            if p is None:
+                continue
+            idx = groups.rows_of(start, length)
+            if isinstance(p, VocabPayload):
+                o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias,
+                           self.vocab_factors.get(p, batch.serial))
+            else:
+                o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
             rows_out.index_copy_(0, idx, o.to(rows_out.dtype))
         return out

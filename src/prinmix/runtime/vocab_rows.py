@@ -94,25 +94,30 @@ class VocabPayload:
         return VocabPayload(self.index.to(device), None if self.packed is None else self.packed.to(device),
                             self.exact_index.to(device), self.exact_values.to(device))
 
-    def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
-        """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens."""
+    def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor, factors=None) -> torch.Tensor:
+        """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens.
+        `factors`: the compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes)."""
         out = base_rows.float()
         if self.packed is not None and self.index.numel():
             pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
             hit = self.index[pos] == tokens
             if hit.any():
-                out[hit] += gather_rows(self.packed, pos[hit])
+                out[hit] += gather_rows(self.packed, pos[hit]) if factors is None else factors.rows(pos[hit])
         if self.exact_index.numel():
             pos = torch.searchsorted(self.exact_index, tokens).clamp(max=self.exact_index.numel() - 1)
             hit = self.exact_index[pos] == tokens
             out[hit] = self.exact_values[pos[hit]].float()
         return out
 
-    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]."""
+    def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None,
+             factors=None) -> torch.Tensor:
+        """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]. `factors`: the
+        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes)."""
         out = base_logits.float()
         if self.packed is not None and self.index.numel():
-            out[:, self.index] += delta_rows(self.packed, h.float())
+            delta = delta_rows(self.packed, h.float()) if factors is None \
+                else factors.apply(h.to(factors.input_dtype)).float()
+            out[:, self.index] += delta
         if self.exact_index.numel():
             out[:, self.exact_index] = torch.nn.functional.linear(
                 h.float(), self.exact_values.float(), None if bias is None else bias[self.exact_index].float())

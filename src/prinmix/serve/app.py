@@ -441,7 +441,7 @@ def load_app(base_dir, tenants: dict[str, str], device: str = "auto", config: Se
     if len(tenants) > config.max_tenants:
         raise PrinmixError(f"{len(tenants)} tenants but --max-tenants is {config.max_tenants}")
     t0 = time.time()
-    model = MultiTenantModel(base_dir, device=device)
+    model = MultiTenantModel(base_dir, device=device, dtype=None if config.dtype == "auto" else getattr(torch, config.dtype))
     for name, path in tenants.items():
         model.add_tenant(name, path)
     text_config = model.model.config.get_text_config()

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..errors import PrinmixError
 
-__all__ = ["API_KEY_ENV", "RUNTIME_LOADING_ENV", "ServerConfig", "env_api_key", "env_runtime_loading"]
+__all__ = ["API_KEY_ENV", "RUNTIME_LOADING_ENV", "SERVE_DTYPES", "ServerConfig", "env_api_key", "env_runtime_loading"]
 
 API_KEY_ENV = ("VLLM_API_KEY", "PRINMIX_API_KEY")
 RUNTIME_LOADING_ENV = ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "PRINMIX_ALLOW_RUNTIME_LOADING")
+SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")  # vLLM's --dtype names; auto = the checkpoint's
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20          # a 4 MiB request holds far more than any max-model-len prompt's text
 
 
@@ -40,7 +41,8 @@ class ServerConfig:
     /v1/unload_lora_adapter work (else 403); runtime_delta_dirs: the only directories a runtime load may
     read a delta from (symlinks resolved); max_tenants: most tenants registered at once (start-up and
     runtime loads together); chat_template: a Jinja chat template overriding every model's own;
-    base_name: the base's model name (None = its directory's name).
+    base_name: the base's model name (None = its directory's name); dtype: the base's weights and the
+    compute dtype, one of SERVE_DTYPES ("auto" = the checkpoint's, as vLLM's --dtype).
     """
 
     max_batch: int = 32
@@ -52,6 +54,7 @@ class ServerConfig:
     max_tenants: int = 64
     chat_template: str | None = None
     base_name: str | None = None
+    dtype: str = "auto"
 
     def check(self) -> None:
         """One-line PrinmixError for a setting that cannot work."""
@@ -59,6 +62,8 @@ class ServerConfig:
                            ("max_body_bytes", "--max-body-bytes")):
             if getattr(self, name) < 1:
                 raise PrinmixError(f"{flag} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in SERVE_DTYPES:
+            raise PrinmixError(f"--dtype {self.dtype!r}: use one of {', '.join(SERVE_DTYPES)}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise PrinmixError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if self.api_key is not None and not self.api_key.strip():

@@ -7,8 +7,9 @@ Each loop iteration of the worker
   3. runs ONE decode step for every running sequence (all tenants in the same forward pass),
   4. delivers each sequence's new text to its request and drops finished ones (eos, stop string,
      max_tokens, or cancelled by the client).
-Outputs reach a request's asyncio queue through `loop.call_soon_threadsafe`. Each step's tokens are chosen
-per request from the step's logits (serve/sampling.py: greedy, or seeded temperature/top-k/top-p).
+Outputs reach a request's asyncio queue through `loop.call_soon_threadsafe`. The steps are the runtime's
+(MultiTenantModel.prefill / decode_step); each step's tokens are chosen per request through the runtime's
+token-choice hook from the step's logits (serve/sampling.py: greedy, or seeded temperature/top-k/top-p).
 A failure inside the model is logged here with its traceback; the request only learns that the server
 failed (500) and the request id, never the exception's text.
 
@@ -27,8 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..errors import PrinmixError
-from ..runtime.multi_tenant import DecodeState
-from .batch_decode import append_tokens, decode_logits, prefill_logits
+from ..runtime.multi_tenant import DecodeState, SequenceState, TokenChooser
 from .sampling import SamplingParams, TokenLogprob, choose_tokens, new_generator
 from .text_stream import TextStream
 
@@ -245,9 +245,8 @@ class Scheduler:
         try:
             for r in ready:
                 r.generator = new_generator(r.params, self.model.device)
-            new, logits = prefill_logits(self.model, [r.prompt for r in ready], [r.tenant for r in ready],
-                                         [r.id for r in ready])
-            self._choose(new, logits, ready)
+            new = self.model.prefill([r.prompt for r in ready], [r.tenant for r in ready], [r.id for r in ready],
+                                     choose=self._chooser({r.id: r for r in ready}))
         except Exception:
             log.exception("prefill of %d requests failed", len(ready))
             for r in ready:
@@ -270,7 +269,7 @@ class Scheduler:
         state.drop([s.seq_id for s in state.seqs if self._running[s.seq_id].cancelled])
         if state.seqs:
             self.stats.record([self.base_name if s.tenant is None else s.tenant for s in state.seqs])
-            self._choose(state, decode_logits(state, self.model), [self._running[s.seq_id] for s in state.seqs])
+            self.model.decode_step(state, choose=self._chooser(self._running))
             self._deliver(state)
         cancelled = [rid for rid, r in self._running.items() if r.cancelled]
         self.stats.finished["cancelled"] += len(cancelled)
@@ -279,14 +278,18 @@ class Scheduler:
         if not state.seqs:
             self._state = None
 
-    def _choose(self, state: DecodeState, logits, requests: list[GenerationRequest]) -> None:
-        """Pick each sequence's next token from logits [B, vocab] by its request's SamplingParams."""
-        tokens, entries = choose_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
-        append_tokens(state, tokens)
-        self.stats.generated_tokens += len(tokens)
-        for r, entry in zip(requests, entries):
-            if entry is not None:
-                r.pending_logprobs.append(entry)
+    def _chooser(self, requests: dict[str, GenerationRequest]) -> TokenChooser:
+        """The runtime's token-choice hook for one step: each sequence's next token from logits [B, vocab]
+        by its request's SamplingParams (requests by sequence id); logprob entries are kept for delivery."""
+        def choose(seqs: list[SequenceState], logits) -> list[int]:
+            reqs = [requests[s.seq_id] for s in seqs]
+            tokens, entries = choose_tokens(logits, [r.params for r in reqs], [r.generator for r in reqs])
+            self.stats.generated_tokens += len(tokens)
+            for r, entry in zip(reqs, entries):
+                if entry is not None:
+                    r.pending_logprobs.append(entry)
+            return tokens
+        return choose
 
     def _deliver(self, state: DecodeState) -> None:
         """Hand each sequence's new text to its request; drop the finished sequences from `state`."""

@@ -20,7 +20,7 @@ import numpy as np
 from .statistics import FLOAT_BITS, MatrixStats
 
 __all__ = ["fig_width_heatmaps", "fig_memory_per_width", "fig_rank_bytes", "fig_kendall", "fig_scaling_difference",
-           "fig_eval_errors", "projection_types", "width_label", "depth_groups_with_data"]
+           "fig_eval_errors", "projection_types", "width_label", "width_colour", "width_colour_map", "depth_groups_with_data"]
 
 TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LABEL_SIZE = 9
@@ -67,22 +67,25 @@ def _style(ax, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=TICK_SIZE)
 
 
-def _width_colours(widths: list[int]):
-    """ListedColormap, one colour per width: grey for 0 (dropped), red for fp16, viridis for the quantised ones."""
+def width_colour(w: int):
+    """The colour of width W in every figure of the report (the same width, the same colour): light grey for 0
+    (dropped), black for fp16, and a fixed place on the high-contrast "turbo" map per quantised width 1..8
+    (2 bit blue, 3 cyan, 4 green, 5 yellow-green, … 8 red). Spreading a map over the widths one figure happens
+    to show gave a 3-bit rank two colours on one page; a fixed "viridis" place made 2/3/4 bit hard to tell apart."""
     from matplotlib import colormaps
+
+    if w == 0:
+        return "#e6e6e6"
+    if w == FLOAT_BITS:
+        return "#1a1a1a"
+    return colormaps["turbo"](0.08 + 0.84 * (min(max(w, 1), 8) - 1) / 7)
+
+
+def width_colour_map(widths: list[int]):
+    """ListedColormap with one entry per width of WIDTHS (width_colour each); NaN (no rank) is white."""
     from matplotlib.colors import ListedColormap
 
-    viridis = colormaps["viridis"]
-    nonzero = [b for b in widths if b not in (0, FLOAT_BITS)]
-    cols = []
-    for b in widths:
-        if b == 0:
-            cols.append("#e6e6e6")
-        elif b == FLOAT_BITS:
-            cols.append("#b2182b")
-        else:
-            cols.append(viridis(0.1 + 0.85 * (nonzero.index(b) / max(len(nonzero) - 1, 1))))
-    return ListedColormap(cols).with_extremes(bad="white")
+    return ListedColormap([width_colour(b) for b in widths]).with_extremes(bad="white")
 
 
 def _panel_grid(n: int, w: float, h: float, extra_h: float = 0.6):
@@ -102,8 +105,8 @@ def fig_width_heatmaps(stats: list[MatrixStats], true_svd: bool) -> bytes | None
         return None
     types = projection_types(ranked)
     layers = sorted({s.layer for s in ranked})
-    widths = sorted({w for s in ranked for w in s.widths_by_index} | {0})
-    cmap = _width_colours(widths)
+    widths = sorted({w for s in ranked for w in s.widths_by_index})  # 0 only where dropped ranks are shown
+    cmap = width_colour_map(widths)
     fig, axes = _panel_grid(len(types), 6.2, 2.6)
     im = None
     for ax, t in zip(axes, types):
@@ -121,7 +124,8 @@ def fig_width_heatmaps(stats: list[MatrixStats], true_svd: bool) -> bytes | None
         ax.set_title(f"{t}: width per rank", fontsize=10)
         _style(ax, "original rank index (σ descending)" if true_svd else "kept rank, by stored σ (descending)",
                "layer")
-        ticks = np.linspace(0, len(layers) - 1, min(len(layers), 8)).round().astype(int)
+        step = next(k for k in (1, 2, 5, 10, 20, 50, 100, 10**9) if len(layers) <= 8 * k)  # evenly spaced
+        ticks = range(0, len(layers), step)
         ax.set_yticks(ticks, [str(layers[i]) for i in ticks])
         _integer_axis(ax.xaxis)
     cb = fig.colorbar(im, ax=axes, ticks=range(len(widths)), shrink=0.8, pad=0.01)
@@ -140,8 +144,6 @@ def fig_memory_per_width(stats: list[MatrixStats]) -> bytes | None:
     types = projection_types(ranked)
     layers = sorted({s.layer for s in ranked})
     widths = sorted({w for s in ranked for w in s.bytes_per_width})
-    cmap = _width_colours([0] + [w for w in widths if w != 0])
-    colour = {w: cmap(k + 1) for k, w in enumerate(w for w in widths if w != 0)}
     fig, axes = _panel_grid(len(types), 6.2, 2.4, 0.5)
     for ax, t in zip(axes, types):
         sel = {s.layer: s for s in ranked if s.type == t}
@@ -149,13 +151,13 @@ def fig_memory_per_width(stats: list[MatrixStats]) -> bytes | None:
         for w in sorted(widths, reverse=True):
             vals = np.array([sel[layer].bytes_per_width.get(w, 0) / 1024 if layer in sel else 0 for layer in layers])
             if vals.any():
-                ax.bar(layers, vals, bottom=bottom, color=colour.get(w, "#888888"), width=0.85)
+                ax.bar(layers, vals, bottom=bottom, color=width_colour(w), width=0.85)
                 bottom += vals
         ax.set_title(f"{t}: bytes per width", fontsize=10)
         _style(ax, "layer", "stored KiB")
         _integer_axis(ax.xaxis)
     sign = any(s.sign for s in ranked)
-    handles = [Patch(color=colour.get(w, "#888888"), label=width_label(w, sign)) for w in sorted(widths, reverse=True)]
+    handles = [Patch(color=width_colour(w), label=width_label(w, sign)) for w in sorted(widths, reverse=True)]
     fig.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=TICK_SIZE)
     return _png(fig)
 
@@ -232,15 +234,13 @@ def fig_scaling_difference(st: MatrixStats, difference: np.ndarray | None, diff_
     """Fig. 2 for one matrix: σᵢ² ("scaling") per rank; ΔVᵢ H ΔVᵢᵀ ("difference") per rank and width."""
     fig = _figure(12, 3.8)
     ax1, ax2 = fig.subplots(1, 2)
-    widths_all = sorted(set(st.widths_by_index) | {0} | set(diff_widths))
-    cmap = _width_colours(widths_all)
     s2 = np.asarray(st.sigma_by_index, dtype=np.float64) ** 2
     w = np.asarray(st.widths_by_index)
     x = np.arange(len(s2))
     ax1.plot(x, s2, color="#999999", lw=0.8, zorder=1)
     for b in sorted(set(w.tolist())):
         sel = w == b
-        ax1.scatter(x[sel], s2[sel], s=8, color=cmap(widths_all.index(b)), zorder=2,
+        ax1.scatter(x[sel], s2[sel], s=8, color=width_colour(b), zorder=2,
                     label="dropped" if b == 0 else width_label(b))
     ax1.set_yscale("log")
     ax1.set_title(f"“scaling” σᵢ² — {st.name}", fontsize=9)
@@ -248,7 +248,7 @@ def fig_scaling_difference(st: MatrixStats, difference: np.ndarray | None, diff_
     ax1.legend(fontsize=7, title="assigned width", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     if difference is not None:
         for j, b in enumerate(diff_widths):
-            ax2.plot(np.arange(difference.shape[0]), difference[:, j], lw=0.9, color=cmap(widths_all.index(b)),
+            ax2.plot(np.arange(difference.shape[0]), difference[:, j], lw=0.9, color=width_colour(b),
                      label=f"{b} bit")
         kept = np.nonzero((w > 0) & (w != FLOAT_BITS))[0]
         if kept.size:

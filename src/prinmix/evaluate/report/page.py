@@ -187,7 +187,7 @@ class Page:
             self.image("widths_heatmap.png", figures.fig_width_heatmaps(rank_stats, true_svd),
                        "Width of every rank, per projection type: rows are layers, columns rank indices "
                        + ("(original SVD order of the true delta; grey = dropped)" if true_svd
-                          else "(kept ranks ordered by their stored σ estimate)"))
+                          else "(kept ranks ordered by their stored σ estimate; white = beyond a layer's kept rank)"))
         else:
             self.note("No rank structure: this delta stores sign matrices (BitDelta).")
         self.image("memory_per_width.png", figures.fig_memory_per_width(stats),

@@ -1,0 +1,319 @@
+"""How the whole-delta budget is shared between the decoder linears and the vocabulary rows.
+
+The bits left for compressed content, B (the whole budget less exact tensors and header entries), go to
+the decoder linears (one ratio α' for all of them, the paper's rule among linears) and to each
+compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py). Two rules:
+
+proportional (the default): every compressed part gets the same share of its 16-bit size, α' = B / 16·n
+    — the paper's uniform ratio extended from the linears to the whole delta.
+exchange (`--split exchange`): minimise  Σ_p w_p · e_p(B_p)  subject to  Σ_p B_p = B, with
+    e_p(B) = J_p(B) / J_p(0) the part's relative error at B bits in its own objective (Eq. 8 with
+        Eq. 5's width errors, vocab_delta.prinmix_error_curve; linears: the calibrated H of the linears
+        of SAMPLE_LAYERS layers spread over the depth, entry-weighted mean; vocabulary rows: token-count
+        row weights for the lookup role, the head's H = Σhhᵀ of the final normed states);
+    w_p = κ_p · J_p(0) the logit error the part's whole change would cause if lost the way compression
+        loses it: κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
+        (the tail of the part's spectrum beyond the rank fp16 factors would get at α) into the
+        fine-tune, one part at a time, on EFFECT_SEQUENCES calibration sequences (a streamed forward
+        each; the same probe pass captures the H's);
+    at the optimum every part's marginal weighted error reduction per bit is one exchange rate λ (the
+    Lagrange multiplier Eq. 8 has inside each matrix), found by vocab_delta.split_budget.
+
+Why proportional is the default (measured, benchmarks/README.md "Sharing the whole budget"):
+- On the SmolLM2 pair at whole 1/32 an exchange rule (an earlier variant weighting by the logit change of
+  reverting each part, g²) gave the tied embedding 0.08 MiB instead of 1.67 MiB: Eq. 1 layer error 0.0354
+  vs 0.0415 (better), but logit error on held-out task text 0.0040 vs 0.0019 and KL 0.0025 vs 0.0002
+  nats/token (12× worse), accuracy 0.910 both. The sensitivity-weighted rule above still gives the
+  embedding only 2.4 % of B there (proportional: 21 %).
+- On the demo model: exchange 0.0069 vs proportional 0.0043 logit error at 1/16, 0.0146 vs 0.0258 at 1/32.
+The cause is the calibration text: every error curve and sensitivity is measured on it, while the rows a
+fine-tune changes most are its task's tokens, rare there; a uniform share does not depend on that. The
+exchange rule stays available to compare (and for fine-tunes calibrated on their own task's text).
+Delta-CoMe and low-rank always split proportionally; BitDelta's size is fixed by its format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
+from ..algorithms.prinmix_config import PrinMixConfig
+from ..algorithms.vocab_delta import lookup_weights, prinmix_error_curve, split_budget
+from ..calibration.hessians import capture_hessians
+from ..calibration.layer_inputs import run_layer
+from .config import SPLIT_RULES
+from .tensor_diff import linear_delta
+
+__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers"]
+
+SAMPLE_LAYERS = 4      # layers whose linears estimate the linear group's error curve
+EFFECT_SEQUENCES = 8   # calibration sequences of the probe (κ_p, the sampled layers' and the head's H)
+CURVE_POINTS = 17      # budgets each curve is evaluated at (linear interpolation in between)
+SPLIT_GRID = 128       # budget levels of the split (B/128 resolution)
+
+
+@dataclass
+class BudgetSplit:
+    """The compressed bits B and the linears' share of them (the vocabulary parts get the rest)."""
+
+    rule: str             # "exchange" (error curves), "proportional" or "fixed share"
+    compressed_bits: int  # B
+    linear_bits: int      # the linear group's B_lin
+    vocab_share: float    # 1 − B_lin / B
+    weights: dict | None = None   # {"linears" | vocabulary name: w_p} of the exchange rule
+
+
+@dataclass
+class EffectProbe:
+    """Where sensitivities are measured: calibration token ids [n, seq] (the first EFFECT_SEQUENCES)."""
+
+    ids: torch.Tensor
+    device: torch.device | str = "cpu"
+    batch_size: int = 8
+
+
+def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
+    """k layer indices spread evenly over [0, n_layers) (first and last included), unique and sorted."""
+    if n_layers <= k:
+        return list(range(n_layers))
+    return sorted({round(j * (n_layers - 1) / (k - 1)) for j in range(k)})
+
+
+class _PerturbedReader:
+    """The fine-tune's reader with some tensors replaced: {name: (row ids int64 [n] or None, values)}."""
+
+    def __init__(self, ft_r, replaced: dict) -> None:
+        self._ft, self._replaced = ft_r, replaced
+
+    def get(self, name: str, *args, **kwargs) -> torch.Tensor:
+        out = self._ft.get(name, *args, **kwargs)
+        if name not in self._replaced:
+            return out
+        rows, values = self._replaced[name]
+        out = out.clone()
+        if rows is None:
+            out.copy_(values.to(out.dtype))
+        else:
+            out[rows] = values.to(out.dtype)
+        return out
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ft
+
+    def __getattr__(self, attribute: str):
+        return getattr(self._ft, attribute)
+
+
+def _truncation_residual(delta: torch.Tensor, alpha: float) -> torch.Tensor:
+    """R = Δ − Δ_k [m, n], Δ_k the best rank-k approximation with k = α·mn/(m+n) (float16 factors at α):
+    a compression residual of the shape PrinMix leaves (the spectrum's tail), to measure sensitivities."""
+    m, n = delta.shape
+    k = max(1, int(alpha * m * n / (m + n)))
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return (U[:, k:] * S[k:]) @ Vh[k:]
+
+
+def _objective(R: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None) -> float:
+    """tr(R H Rᵀ) + Σ_t c_t ‖r_t‖² (Frobenius when both are None), float64."""
+    R64 = R.double()
+    out = 0.0
+    if H is not None:
+        out += float(((R64 @ H.double()) * R64).sum())
+    if row_weights is not None:
+        out += float((row_weights.double() * (R64 * R64).sum(1)).sum())
+    if H is None and row_weights is None:
+        out = float((R64 * R64).sum())
+    return out
+
+
+@torch.no_grad()
+def _streamed_logits(stack, reader, ids: torch.Tensor, device, batch_size: int,
+                     hessians: dict | None = None) -> torch.Tensor:
+    """Logits [n, seq, vocab] of the model `reader` holds, one layer in memory at a time. hessians: a dict
+    to fill with {weight name: H = XXᵀ} of the linears of the sample_layers() layers and "head" (the final
+    normed states' H)."""
+    inputs = stack.embed(reader, ids, device, batch_size)
+    sampled = set(sample_layers(stack.num_layers)) if hessians is not None else set()
+    for i in range(stack.num_layers):
+        layer = stack.build_layer(i, stack.read_layer_state(reader, i), device)
+        if i in sampled:
+            prefix = stack.layer_prefix(i)
+            hessians.update({prefix + n + ".weight": st.H.cpu()
+                             for n, st in capture_hessians(layer, inputs, batch_size).items()})
+        inputs = inputs.with_hidden(run_layer(layer, inputs, batch_size))
+        layer = None
+    if hessians is not None and stack.output_embedding_name() is not None:
+        hessians["head"] = stack.head_hessian(reader, ids, inputs.hidden, device, batch_size).cpu()
+    return stack.logits(reader, ids, inputs.hidden, device, batch_size)
+
+
+def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe: EffectProbe,
+                         hessians: dict) -> list[float]:
+    """w_p = κ_p·J_p(0): the logit error the part's whole change would cause if lost the way compression
+    loses it. κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
+    (_truncation_residual at α) into the fine-tune, part by part; J_p its objective (module docstring).
+    Linears: the sampled layers' linears together, scaled to all layers. Fills `hessians` (probe pass)."""
+    ids = probe.ids[:EFFECT_SEQUENCES]
+    z_ft = _streamed_logits(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
+
+    def logit_error(replaced: dict) -> float:
+        z = _streamed_logits(stack, _PerturbedReader(ft_r, replaced), ids, probe.device, probe.batch_size)
+        return float(((z - z_ft) ** 2).sum(-1).mean())
+
+    weights = []
+    replaced, j_res, j_zero = {}, 0.0, 0.0
+    sampled = sample_layers(stack.num_layers)
+    for i in sampled:
+        for short in stack.linear_names(i):
+            name = stack.layer_prefix(i) + short + ".weight"
+            d = linear_delta(name, base_r, ft_r) if name in base_r else None
+            if d is None or not isinstance(d, torch.Tensor):
+                continue
+            R = _truncation_residual(d, alpha)
+            H = hessians.get(name)
+            j_res, j_zero = j_res + _objective(R, H, None), j_zero + _objective(d, H, None)
+            replaced[name] = (None, ft_r.get(name, dtype=torch.float32) - R)
+    if not replaced or j_res <= 0:
+        return []
+    weights.append(logit_error(replaced) / j_res * j_zero * stack.num_layers / len(sampled))
+    for part in todo:
+        base_t = base_r.get(part.name, dtype=torch.float32)[part.changed]
+        ft_t = ft_r.get(part.name, dtype=torch.float32)[part.changed]
+        d_rows = ft_t - base_t
+        rw = None
+        if counts is not None and "lookup" in part.roles:
+            c = torch.zeros(part.shape[0], dtype=torch.float64)
+            c[: min(counts.numel(), part.shape[0])] = counts[: part.shape[0]].double()
+            rw = lookup_weights(c)[part.changed]
+        H = hessians.get("head") if "head" in part.roles else None
+        R = _truncation_residual(d_rows, alpha)
+        jr = _objective(R, H, rw)
+        if jr <= 0:
+            return []
+        weights.append(logit_error({part.name: (part.changed, ft_t - R)}) / jr * _objective(d_rows, H, rw))
+    return weights
+
+
+def _interpolated(points: np.ndarray, values: np.ndarray) -> Callable:
+    return lambda levels: np.interp(np.asarray(levels, dtype=np.float64), points, values)
+
+
+def _levels(total_bits: int) -> np.ndarray:
+    """0 and total·2^(−j/2), j = 0 … CURVE_POINTS−2: dense where error curves fall fastest."""
+    return np.array([0.0] + [total_bits * 2.0 ** (-j / 2) for j in range(CURVE_POINTS - 2, -1, -1)])
+
+
+def _linear_group_curve(stack, base_r, ft_r, linear_params: int, total_bits: int, cfg: PrinMixConfig,
+                        hessians: dict):
+    """e(B_lin): entry-weighted mean relative error of the sampled linears at α' = B_lin / 16 n_lin, each in
+    its calibrated objective (H from `hessians`; Frobenius, H = I, without), as a callable of B_lin (bits);
+    None when no sampled linear differs."""
+    levels = _levels(total_bits)
+    alphas = levels / (16 * linear_params)
+    acc, weight = np.zeros(len(levels)), 0
+    for i in sample_layers(stack.num_layers):
+        prefix = stack.layer_prefix(i)
+        for short in stack.linear_names(i):
+            name = prefix + short + ".weight"
+            if name not in base_r:
+                continue
+            d = linear_delta(name, base_r, ft_r)
+            if d is None:
+                continue
+            h_out, h_in = d.shape
+            budgets = [budget_bits(float(a), h_out, h_in) for a in alphas]
+            try:
+                curve = prinmix_error_curve(d, hessians.get(name), None, budgets, cfg)
+            except (ValueError, RuntimeError):   # e.g. an entry overflowing float32: the pass says so, in one line
+                continue
+            if np.all(np.isfinite(curve)):
+                acc += h_out * h_in * curve
+                weight += h_out * h_in
+    if not weight:
+        return None
+    return _interpolated(levels, acc / weight)
+
+
+def _vocab_curve(part, base_r, ft_r, counts, head_H: torch.Tensor | None, total_bits: int, cfg: PrinMixConfig):
+    """e_p(B) of one vocabulary part in its objective (vocab_delta.py: token-count row weights for the lookup
+    role, head_H for the head role; Frobenius without calibration), as a callable of B."""
+    base_t = base_r.get(part.name, dtype=torch.float32)
+    ft_t = ft_r.get(part.name, dtype=torch.float32)
+    d_rows = ft_t[part.changed] - base_t[part.changed]
+    del base_t, ft_t
+    n, d = d_rows.shape
+    weights = H = None
+    if counts is not None and "lookup" in part.roles:
+        c = torch.zeros(part.shape[0], dtype=torch.float64)
+        c[: min(counts.numel(), part.shape[0])] = counts[: part.shape[0]].double()
+        weights = lookup_weights(c)[part.changed].float()
+    if head_H is not None and "head" in part.roles:
+        H = head_H.float()
+    elif weights is not None:
+        H = torch.zeros(d, d)       # lookup only: no head term
+    levels = _levels(total_bits)
+    return _interpolated(levels, prinmix_error_curve(d_rows, H, weights, [int(v) for v in levels], cfg))
+
+
+def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
+                   vocab_share: float | None = None, probe: EffectProbe | None = None,
+                   rule: str = "proportional") -> BudgetSplit:
+    """Share plan's compressed bits between the linear group and the vocabulary parts (module docstring).
+
+    plan: a whole_budget.WholeBudget; counts: int64 [vocab] calibration token counts (None: uncalibrated,
+    Frobenius objectives); vocab_share: force the vocabulary parts' share of B (benchmarks), None: by error;
+    probe: where the sensitivities are measured (None: weights n_p, Frobenius curves); rule: "proportional"
+    or "exchange" (module docstring)."""
+    compressed = plan.total_bits - 8 * (plan.exact_bytes + plan.overhead_bytes)
+    todo = [p for p in plan.vocab if p.changed.numel()]
+    entries = plan.linear_params + plan.vocab_params
+    if compressed <= 0 or not todo or not plan.linear_params:
+        return BudgetSplit("proportional", max(compressed, 0), max(compressed, 0) if not todo else 0,
+                           0.0 if not todo else 1.0)
+    if vocab_share is not None:
+        share = min(max(float(vocab_share), 0.0), 1.0)
+        return BudgetSplit("fixed share", compressed, int(compressed * (1 - share)), share)
+    proportional = BudgetSplit("proportional", compressed, compressed * plan.linear_params // entries,
+                               plan.vocab_params / entries)
+    if method != "prinmix" or rule != "exchange":
+        return proportional
+    # every vocabulary part keeps at least its blob's fixed fields (a blob of no ranks), outside the split
+    shared = compressed - len(todo) * prinmix_fixed_overhead_bits(cfg.fmax)
+    if shared <= 0:
+        return proportional
+    labels = ["linears"] + [p.name for p in todo]
+    if probe is not None:
+        if counts is not None:   # lookup weights count the probe's positions as the head's H does
+            counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
+        hessians = {}
+        weights = _sensitivity_weights(stack, base_r, ft_r, todo, plan.alpha, counts, probe, hessians)
+        if not weights:
+            return proportional
+    else:
+        weights = [float(plan.linear_params)] + [float(p.changed.numel() * p.shape[1]) for p in todo]
+        hessians = {}
+    linear_curve = _linear_group_curve(stack, base_r, ft_r, plan.linear_params, shared, cfg, hessians)
+    if linear_curve is None:
+        return proportional
+    try:
+        curves = [linear_curve] + [_vocab_curve(p, base_r, ft_r, counts, hessians.get("head"), shared, cfg)
+                                  for p in todo]
+    except (ValueError, RuntimeError):   # non-finite rows or H: compress_vocab_parts reports them in one line
+        return proportional
+    total = sum(weights)
+    if not (math.isfinite(total) and total > 0):   # a model whose logits overflow: no exchange rate to measure
+        return proportional
+    scaled = [lambda b, f=f, w=w: (w / total) * f(b) for f, w in zip(curves, weights)]
+    bits = split_budget(scaled, shared, grid=SPLIT_GRID)
+    return BudgetSplit("exchange", compressed, int(bits[0]), 1.0 - bits[0] / compressed, dict(zip(labels, weights)))
+
+
+def linear_alpha_of(split: BudgetSplit, linear_params: int, alpha: float) -> float:
+    """α' of every linear blob: B_lin / 16 n_lin (above α when the vocabulary parts need less than their
+    proportional share: the whole delta, not each part, is held to α)."""
+    return split.linear_bits / (16 * linear_params) if linear_params else alpha
