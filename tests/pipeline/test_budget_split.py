@@ -17,11 +17,13 @@ from prinmix.algorithms.prinmix_config import PrinMixConfig
 from prinmix.calibration.decoder_stack import DecoderStack
 from prinmix.errors import BudgetError
 from prinmix.format.delta_file import matrix_header_bytes, ratio_within_file
+from prinmix.pipeline import budget_split
 from prinmix.pipeline.budget_split import (
     EffectProbe,
+    _final_hidden,
     _linear_group_curve,
+    _logit_error,
     _PerturbedReader,
-    _streamed_logits,
     _truncation_residual,
     _vocab_curve,
     sample_layers,
@@ -140,7 +142,7 @@ def test_default_is_proportional_and_the_probe_weighs_the_head(tiny_models, tmp_
     assert all(w > 0 and math.isfinite(w) for w in plan.split.weights.values())
 
 
-def test_sensitivity_is_the_logit_change_per_unit_of_objective(tiny_models, tmp_path):
+def test_sensitivity_is_the_logit_change_per_unit_of_objective(tiny_models, tmp_path, monkeypatch):
     """The logit change per unit of objective is a property of the part (first order): halving a small residual
     quarters the logit change as it quarters J (the linearisation _sensitivity_weights relies on; tied embedding)."""
     base, ft = _pair(tmp_path, tiny_models.tokenizer_dir, len(tiny_models.tokenizer), 4, 4, seed=4)
@@ -151,13 +153,18 @@ def test_sensitivity_is_the_logit_change_per_unit_of_objective(tiny_models, tmp_
     d = f.get(name, dtype=torch.float32) - b.get(name, dtype=torch.float32)
     R = _truncation_residual(d, 1 / 16)
     assert torch.linalg.matrix_rank(d - R) == int(1 / 16 * d.shape[0] * d.shape[1] / sum(d.shape))
-    z = _streamed_logits(stack, f, ids, "cpu", 8)
+    monkeypatch.setattr(budget_split, "LOGIT_CHUNK_BYTES", 1)   # one sequence per chunk
+    h = _final_hidden(stack, f, ids, "cpu", 8)
+    z = stack.logits(f, ids, h, "cpu", 8)
 
     def change(scale):
         rows = torch.arange(d.shape[0])
-        z2 = _streamed_logits(stack, _PerturbedReader(f, {name: (rows, f.get(name, dtype=torch.float32) - scale * R)}),
-                              ids, "cpu", 8)
-        return float(((z2 - z) ** 2).sum(-1).mean())
+        reader = _PerturbedReader(f, {name: (rows, f.get(name, dtype=torch.float32) - scale * R)})
+        h2 = _final_hidden(stack, reader, ids, "cpu", 8)
+        direct = float(((stack.logits(reader, ids, h2, "cpu", 8) - z) ** 2).sum(-1).mean())
+        chunked = _logit_error(stack, ids, (f, h), (reader, h2), "cpu", 8)   # the probe's chunked form
+        assert chunked == pytest.approx(direct, rel=1e-5)
+        return chunked
 
     full, half = change(0.2), change(0.1)
     assert full > 0 and half == pytest.approx(full / 4, rel=0.15)

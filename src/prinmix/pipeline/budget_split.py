@@ -25,8 +25,8 @@ Why proportional is the default (measured, benchmarks/README.md "Sharing the who
   vs 0.0415 (better), but logit error on held-out task text 0.0040 vs 0.0019 and KL 0.0025 vs 0.0002
   nats/token (12× worse), accuracy 0.910 both. The sensitivity-weighted rule above gives the embedding
   2.4 % of B there (proportional: 21 %): Eq. 1 error 0.0357, logit error 0.0023, KL 0.0009 (4.5× the
-  proportional split's), accuracy 0.910; its probe held full [8, 512, vocab] float32 logits (peak RSS
-  4.7 GiB against 1.7 GiB) — computing the probe's logit errors in chunks is owed before large vocabularies.
+  proportional split's), accuracy 0.910 (that run's probe held full [8, 512, vocab] float32 logits, peak
+  RSS 4.7 GiB against 1.7 GiB; they are now compared LOGIT_CHUNK_BYTES at a time).
 - On the demo model: exchange 0.0069 vs proportional 0.0043 logit error at 1/16, 0.0146 vs 0.0258 at 1/32.
 The cause is the calibration text: every error curve and sensitivity is measured on it, while the rows a
 fine-tune changes most are its task's tokens, rare there; a uniform share does not depend on that. The
@@ -57,6 +57,7 @@ SAMPLE_LAYERS = 4      # layers whose linears estimate the linear group's error 
 EFFECT_SEQUENCES = 8   # calibration sequences of the probe (κ_p, the sampled layers' and the head's H)
 CURVE_POINTS = 17      # budgets each curve is evaluated at (linear interpolation in between)
 SPLIT_GRID = 128       # budget levels of the split (B/128 resolution)
+LOGIT_CHUNK_BYTES = 256 * 2 ** 20   # the probe's logits are compared this many bytes at a time
 
 
 @dataclass
@@ -134,11 +135,11 @@ def _objective(R: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tenso
 
 
 @torch.no_grad()
-def _streamed_logits(stack, reader, ids: torch.Tensor, device, batch_size: int,
-                     hessians: dict | None = None) -> torch.Tensor:
-    """Logits [n, seq, vocab] of the model `reader` holds, one layer in memory at a time. hessians: a dict
-    to fill with {weight name: H = XXᵀ} of the linears of the sample_layers() layers and "head" (the final
-    normed states' H)."""
+def _final_hidden(stack, reader, ids: torch.Tensor, device, batch_size: int,
+                  hessians: dict | None = None) -> torch.Tensor:
+    """The last layer's outputs [n, seq, d] of the model `reader` holds, one layer in memory at a time.
+    hessians: a dict to fill with {weight name: H = XXᵀ} of the linears of the sample_layers() layers and
+    "head" (the final normed states' H)."""
     inputs = stack.embed(reader, ids, device, batch_size)
     sampled = set(sample_layers(stack.num_layers)) if hessians is not None else set()
     for i in range(stack.num_layers):
@@ -151,7 +152,21 @@ def _streamed_logits(stack, reader, ids: torch.Tensor, device, batch_size: int,
         layer = None
     if hessians is not None and stack.output_embedding_name() is not None:
         hessians["head"] = stack.head_hessian(reader, ids, inputs.hidden, device, batch_size).cpu()
-    return stack.logits(reader, ids, inputs.hidden, device, batch_size)
+    return inputs.hidden
+
+
+@torch.no_grad()
+def _logit_error(stack, ids: torch.Tensor, ref, other, device, batch_size: int) -> float:
+    """Mean over positions of ‖z − z_ref‖², ref / other = (reader, final hidden [n, seq, d]); the logits are
+    made LOGIT_CHUNK_BYTES at a time (a [n, seq, vocab] float32 tensor is GBs at large vocabularies)."""
+    vocab = int(stack.config.get_text_config().vocab_size or 1)
+    step = max(1, LOGIT_CHUNK_BYTES // (4 * ids.shape[1] * vocab))
+    total = 0.0
+    for j in range(0, ids.shape[0], step):
+        z_ref = stack.logits(ref[0], ids[j:j + step], ref[1][j:j + step], device, batch_size)
+        z = stack.logits(other[0], ids[j:j + step], other[1][j:j + step], device, batch_size)
+        total += float(((z - z_ref) ** 2).sum())
+    return total / (ids.shape[0] * ids.shape[1])
 
 
 def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe: EffectProbe,
@@ -161,11 +176,12 @@ def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe:
     (_truncation_residual at α) into the fine-tune, part by part; J_p its objective (module docstring).
     Linears: the sampled layers' linears together, scaled to all layers. Fills `hessians` (probe pass)."""
     ids = probe.ids[:EFFECT_SEQUENCES]
-    z_ft = _streamed_logits(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
+    h_ft = _final_hidden(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
 
     def logit_error(replaced: dict) -> float:
-        z = _streamed_logits(stack, _PerturbedReader(ft_r, replaced), ids, probe.device, probe.batch_size)
-        return float(((z - z_ft) ** 2).sum(-1).mean())
+        reader = _PerturbedReader(ft_r, replaced)
+        h = _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
+        return _logit_error(stack, ids, (ft_r, h_ft), (reader, h), probe.device, probe.batch_size)
 
     weights = []
     replaced, j_res, j_zero = {}, 0.0, 0.0
