@@ -159,7 +159,7 @@ def test_sensitivity_is_the_logit_change_per_unit_of_objective(tiny_models, tmp_
 
     def change(scale):
         rows = torch.arange(d.shape[0])
-        reader = _PerturbedReader(f, {name: (rows, f.get(name, dtype=torch.float32) - scale * R)})
+        reader = _PerturbedReader(f, {name: (rows, -scale * R)})
         h2 = _final_hidden(stack, reader, ids, "cpu", 8)
         direct = float(((stack.logits(reader, ids, h2, "cpu", 8) - z) ** 2).sum(-1).mean())
         chunked = _logit_error(stack, ids, (f, h), (reader, h2), "cpu", 8)   # the probe's chunked form

@@ -53,7 +53,7 @@ from .prinmix_config import PrinMixConfig
 from .width_simulation import simulate_width_errors
 
 __all__ = ["LOOKUP_UNIFORM_SHARE", "decode_row_set", "encode_row_set", "lookup_weights", "prinmix_error_curve",
-           "row_set_nbytes", "split_budget", "vocab_objective"]
+           "row_lookup_weights", "row_set_nbytes", "split_budget", "vocab_objective"]
 
 LOOKUP_UNIFORM_SHARE = 0.5   # share of the lookup weight spread uniformly over the vocabulary (the floor)
 ROW_SET_LIST, ROW_SET_MASK = 0, 1
@@ -64,6 +64,14 @@ def lookup_weights(counts: torch.Tensor, share: float = LOOKUP_UNIFORM_SHARE) ->
     counts = counts.to(torch.float64)
     n, v = float(counts.sum()), counts.numel()
     return (1.0 - share) * counts + share * (n / max(v, 1) if n > 0 else 1.0)
+
+
+def row_lookup_weights(counts: torch.Tensor, n_rows: int, rows: torch.Tensor) -> torch.Tensor:
+    """lookup_weights of a matrix of n_rows rows from token counts [V] (cut or zero-padded to n_rows: rows
+    past the tokenizer's count were never seen), at `rows` int64 [n] → float64 [n]."""
+    full = torch.zeros(n_rows, dtype=torch.float64)
+    full[: min(counts.numel(), n_rows)] = counts[:n_rows].double()
+    return lookup_weights(full)[rows]
 
 
 def vocab_objective(residual: torch.Tensor, row_weights: torch.Tensor | None, H: torch.Tensor | None) -> float:

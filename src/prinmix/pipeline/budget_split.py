@@ -45,13 +45,14 @@ import torch
 
 from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
 from ..algorithms.prinmix_config import PrinMixConfig
-from ..algorithms.vocab_delta import lookup_weights, prinmix_error_curve, split_budget
+from ..algorithms.vocab_delta import prinmix_error_curve, row_lookup_weights, split_budget, vocab_objective
 from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import run_layer
 from .config import SPLIT_RULES
 from .tensor_diff import linear_delta
 
-__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers"]
+__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers",
+           "vocab_problem"]
 
 SAMPLE_LAYERS = 4      # layers whose linears estimate the linear group's error curve
 EFFECT_SEQUENCES = 8   # calibration sequences of the probe (κ_p, the sampled layers' and the head's H)
@@ -88,21 +89,20 @@ def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
 
 
 class _PerturbedReader:
-    """The fine-tune's reader with some tensors replaced: {name: (row ids int64 [n] or None, values)}."""
+    """The fine-tune's reader with offsets added to some tensors: {name: (row ids int64 [n] or None for the
+    whole tensor, offset [n, …] or shaped like the tensor)}."""
 
-    def __init__(self, ft_r, replaced: dict) -> None:
-        self._ft, self._replaced = ft_r, replaced
+    def __init__(self, ft_r, offsets: dict) -> None:
+        self._ft, self._offsets = ft_r, offsets
 
     def get(self, name: str, *args, **kwargs) -> torch.Tensor:
         out = self._ft.get(name, *args, **kwargs)
-        if name not in self._replaced:
+        if name not in self._offsets:
             return out
-        rows, values = self._replaced[name]
+        rows, offset = self._offsets[name]
         out = out.clone()
-        if rows is None:
-            out.copy_(values.to(out.dtype))
-        else:
-            out[rows] = values.to(out.dtype)
+        index = slice(None) if rows is None else rows
+        out[index] = (out[index].float() + offset.float()).to(out.dtype)   # one rounding to the reader's dtype
         return out
 
     def __contains__(self, name: str) -> bool:
@@ -122,16 +122,28 @@ def _truncation_residual(delta: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def _objective(R: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None) -> float:
-    """tr(R H Rᵀ) + Σ_t c_t ‖r_t‖² (Frobenius when both are None), float64."""
-    R64 = R.double()
-    out = 0.0
-    if H is not None:
-        out += float(((R64 @ H.double()) * R64).sum())
-    if row_weights is not None:
-        out += float((row_weights.double() * (R64 * R64).sum(1)).sum())
+    """vocab_objective J(R) = tr(R H Rᵀ) + Σ_t c_t ‖r_t‖², Frobenius (c = 1) when neither is given."""
     if H is None and row_weights is None:
-        out = float((R64 * R64).sum())
-    return out
+        row_weights = torch.ones(R.shape[0])
+    return vocab_objective(R, row_weights, H)
+
+
+def vocab_problem(part, base_r, ft_r, counts: torch.Tensor | None, head_H: torch.Tensor | None):
+    """(ΔE_R [n, d] float32, H [d, d] or None, row weights [n] or None) of a vocabulary part's objective
+    (vocab_delta.py): token-count row weights for the lookup role, head_H for the head role; a lookup-only
+    part gets H = 0, a part without calibration neither (Frobenius)."""
+    base_t = base_r.get(part.name, dtype=torch.float32)
+    ft_t = ft_r.get(part.name, dtype=torch.float32)
+    d_rows = ft_t[part.changed] - base_t[part.changed]
+    del base_t, ft_t
+    weights = H = None
+    if counts is not None and "lookup" in part.roles:
+        weights = row_lookup_weights(counts, part.shape[0], part.changed).float()
+    if head_H is not None and "head" in part.roles:
+        H = head_H.float()
+    elif weights is not None:
+        H = torch.zeros(d_rows.shape[1], d_rows.shape[1])      # lookup only: no head term
+    return d_rows, H, weights
 
 
 @torch.no_grad()
@@ -178,13 +190,13 @@ def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe:
     ids = probe.ids[:EFFECT_SEQUENCES]
     h_ft = _final_hidden(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
 
-    def logit_error(replaced: dict) -> float:
-        reader = _PerturbedReader(ft_r, replaced)
+    def logit_error(offsets: dict) -> float:
+        reader = _PerturbedReader(ft_r, offsets)
         h = _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
         return _logit_error(stack, ids, (ft_r, h_ft), (reader, h), probe.device, probe.batch_size)
 
     weights = []
-    replaced, j_res, j_zero = {}, 0.0, 0.0
+    offsets, j_res, j_zero = {}, 0.0, 0.0
     sampled = sample_layers(stack.num_layers)
     for i in sampled:
         for short in stack.linear_names(i):
@@ -195,25 +207,17 @@ def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe:
             R = _truncation_residual(d, alpha)
             H = hessians.get(name)
             j_res, j_zero = j_res + _objective(R, H, None), j_zero + _objective(d, H, None)
-            replaced[name] = (None, ft_r.get(name, dtype=torch.float32) - R)
-    if not replaced or j_res <= 0:
+            offsets[name] = (None, -R)
+    if not offsets or j_res <= 0:
         return []
-    weights.append(logit_error(replaced) / j_res * j_zero * stack.num_layers / len(sampled))
+    weights.append(logit_error(offsets) / j_res * j_zero * stack.num_layers / len(sampled))
     for part in todo:
-        base_t = base_r.get(part.name, dtype=torch.float32)[part.changed]
-        ft_t = ft_r.get(part.name, dtype=torch.float32)[part.changed]
-        d_rows = ft_t - base_t
-        rw = None
-        if counts is not None and "lookup" in part.roles:
-            c = torch.zeros(part.shape[0], dtype=torch.float64)
-            c[: min(counts.numel(), part.shape[0])] = counts[: part.shape[0]].double()
-            rw = lookup_weights(c)[part.changed]
-        H = hessians.get("head") if "head" in part.roles else None
+        d_rows, H, rw = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
         R = _truncation_residual(d_rows, alpha)
         jr = _objective(R, H, rw)
         if jr <= 0:
             return []
-        weights.append(logit_error({part.name: (part.changed, ft_t - R)}) / jr * _objective(d_rows, H, rw))
+        weights.append(logit_error({part.name: (part.changed, -R)}) / jr * _objective(d_rows, H, rw))
     return weights
 
 
@@ -258,22 +262,8 @@ def _linear_group_curve(stack, base_r, ft_r, linear_params: int, total_bits: int
 
 
 def _vocab_curve(part, base_r, ft_r, counts, head_H: torch.Tensor | None, total_bits: int, cfg: PrinMixConfig):
-    """e_p(B) of one vocabulary part in its objective (vocab_delta.py: token-count row weights for the lookup
-    role, head_H for the head role; Frobenius without calibration), as a callable of B."""
-    base_t = base_r.get(part.name, dtype=torch.float32)
-    ft_t = ft_r.get(part.name, dtype=torch.float32)
-    d_rows = ft_t[part.changed] - base_t[part.changed]
-    del base_t, ft_t
-    n, d = d_rows.shape
-    weights = H = None
-    if counts is not None and "lookup" in part.roles:
-        c = torch.zeros(part.shape[0], dtype=torch.float64)
-        c[: min(counts.numel(), part.shape[0])] = counts[: part.shape[0]].double()
-        weights = lookup_weights(c)[part.changed].float()
-    if head_H is not None and "head" in part.roles:
-        H = head_H.float()
-    elif weights is not None:
-        H = torch.zeros(d, d)       # lookup only: no head term
+    """e_p(B) of one vocabulary part in its objective (vocab_problem), as a callable of B."""
+    d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, head_H)
     levels = _levels(total_bits)
     return _interpolated(levels, prinmix_error_curve(d_rows, H, weights, [int(v) for v in levels], cfg))
 

@@ -43,7 +43,7 @@ from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
 from ..algorithms.compress_matrix import compress_matrix
 from ..algorithms.compressed_linear import BLOB_HEADER_BYTES
 from ..algorithms.prinmix_config import PrinMixConfig
-from ..algorithms.vocab_delta import lookup_weights, prinmix_error_curve, row_set_nbytes, split_budget
+from ..algorithms.vocab_delta import prinmix_error_curve, row_set_nbytes, split_budget
 from ..errors import BudgetError, DeltaRangeError
 from ..format.delta_file import (
     DeltaFile,
@@ -53,7 +53,7 @@ from ..format.delta_file import (
     rows_header_bytes,
     vocab_header_bytes,
 )
-from .budget_split import BudgetSplit, EffectProbe, exchange_split, linear_alpha_of
+from .budget_split import BudgetSplit, EffectProbe, exchange_split, linear_alpha_of, vocab_problem
 from .tensor_diff import stored_form
 
 __all__ = ["VocabPart", "WholeBudget", "compress_vocab_parts", "plan_whole_budget"]
@@ -197,19 +197,7 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
                           f"{len(todo)} embedding / lm_head row deltas")
     problems = []
     for p in todo:
-        base_t = base_r.get(p.name, dtype=torch.float32)
-        ft_t = ft_r.get(p.name, dtype=torch.float32)
-        d_rows = ft_t[p.changed] - base_t[p.changed]
-        del base_t, ft_t
-        weights = None
-        if counts is not None and "lookup" in p.roles:
-            full = torch.zeros(p.shape[0], dtype=torch.float64)
-            full[: min(counts.numel(), p.shape[0])] = counts[: p.shape[0]].double()
-            weights = lookup_weights(full)[p.changed].float()
-        H = head_H if (head_H is not None and "head" in p.roles) else None
-        if H is None and weights is not None:
-            H = torch.zeros(p.shape[1], p.shape[1])      # lookup only: no head term
-        problems.append((p, d_rows, H, weights))
+        problems.append((p, *vocab_problem(p, base_r, ft_r, counts, head_H)))
     sizes = [p.changed.numel() * p.shape[1] for p, *_ in problems]
     if method == "prinmix" and len(problems) > 1 and counts is not None:
         # Σ_p w_p·e_p(B_p) as for the linears/vocabulary split (budget_split.py): w_p the part's measured
