@@ -54,7 +54,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
              calibration: CalibrationConfig | None = None, device: str = "auto", resume: bool = True,
              distill_steps: int = 0, listeners: Sequence[Listener] = (), base_revision: str | None = None,
              finetuned_revision: str | None = None, exact_embeddings: bool = False,
-             vocab_share: float | None = None, split: str = "proportional") -> CompressSummary:
+             vocab_share: float | None = None, split: str = "measured") -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     Args:

@@ -143,7 +143,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
         counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
     # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
-    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "exchange" else None
+    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "measured" else None
     plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
                                                                job.config, counts, job.vocab_share, probe,
                                                                job.split)
@@ -263,7 +263,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
         delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
         if plan.split is not None:
             delta.stats["whole"]["split"] = {"rule": plan.split.rule, "vocab_share": plan.split.vocab_share,
-                                             **({"weights": plan.split.weights} if plan.split.weights else {})}
+                                             **({"effects": plan.split.effects} if plan.split.effects else {})}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
     summary = CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(),

@@ -14,7 +14,7 @@ from ..format.output_safety import refuse_input_overlap
 
 __all__ = ["CalibrationConfig", "CompressJob"]
 
-SPLIT_RULES = ("proportional", "exchange")   # how the whole budget is shared: pipeline/budget_split.py
+SPLIT_RULES = ("proportional", "measured")   # how the whole budget is shared: pipeline/budget_split.py
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,14 @@ class CompressJob:
     finetuned_revision: str | None = None
     exact_embeddings: bool = False
     vocab_share: float | None = None
-    split: str = "proportional"
+    split: str = "measured"
 
     @classmethod
     def create(cls, base, finetuned, output, ratio: str | float = "1/16", method: str = "prinmix",
                config: PrinMixConfig | None = None, calibration: CalibrationConfig | None = None,
                distill_steps: int = 0, base_revision: str | None = None,
                finetuned_revision: str | None = None, exact_embeddings: bool = False,
-               vocab_share: float | None = None, split: str = "proportional") -> "CompressJob":
+               vocab_share: float | None = None, split: str = "measured") -> "CompressJob":
         """Validate the user's settings (one-line PrinmixError/BudgetError each) and build the job."""
         if method not in METHODS:
             raise PrinmixError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")

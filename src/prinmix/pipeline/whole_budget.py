@@ -53,7 +53,7 @@ from ..format.delta_file import (
     rows_header_bytes,
     vocab_header_bytes,
 )
-from .budget_split import BudgetSplit, EffectProbe, exchange_split, linear_alpha_of, vocab_problem
+from .budget_split import BudgetSplit, EffectProbe, choose_split, linear_alpha_of, vocab_problem
 from .tensor_diff import stored_form
 
 __all__ = ["VocabPart", "WholeBudget", "compress_vocab_parts", "plan_whole_budget"]
@@ -154,7 +154,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
                        alpha, parts)
     if fixed_size or not compressed:
         return plan
-    plan.split = exchange_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
+    plan.split = choose_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
                                 probe, split)
     plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
     return plan
@@ -199,17 +199,17 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
     for p in todo:
         problems.append((p, *vocab_problem(p, base_r, ft_r, counts, head_H)))
     sizes = [p.changed.numel() * p.shape[1] for p, *_ in problems]
-    if method == "prinmix" and len(problems) > 1 and counts is not None:
-        # Σ_p w_p·e_p(B_p) as for the linears/vocabulary split (budget_split.py): w_p the part's measured
-        # weight when the plan measured one for every part (--split exchange), else its entries n_p
-        measured = (plan.split.weights or {}) if plan.split is not None else {}
-        if all(p.name in measured for p, *_ in problems):
-            w_of = [float(measured[p.name]) for p, *_ in problems]
-        else:
-            w_of = [float(n) for n in sizes]
-        total_w = sum(w_of) or 1.0
+    measured = plan.split.part_bits if plan.split is not None else None
+    if measured and all(p.name in measured for p, *_ in problems):
+        # the measured rule's bits per part (budget_split.py), scaled to what the linears really left
+        planned = [measured[p.name] for p, *_ in problems]
+        budgets = [left * b // max(sum(planned), 1) for b in planned]
+    elif method == "prinmix" and len(problems) > 1 and counts is not None:
+        # parts weighted by their entries n_p: Σ_p n_p·e_p(B_p), e_p the relative error of Eq. 8 in the part's
+        # calibrated objective, at one exchange rate (vocab_delta.split_budget)
+        total_w = sum(sizes) or 1
         curves = [lambda b, d=d, H=H, w=w, wp=wp: (wp / total_w) * prinmix_error_curve(d, H, w, b, cfg)
-                  for (_, d, H, w), wp in zip(problems, w_of)]
+                  for (_, d, H, w), wp in zip(problems, sizes)]
         floor = prinmix_fixed_overhead_bits(cfg.fmax)   # every part keeps a blob of no ranks at least
         budgets = [b + floor for b in split_budget(curves, max(left - floor * len(curves), 0))]
     else:
