@@ -76,9 +76,9 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
             (pipeline/whole_budget.py). Becomes CompressJob.exact_embeddings.
         vocab_share: whole-delta mode: force the embedding / lm_head rows' share of the compressed bits
             (to compare splits); None (default): shared by `split`.
-        split: whole-delta mode: "proportional" (default; one ratio for every compressed part) or
-            "exchange" (one exchange rate between measured, weighted relative errors; see
-            pipeline/budget_split.py for the rule and why it is not the default).
+        split: whole-delta mode: "measured" (default; PrinMix's linears and embedding / lm_head rows get
+            the bits that minimise the KL divergence their compression is measured to cause on calibration
+            text) or "proportional" (one ratio for every compressed part; cheaper); pipeline/budget_split.py.
 
     Returns:
         CompressSummary: the file's path, its byte counts and the achieved ratio.

@@ -73,7 +73,7 @@ def _plan(base, ft, alpha, vocab_share=None, split="measured", probe=None, count
     return plan, stack, b, f
 
 
-def _ids(vocab, seed=0, n=8, seq=32):
+def _ids(vocab, seed=0, n=budget_split.EFFECT_SEQUENCES, seq=32):
     return torch.randint(3, vocab, (n, seq), generator=torch.Generator().manual_seed(seed))
 
 

@@ -46,6 +46,9 @@ def cmd_compress(a) -> int:
             ("  decoder linears (+ header entries)", format_bytes(w["linear"])),
             *((f"  {name} (compressed rows)", format_bytes(b)) for name, b in w["vocab"].items()),
             ("  exact tensors (norms, biases, rows)", format_bytes(w["exact"])),
+            *((("  shared by", f"{s.split['rule']}: the embedding / lm_head rows get "
+                f"{100 * s.split['vocab_share']:.1f} % of the compressed bits (proportional: "
+                f"{100 * s.split['proportional_share']:.1f} %)"),) if s.split else ()),
             ("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"
                                    + (" of the linears only (--exact-embeddings)" if s.exact_embeddings
                                       else " of the whole delta")),

@@ -4,34 +4,31 @@ The bits left for compressed content, B (the whole budget less exact tensors and
 the decoder linears (one ratio α' for all of them, the paper's rule among linears) and to each
 compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py). Two rules:
 
-proportional (the default): every compressed part gets the same share of its 16-bit size, α' = B / 16·n
-    — the paper's uniform ratio extended from the linears to the whole delta.
-exchange (`--split exchange`): minimise  Σ_p w_p · e_p(B_p)  subject to  Σ_p B_p = B, with
-    e_p(B) = J_p(B) / J_p(0) the part's relative error at B bits in its own objective (Eq. 8 with
-        Eq. 5's width errors, vocab_delta.prinmix_error_curve; linears: the calibrated H of the linears
-        of SAMPLE_LAYERS layers spread over the depth, entry-weighted mean; vocabulary rows: token-count
-        row weights for the lookup role, the head's H = Σhhᵀ of the final normed states);
-    w_p = κ_p · J_p(0) the logit error the part's whole change would cause if lost the way compression
-        loses it: κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
-        (the tail of the part's spectrum beyond the rank fp16 factors would get at α) into the
-        fine-tune, one part at a time, on EFFECT_SEQUENCES calibration sequences (a streamed forward
-        each; the same probe pass captures the H's);
-    at the optimum every part's marginal weighted error reduction per bit is one exchange rate λ (the
-    Lagrange multiplier Eq. 8 has inside each matrix), found by vocab_delta.split_budget.
+measured (the default for PrinMix with calibration data): minimise  Σ_p E_p(B_p)  subject to  Σ_p B_p = B,
+    E_p(B) the KL divergence KL(p_ft ‖ p) in nats per token, on EFFECT_SEQUENCES calibration sequences,
+    between the fine-tune and the fine-tune with part p alone compressed by PrinMix at B bits — measured,
+    not modelled: each part is really compressed at a few budgets (LINEAR_FACTORS / VOCAB_FACTORS × its
+    proportional share, and dropped at 0 bits) and the perturbed model really run. The linear group is
+    stood for by the linears of SAMPLE_LAYERS layers spread over the depth (their calibrated H from the
+    probe pass, each at α' = B_lin / 16·n_lin), their KL scaled by num_layers / SAMPLE_LAYERS; the
+    vocabulary parts are compressed in their calibrated objectives (vocab_problem). E_p between measured
+    points is linear in log E (errors fall about exponentially in bits). The minimum has one exchange rate
+    λ = −dE_p/dB_p for every part (vocab_delta.split_budget), the KL being additive over parts because a
+    small logit change's KL is quadratic in it and the parts' compression errors are independent.
+proportional (`--split proportional`; Delta-CoMe and low-rank always; PrinMix without calibration): every
+    compressed part gets the same share of its 16-bit size, α' = B / 16·n.
+BitDelta's size is fixed by its format.
 
-Why proportional is the default (measured, benchmarks/README.md "Sharing the whole budget"):
-- On the SmolLM2 pair at whole 1/32 an exchange rule (an earlier variant weighting by the logit change of
-  reverting each part, g²) gave the tied embedding 0.08 MiB instead of 1.67 MiB: Eq. 1 layer error 0.0354
-  vs 0.0415 (better), but logit error on held-out task text 0.0040 vs 0.0019 and KL 0.0025 vs 0.0002
-  nats/token (12× worse), accuracy 0.910 both. The sensitivity-weighted rule above gives the embedding
-  2.4 % of B there (proportional: 21 %): Eq. 1 error 0.0357, logit error 0.0023, KL 0.0009 (4.5× the
-  proportional split's), accuracy 0.910 (that run's probe held full [8, 512, vocab] float32 logits, peak
-  RSS 4.7 GiB against 1.7 GiB; they are now compared LOGIT_CHUNK_BYTES at a time).
-- On the demo model: exchange 0.0069 vs proportional 0.0043 logit error at 1/16, 0.0146 vs 0.0258 at 1/32.
-The cause is the calibration text: every error curve and sensitivity is measured on it, while the rows a
-fine-tune changes most are its task's tokens, rare there; a uniform share does not depend on that. The
-exchange rule stays available to compare (and for fine-tunes calibrated on their own task's text).
-Delta-CoMe and low-rank always split proportionally; BitDelta's size is fixed by its format.
+Why KL, measured (benchmarks/README.md "Sharing the whole budget"): a first rule (one exchange rate
+between the parts' relative errors of Eq. 8 in their own objectives, weighted by a logit sensitivity
+measured with a spectral-tail residual) was modelled, not measured; on the SmolLM2 pair at whole 1/32 it
+gave the tied embedding 2.4 % of B (0.21 MiB): KL on held-out text 0.0009 against proportional's 0.0002
+(4.5× worse), because its proxy underrated what the embedding's compression error does to the logits.
+The measured rule on the same pair and α gives the embedding 22.7 % (proportional: 21.1 %) and predicts
+KL 0.00013 (linears) + 0.00008 (embedding), the 0.0002 the benchmark then measures on held-out text.
+Its cost: 1 + 4 per part streamed forwards over EFFECT_SEQUENCES sequences (an untied lm_head's run only
+the head) and 3 compressions of the sampled linears and of each vocabulary part (SmolLM2-135M on 2 CPU
+cores: see benchmarks/README.md; on a GPU small against compressing a 7B model); `--split proportional` skips it.
 """
 
 from __future__ import annotations
@@ -210,9 +207,9 @@ def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab
     hessians: dict = {}
     h_ft = _final_hidden(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
 
-    def kl(offsets: dict) -> float:
-        reader = _PerturbedReader(ft_r, offsets)
-        h = _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
+    def kl(offsets: dict, head_only: bool = False) -> float:
+        reader = _PerturbedReader(ft_r, offsets)   # an untied lm_head leaves the final states as they are
+        h = h_ft if head_only else _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
         return _kl_divergence(stack, ids, (ft_r, h_ft), (reader, h), probe.device, probe.batch_size)
 
     sampled = sample_layers(stack.num_layers)
@@ -233,7 +230,8 @@ def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab
     for part, points in zip(todo, vocab_points):
         d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
         effects[part.name] = [(bits, kl({part.name: (part.changed, _residual(d_rows, H, weights, bits, cfg,
-                                                                             probe.device))}))
+                                                                             probe.device))},
+                                        head_only=part.roles == ("head",)))
                               for bits in points]
     return effects
 

@@ -52,8 +52,8 @@ class CompressJob:
     (pipeline/whole_budget.py).
     vocab_share: the embedding / lm_head rows' share of the compressed bits in whole-delta mode, forced
     (for benchmarks comparing splits); None (default): by `split`.
-    split: "proportional" (default: one ratio for every compressed part) or "exchange" (one exchange rate
-    between measured, weighted relative errors); pipeline/budget_split.py says why and what was measured.
+    split: "measured" (default: the bits that minimise the KL divergence each part's compression is
+    measured to cause) or "proportional" (one ratio for every compressed part); pipeline/budget_split.py.
     """
 
     base: Path

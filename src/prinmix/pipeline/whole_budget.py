@@ -18,14 +18,16 @@ How the budget is spent (decisions):
    1 KiB at 1/16; no matrix of a real LLM): charging them would leave toy models' linears almost no bits
    and make comparisons on them meaningless. Such a file can end above α; see 5.
 2. What is left, B, is shared between the decoder linears (one ratio α' for all of them, as the paper
-   does) and the vocabulary parts: by default in proportion to their size (the same ratio for every
-   compressed part), or by one exchange rate between their weighted relative errors (`--split exchange`);
-   budget_split.py says why proportional is the default (measured). The linears' α' is fixed before the
+   does) and the vocabulary parts by the KL divergence each part's compression is measured to cause
+   (PrinMix with calibration: budget_split.py, the rule and why), else in proportion to their size (the
+   same ratio for every compressed part; `--split proportional`). The linears' α' is fixed before the
    pass, which compresses them one layer at a time on the reconstructed model.
 3. The vocabulary parts (untied: embedding and lm_head) are compressed after the pass with what the
-   linears left (their real spending, not the plan), shared between them by the same rule (the plan's
-   measured weights w_p under `--split exchange`, else their entries n_p) with their calibrated objectives (vocab_delta.split_budget; PrinMix only — the baselines have no error curve
-   here and split in proportion to size). A tied matrix is one part with both roles in its objective.
+   linears left (their real spending, not the plan), shared between them in the proportions the measured
+   split chose; under `--split proportional`, PrinMix with calibration shares it by one exchange rate
+   between their relative errors of Eq. 8 in their calibrated objectives, weighted by their entries
+   (vocab_delta.split_budget), and the baselines, which have no error curve here, in proportion to size. A
+   tied matrix is one part with both roles in its objective.
 4. BitDelta's size is fixed by its format (1 bit per entry + 5 B): its whole delta is ≈ 1/16 + the exact
    tensors' excess, reported as such; ratios below 1/16 are refused as before.
 5. A file that ends above α (toy matrices' uncharged header entries, 1.; a part's fixed minimum size
@@ -109,7 +111,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     method "bitdelta": the size is fixed by its format — report, never refuse. counts: int64 [vocab] token
     counts of the calibration inputs (None: uncalibrated). vocab_share: force the vocabulary parts' share
     of the compressed bits (benchmarks); None: by `split` — "proportional" (one ratio for every compressed
-    part) or "exchange" (budget_split.py; its sensitivities measured on `probe`)."""
+    part) or "measured" (budget_split.py; the effects measured on `probe`)."""
     fixed_size = method == "bitdelta"
     vocab_names = _vocab_matrix_names(stack, ft_r, compat)
     head = stack.output_embedding_name()
