@@ -200,7 +200,10 @@ def test_forced_share_and_the_whole_file_stays_within_alpha(tiny_models, tmp_pat
             s = api.compress(base, ft, path, ratio="1/16", device="cpu", vocab_share=share,
                              calibration=api.CalibrationConfig(nsamples=4, seqlen=32))
         delta = api.load_delta(path)
-        assert delta.stats["whole"]["split"] == {"rule": "fixed share", "vocab_share": share}
+        split = delta.stats["whole"]["split"]
+        assert split["rule"] == "fixed share" and split["vocab_share"] == share
+        assert s.split == split and split["proportional_share"] == pytest.approx(
+            plan.vocab_params / (plan.vocab_params + plan.linear_params))
         vocab_bytes[share] = sum(s.weight_bytes["vocab"].values())
         # the whole budget holds (toy matrices' header entries excepted: whole_budget.py decision 1)
         exempt = sum(matrix_header_bytes(n, m.shape) for n, m in delta.matrices.items()

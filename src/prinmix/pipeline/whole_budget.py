@@ -18,13 +18,14 @@ How the budget is spent (decisions):
    1 KiB at 1/16; no matrix of a real LLM): charging them would leave toy models' linears almost no bits
    and make comparisons on them meaningless. Such a file can end above α; see 5.
 2. What is left, B, is shared between the decoder linears (one ratio α' for all of them, as the paper
-   does) and the vocabulary parts by the KL divergence each part's compression is measured to cause
-   (PrinMix with calibration: budget_split.py, the rule and why), else in proportion to their size (the
-   same ratio for every compressed part; `--split proportional`). The linears' α' is fixed before the
-   pass, which compresses them one layer at a time on the reconstructed model.
+   does) and the vocabulary parts in proportion to their size (the same ratio for every compressed part),
+   or (`--split measured`, PrinMix with calibration) by the KL divergence each part's compression is
+   measured to cause on the calibration text; budget_split.py, the rules and why proportional is the
+   default (measured). The linears' α' is fixed before the pass, which compresses them one layer at a
+   time on the reconstructed model.
 3. The vocabulary parts (untied: embedding and lm_head) are compressed after the pass with what the
    linears left (their real spending, not the plan), shared between them in the proportions the measured
-   split chose; under `--split proportional`, PrinMix with calibration shares it by one exchange rate
+   split chose (`--split measured`); by default PrinMix with calibration shares it by one exchange rate
    between their relative errors of Eq. 8 in their calibrated objectives, weighted by their entries
    (vocab_delta.split_budget), and the baselines, which have no error curve here, in proportion to size. A
    tied matrix is one part with both roles in its objective.
