@@ -250,8 +250,8 @@ def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab
 
 
 def choose_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
-                   vocab_share: float | None = None, probe: EffectProbe | None = None,
-                   rule: str = "proportional") -> BudgetSplit:
+                 vocab_share: float | None = None, probe: EffectProbe | None = None,
+                 rule: str = "proportional") -> BudgetSplit:
     """Share plan's compressed bits between the linear group and the vocabulary parts (module docstring).
 
     plan: a whole_budget.WholeBudget; counts: int64 [vocab] calibration token counts (None: uncalibrated);
