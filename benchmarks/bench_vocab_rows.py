@@ -19,8 +19,8 @@ else exact) and measured: task accuracy on N held-out items and the logit error 
 held-out text (‖z − z_ft‖² / ‖z_ft − z_base‖², mean KL(ft ‖ model)); beside them the fine-tune with the
 base's embedding (the embedding delta dropped: what the same bytes buy when embedding rows can only be
 stored exactly, since they alone are 3× the whole 1/16 budget). The ratio the embedding gets is the α'
-the vocabulary rows get in `compress`'s whole-delta plan (whole_budget.plan_whole_budget, the exchange
-rate of budget_split.py) unless --ratio-own is given.
+the vocabulary rows get in `compress`'s whole-delta plan with `--split proportional`
+(whole_budget.plan_whole_budget) unless --ratio-own is given.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from prinmix.calibration.data import load_calibration  # noqa: E402
 from prinmix.calibration.decoder_stack import DecoderStack  # noqa: E402
 from prinmix.checkpoint.compatibility import check_compatible  # noqa: E402
 from prinmix.checkpoint.reader import CheckpointReader  # noqa: E402
-from prinmix.pipeline.budget_split import EffectProbe  # noqa: E402
 from prinmix.pipeline.whole_budget import plan_whole_budget  # noqa: E402
 
 
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
         plan_ids = load_calibration(None, tok, a.nsamples, a.seqlen, 0)
         counts = torch.bincount(plan_ids.flatten(), minlength=ft_r.config.vocab_size)
         plan = plan_whole_budget(DecoderStack(ft_r), base_r, ft_r, check_compatible(base_r, ft_r), alpha, "prinmix",
-                                 None, counts, None, EffectProbe(plan_ids))
+                                 None, counts, None, None, "proportional")
         vocab_alpha = plan.split.vocab_share * plan.split.compressed_bits / (16 * plan.vocab_params)
         print(f"whole-delta plan at α={a.ratio}: linears α' = {plan.linear_alpha:.6f}, vocabulary rows "
               f"{vocab_alpha:.6f} ({plan.split.rule}; exact {plan.exact_bytes} B, overheads {plan.overhead_bytes} B)")

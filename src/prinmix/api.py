@@ -77,8 +77,9 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
         vocab_share: whole-delta mode: force the embedding / lm_head rows' share of the compressed bits
             (to compare splits); None (default): shared by `split`.
         split: whole-delta mode: "proportional" (default; one ratio for every compressed part) or
-            "exchange" (one exchange rate between measured, weighted relative errors; see
-            pipeline/budget_split.py for the rule and why it is not the default).
+            "measured" (PrinMix: the bits that minimise the KL divergence each part's compression is measured
+            to cause on the calibration text; for calibration text like the served text);
+            pipeline/budget_split.py says why proportional is the default (measured).
 
     Returns:
         CompressSummary: the file's path, its byte counts and the achieved ratio.

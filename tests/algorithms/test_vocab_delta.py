@@ -1,6 +1,8 @@
 """Vocabulary-matrix deltas: the row-weighted objective against float64 brute force, row-weighted RTC
 against per-row least squares, row sets, budget sharing."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -122,3 +124,21 @@ def test_error_curve_decreases_and_split_follows_the_exchange_rate():
                for s in range(0, total + 1, total // 16))
     got = prinmix_error_curve(easy, None, None, [parts[0]])[0] + prinmix_error_curve(hard, None, None, [parts[1]])[0]
     assert got <= best + 0.02
+
+
+def test_split_budget_is_the_exact_grid_optimum_for_non_convex_curves():
+    """Random (non-convex) curves of 2–3 parts: split_budget's shares reach the brute-force minimum over every
+    way of dividing the grid's steps, and always sum to the total."""
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        parts, grid = int(rng.integers(2, 4)), 12
+        total = 1200 if trial % 2 else 1001
+        tables = [rng.random(grid + 1) for _ in range(parts)]
+        curves = [lambda b, t=t: t[np.minimum(np.asarray(b) * grid // total, grid).astype(int)] for t in tables]
+        got = split_budget(curves, total, grid)
+        assert sum(got) == total and all(b >= 0 for b in got)
+        if total % grid == 0:
+            value = sum(float(f([b])[0]) for f, b in zip(curves, got))
+            best = min(sum(t[k] for t, k in zip(tables, ks))
+                       for ks in itertools.product(range(grid + 1), repeat=parts) if sum(ks) == grid)
+            assert value == pytest.approx(best, abs=1e-12)

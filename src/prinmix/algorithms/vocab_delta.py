@@ -167,27 +167,30 @@ def prinmix_error_curve(delta: torch.Tensor, H: torch.Tensor | None, row_weights
 
 
 def split_budget(curves: list, total_bits: int, grid: int = 32) -> list[int]:
-    """Share total_bits between parts minimising Σ_p f_p(B_p), f_p the (weighted) relative-error curve of
-    part p (a callable budgets → values, e.g. a partial of prinmix_error_curve), evaluated on `grid`+1 budgets
-    each: the parts' budgets at one exchange rate λ (min over B of f_p(B) + λB, λ bisected so the
-    budgets fill total_bits), then what is left of total_bits spread in proportion. One part: all of it."""
+    """Share total_bits between parts minimising Σ_p f_p(B_p), f_p a part's (weighted) error curve (a callable
+    budgets → values, e.g. a partial of prinmix_error_curve): the exact minimum over budgets that are
+    multiples of total_bits/grid (rounding to the largest part) summing to total_bits, by dynamic programming over the parts (O(P·grid²)).
+    Where the curves are convex this is the one-exchange-rate optimum (every part's marginal error per bit
+    the same λ); measured curves need not be convex, so no λ bisection. One part: all of it."""
     if len(curves) == 1:
         return [int(total_bits)]
     levels = np.array([total_bits * j // grid for j in range(grid + 1)], dtype=np.int64)
     values = [np.asarray(f(levels), dtype=np.float64) for f in curves]
-
-    def at(lam: float) -> list[int]:
-        return [int(levels[int(np.argmin(v + lam * levels / max(total_bits, 1)))]) for v in values]
-
-    lo, hi = 0.0, 1e6
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if sum(at(mid)) > total_bits:
-            lo = mid
-        else:
-            hi = mid
-    chosen = at(hi)
-    used = sum(chosen)
-    if used <= 0:
-        return [int(total_bits) // len(curves)] * len(curves)
-    return [int(b * total_bits // used) for b in chosen]
+    best = values[0].copy()                 # best[j]: least Σ over the parts so far using j grid steps
+    choice = []
+    for v in values[1:]:
+        # total[j, k] = best[j − k] + v[k] for k ≤ j
+        total = np.full((grid + 1, grid + 1), np.inf)
+        for k in range(grid + 1):
+            total[k:, k] = best[: grid + 1 - k] + v[k]
+        choice.append(np.argmin(total, axis=1))
+        best = total[np.arange(grid + 1), choice[-1]]
+    steps, j = [], grid
+    for pick in reversed(choice):
+        k = int(pick[j])
+        steps.append(k)
+        j -= k
+    steps.append(j)
+    out = [int(levels[k]) for k in reversed(steps)]
+    out[int(np.argmax(out))] += int(total_bits) - sum(out)   # the grid's rounding, to the largest part
+    return out

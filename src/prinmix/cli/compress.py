@@ -46,6 +46,9 @@ def cmd_compress(a) -> int:
             ("  decoder linears (+ header entries)", format_bytes(w["linear"])),
             *((f"  {name} (compressed rows)", format_bytes(b)) for name, b in w["vocab"].items()),
             ("  exact tensors (norms, biases, rows)", format_bytes(w["exact"])),
+            *((("  shared by", f"{s.split['rule']}: the embedding / lm_head rows get "
+                f"{100 * s.split['vocab_share']:.1f} % of the compressed bits (proportional: "
+                f"{100 * s.split['proportional_share']:.1f} %)"),) if s.split else ()),
             ("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"
                                    + (" of the linears only (--exact-embeddings)" if s.exact_embeddings
                                       else " of the whole delta")),
@@ -162,10 +165,11 @@ def add_compress_parsers(sub) -> None:
     c.add_argument("--exact-embeddings", action="store_true",
                    help="earlier behaviour, for comparison: --ratio holds for the decoder linears only and "
                         "embedding / lm_head rows, norms and biases that differ are stored exactly")
-    c.add_argument("--split", choices=("proportional", "exchange"), default="proportional",
+    c.add_argument("--split", choices=("proportional", "measured"), default="proportional",
                    help="how the whole budget is shared between the linears and the embedding / lm_head rows: "
-                        "one ratio for all (proportional) or one exchange rate between measured errors "
-                        "(exchange; src/prinmix/pipeline/budget_split.py)")
+                        "one ratio for all (proportional) or by the KL divergence each part's compression is "
+                        "measured to cause on the calibration text (measured: for calibration text like the "
+                        "served text; src/prinmix/pipeline/budget_split.py)")
     c.add_argument("--vocab-share", type=float, default=None, metavar="S",
                    help="for comparing splits: the embedding / lm_head rows' share of the compressed bits, "
                         "forced (default: by --split)")

@@ -4,34 +4,43 @@ The bits left for compressed content, B (the whole budget less exact tensors and
 the decoder linears (one ratio α' for all of them, the paper's rule among linears) and to each
 compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py). Two rules:
 
-proportional (the default): every compressed part gets the same share of its 16-bit size, α' = B / 16·n
-    — the paper's uniform ratio extended from the linears to the whole delta.
-exchange (`--split exchange`): minimise  Σ_p w_p · e_p(B_p)  subject to  Σ_p B_p = B, with
-    e_p(B) = J_p(B) / J_p(0) the part's relative error at B bits in its own objective (Eq. 8 with
-        Eq. 5's width errors, vocab_delta.prinmix_error_curve; linears: the calibrated H of the linears
-        of SAMPLE_LAYERS layers spread over the depth, entry-weighted mean; vocabulary rows: token-count
-        row weights for the lookup role, the head's H = Σhhᵀ of the final normed states);
-    w_p = κ_p · J_p(0) the logit error the part's whole change would cause if lost the way compression
-        loses it: κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
-        (the tail of the part's spectrum beyond the rank fp16 factors would get at α) into the
-        fine-tune, one part at a time, on EFFECT_SEQUENCES calibration sequences (a streamed forward
-        each; the same probe pass captures the H's);
-    at the optimum every part's marginal weighted error reduction per bit is one exchange rate λ (the
-    Lagrange multiplier Eq. 8 has inside each matrix), found by vocab_delta.split_budget.
+proportional (the default; Delta-CoMe and low-rank always): every compressed part gets the same share of
+    its 16-bit size, α' = B / 16·n — the paper's uniform ratio extended from the linears to the whole delta.
+measured (`--split measured`, PrinMix with calibration data): minimise  Σ_p E_p(B_p)  subject to
+    Σ_p B_p = B, E_p(B) the KL divergence KL(p_ft ‖ p) in nats per token, on EFFECT_SEQUENCES calibration
+    sequences, between the fine-tune and the fine-tune with part p alone compressed by PrinMix at B bits —
+    measured, not modelled: each part is really compressed at a few budgets (LINEAR_FACTORS /
+    VOCAB_FACTORS × its proportional share, and dropped at 0 bits) and the perturbed model really run. The
+    linear group is stood for by the linears of SAMPLE_LAYERS layers spread over the depth (their
+    calibrated H from the probe pass, each at α' = B_lin / 16·n_lin), their KL scaled by num_layers /
+    SAMPLE_LAYERS; the vocabulary parts are compressed in their calibrated objectives (vocab_problem).
+    E_p between measured points is linear in log E (errors fall about exponentially in bits); the
+    minimum is taken exactly on a grid (vocab_delta.split_budget), the KL being additive over parts since
+    a small logit change's KL is quadratic in it and the parts' compression errors are independent.
+BitDelta's size is fixed by its format.
 
-Why proportional is the default (measured, benchmarks/README.md "Sharing the whole budget"):
-- On the SmolLM2 pair at whole 1/32 an exchange rule (an earlier variant weighting by the logit change of
-  reverting each part, g²) gave the tied embedding 0.08 MiB instead of 1.67 MiB: Eq. 1 layer error 0.0354
-  vs 0.0415 (better), but logit error on held-out task text 0.0040 vs 0.0019 and KL 0.0025 vs 0.0002
-  nats/token (12× worse), accuracy 0.910 both. The sensitivity-weighted rule above gives the embedding
-  2.4 % of B there (proportional: 21 %): Eq. 1 error 0.0357, logit error 0.0023, KL 0.0009 (4.5× the
-  proportional split's), accuracy 0.910 (that run's probe held full [8, 512, vocab] float32 logits, peak
-  RSS 4.7 GiB against 1.7 GiB; they are now compared LOGIT_CHUNK_BYTES at a time).
-- On the demo model: exchange 0.0069 vs proportional 0.0043 logit error at 1/16, 0.0146 vs 0.0258 at 1/32.
-The cause is the calibration text: every error curve and sensitivity is measured on it, while the rows a
-fine-tune changes most are its task's tokens, rare there; a uniform share does not depend on that. The
-exchange rule stays available to compare (and for fine-tunes calibrated on their own task's text).
-Delta-CoMe and low-rank always split proportionally; BitDelta's size is fixed by its format.
+Why proportional is the default — the split was decided by measuring the error (benchmarks/README.md
+"Sharing the whole budget"):
+- Where the probe text is like the text the model is then used on, the measured optimum IS the
+  proportional share: SmolLM2 pair at whole 1/32, calibration and held-out text from the same source:
+  measured 22.7 % of B to the tied embedding, proportional 21.1 %; its predicted KL 0.00013 (linears) +
+  0.00008 (embedding) is the 0.0002 then measured on held-out text. Demo pair at 1/16 calibrated on
+  arithmetic text like its fine-tune's: measured 32.1 %, proportional 31.7 %.
+- Where it is not (the usual case: generic calibration text, a fine-tune for one task), the measured rule
+  is misled: the embedding rows of the task's tokens are rare in the probe, so their compression looks
+  harmless. Demo pair at 1/16 calibrated on the built-in generic text, KL on held-out arithmetic text:
+  measured 15.9–16.7 % to the embedding, KL 0.00103 nats/token (logit error 0.0334); proportional KL
+  0.00001 (0.0043). Two modelled rules tried first (one exchange rate between the parts' relative errors
+  of Eq. 8, weighted by the logit change of reverting a part or by a sensitivity measured with a
+  spectral-tail residual) gave the SmolLM2 embedding 0.8 % and 2.4 % of B at 1/32: KL 0.0025 and 0.0009
+  against proportional's 0.0002.
+So the uniform ratio is what the measured error chooses when it can be measured where it matters, and it
+cannot be misled by calibration text; `--split measured` stays for calibration text like the served text
+(e.g. `--calib` with the fine-tune's own task data) and to check a model. Its cost: 1 + 4 per part
+streamed forwards over EFFECT_SEQUENCES sequences (an untied lm_head's run only the head) and 3
+compressions of the sampled linears and of each vocabulary part. Not done: measuring on text the
+fine-tune generates itself (the distribution it is served for), which would remove the calibration-text
+dependence; it needs the whole fine-tune in memory to sample.
 """
 
 from __future__ import annotations
@@ -44,19 +53,23 @@ import numpy as np
 import torch
 
 from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
+from ..algorithms.compress_matrix import compress_matrix
+from ..algorithms.compressed_linear import BLOB_HEADER_BYTES
 from ..algorithms.prinmix_config import PrinMixConfig
-from ..algorithms.vocab_delta import prinmix_error_curve, row_lookup_weights, split_budget, vocab_objective
+from ..algorithms.vocab_delta import row_lookup_weights, split_budget
 from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import run_layer
+from ..errors import BudgetError
 from .config import SPLIT_RULES
 from .tensor_diff import linear_delta
 
-__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "exchange_split", "linear_alpha_of", "sample_layers",
-           "vocab_problem"]
+__all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "choose_split", "linear_alpha_of",
+           "sample_layers", "vocab_problem"]
 
-SAMPLE_LAYERS = 4      # layers whose linears estimate the linear group's error curve
-EFFECT_SEQUENCES = 8   # calibration sequences of the probe (κ_p, the sampled layers' and the head's H)
-CURVE_POINTS = 17      # budgets each curve is evaluated at (linear interpolation in between)
+SAMPLE_LAYERS = 4      # layers whose linears stand for the linear group's effect
+EFFECT_SEQUENCES = 4   # calibration sequences of the probe (the effects, the sampled layers' and the head's H)
+LINEAR_FACTORS = (0.0, 0.5, 1.0)           # linear budgets measured, × their proportional share (+ all of B)
+VOCAB_FACTORS = (0.0, 0.5, 1.0, 2.0)   # each vocabulary part's budgets, × its proportional share
 SPLIT_GRID = 128       # budget levels of the split (B/128 resolution)
 LOGIT_CHUNK_BYTES = 256 * 2 ** 20   # the probe's logits are compared this many bytes at a time
 
@@ -65,11 +78,12 @@ LOGIT_CHUNK_BYTES = 256 * 2 ** 20   # the probe's logits are compared this many 
 class BudgetSplit:
     """The compressed bits B and the linears' share of them (the vocabulary parts get the rest)."""
 
-    rule: str             # "exchange" (error curves), "proportional" or "fixed share"
+    rule: str             # "measured", "proportional" or "fixed share"
     compressed_bits: int  # B
     linear_bits: int      # the linear group's B_lin
     vocab_share: float    # 1 − B_lin / B
-    weights: dict | None = None   # {"linears" | vocabulary name: w_p} of the exchange rule
+    part_bits: dict | None = None    # {vocabulary part name: bits} of the measured rule
+    effects: dict | None = None      # {"linears" | part name: [[bits, KL nats/token], …]} it measured
 
 
 @dataclass
@@ -112,22 +126,6 @@ class _PerturbedReader:
         return getattr(self._ft, attribute)
 
 
-def _truncation_residual(delta: torch.Tensor, alpha: float) -> torch.Tensor:
-    """R = Δ − Δ_k [m, n], Δ_k the best rank-k approximation with k = α·mn/(m+n) (float16 factors at α):
-    a compression residual of the shape PrinMix leaves (the spectrum's tail), to measure sensitivities."""
-    m, n = delta.shape
-    k = max(1, int(alpha * m * n / (m + n)))
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return (U[:, k:] * S[k:]) @ Vh[k:]
-
-
-def _objective(R: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None) -> float:
-    """vocab_objective J(R) = tr(R H Rᵀ) + Σ_t c_t ‖r_t‖², Frobenius (c = 1) when neither is given."""
-    if H is None and row_weights is None:
-        row_weights = torch.ones(R.shape[0])
-    return vocab_objective(R, row_weights, H)
-
-
 def vocab_problem(part, base_r, ft_r, counts: torch.Tensor | None, head_H: torch.Tensor | None):
     """(ΔE_R [n, d] float32, H [d, d] or None, row weights [n] or None) of a vocabulary part's objective
     (vocab_delta.py): token-count row weights for the lookup role, head_H for the head role; a lookup-only
@@ -168,115 +166,97 @@ def _final_hidden(stack, reader, ids: torch.Tensor, device, batch_size: int,
 
 
 @torch.no_grad()
-def _logit_error(stack, ids: torch.Tensor, ref, other, device, batch_size: int) -> float:
-    """Mean over positions of ‖z − z_ref‖², ref / other = (reader, final hidden [n, seq, d]); the logits are
-    made LOGIT_CHUNK_BYTES at a time (a [n, seq, vocab] float32 tensor is GBs at large vocabularies)."""
+def _kl_divergence(stack, ids: torch.Tensor, ref, other, device, batch_size: int) -> float:
+    """Mean over positions of KL(p_ref ‖ p_other) in nats/token, ref / other = (reader, final hidden
+    [n, seq, d]); the logits are made LOGIT_CHUNK_BYTES at a time (a [n, seq, vocab] float32 tensor is GBs at
+    large vocabularies)."""
     vocab = int(stack.config.get_text_config().vocab_size or 1)
     step = max(1, LOGIT_CHUNK_BYTES // (4 * ids.shape[1] * vocab))
     total = 0.0
     for j in range(0, ids.shape[0], step):
-        z_ref = stack.logits(ref[0], ids[j:j + step], ref[1][j:j + step], device, batch_size)
-        z = stack.logits(other[0], ids[j:j + step], other[1][j:j + step], device, batch_size)
-        total += float(((z - z_ref) ** 2).sum())
+        log_p = torch.log_softmax(stack.logits(ref[0], ids[j:j + step], ref[1][j:j + step], device, batch_size), -1)
+        log_q = torch.log_softmax(stack.logits(other[0], ids[j:j + step], other[1][j:j + step], device,
+                                               batch_size), -1)
+        total += float((log_p.exp() * (log_p - log_q)).sum())
     return total / (ids.shape[0] * ids.shape[1])
 
 
-def _sensitivity_weights(stack, base_r, ft_r, todo, alpha: float, counts, probe: EffectProbe,
-                         hessians: dict) -> list[float]:
-    """w_p = κ_p·J_p(0): the logit error the part's whole change would cause if lost the way compression
-    loses it. κ_p = ‖z_ft − z_ft+R‖² / J_p(R) is measured by putting a compression-like residual R
-    (_truncation_residual at α) into the fine-tune, part by part; J_p its objective (module docstring).
-    Linears: the sampled layers' linears together, scaled to all layers. Fills `hessians` (probe pass)."""
+def _residual(d: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None, bits: int,
+              cfg: PrinMixConfig, device) -> torch.Tensor:
+    """ΔŴ − Δ [m, n] float32 of PrinMix on delta d at `bits` bits of blob (what the part loses there); −Δ (the
+    part dropped) when no blob fits those bits."""
+    m, n = d.shape
+    ratio = max(bits - 1, 0) / (16 * m * n)
+    if bits <= 0 or budget_bits(ratio, m, n) < 8 * BLOB_HEADER_BYTES:
+        return -d.float()
+    try:
+        c = compress_matrix(d.to(device), None if H is None else H.to(device), ratio, "prinmix", cfg,
+                            row_weights=None if row_weights is None else row_weights.to(device))
+    except (BudgetError, ValueError):   # a budget below the blob's fixed fields; an entry overflowing float32
+        return -d.float()
+    return (c.reconstruct() - d.to(device).float()).cpu()
+
+
+def _effect_curve(points: list[tuple[int, float]]) -> Callable:
+    """E(B) through the measured (bits, KL) points: linear in log E between them (compression errors fall
+    about exponentially in bits), flat outside."""
+    pts = sorted(points)
+    x = np.array([b for b, _ in pts], dtype=np.float64)
+    y = np.log(np.array([max(e, 1e-12) for _, e in pts], dtype=np.float64))
+    return lambda levels: np.exp(np.interp(np.asarray(levels, dtype=np.float64), x, y))
+
+
+def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab_points: list[list[int]],
+                      linear_params: int, cfg: PrinMixConfig, counts, probe: EffectProbe) -> dict:
+    """{"linears" | part name: [(bits, KL nats/token)]}: the fine-tune's KL divergence on the probe text from the
+    fine-tune with ONE part compressed by PrinMix at each of its budgets (every other part exact).
+
+    Linears: the linears of sample_layers() layers, each at the ratio α' = B_lin / 16·n_lin (their calibrated
+    H from the probe pass), the KL scaled by num_layers / len(sampled) — small errors of independent layers
+    add (KL is quadratic in a small logit change). Vocabulary parts: their changed rows in their calibrated
+    objective (vocab_problem; the head's H from the probe pass)."""
     ids = probe.ids[:EFFECT_SEQUENCES]
+    hessians: dict = {}
     h_ft = _final_hidden(stack, ft_r, ids, probe.device, probe.batch_size, hessians)
 
-    def logit_error(offsets: dict) -> float:
-        reader = _PerturbedReader(ft_r, offsets)
-        h = _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
-        return _logit_error(stack, ids, (ft_r, h_ft), (reader, h), probe.device, probe.batch_size)
+    def kl(offsets: dict, head_only: bool = False) -> float:
+        reader = _PerturbedReader(ft_r, offsets)   # an untied lm_head leaves the final states as they are
+        h = h_ft if head_only else _final_hidden(stack, reader, ids, probe.device, probe.batch_size)
+        return _kl_divergence(stack, ids, (ft_r, h_ft), (reader, h), probe.device, probe.batch_size)
 
-    weights = []
-    offsets, j_res, j_zero = {}, 0.0, 0.0
     sampled = sample_layers(stack.num_layers)
+    linears = []
     for i in sampled:
         for short in stack.linear_names(i):
             name = stack.layer_prefix(i) + short + ".weight"
             d = linear_delta(name, base_r, ft_r) if name in base_r else None
-            if d is None or not isinstance(d, torch.Tensor):
-                continue
-            R = _truncation_residual(d, alpha)
-            H = hessians.get(name)
-            j_res, j_zero = j_res + _objective(R, H, None), j_zero + _objective(d, H, None)
-            offsets[name] = (None, -R)
-    if not offsets or j_res <= 0:
-        return []
-    weights.append(logit_error(offsets) / j_res * j_zero * stack.num_layers / len(sampled))
-    for part in todo:
-        d_rows, H, rw = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
-        R = _truncation_residual(d_rows, alpha)
-        jr = _objective(R, H, rw)
-        if jr <= 0:
-            return []
-        weights.append(logit_error({part.name: (part.changed, -R)}) / jr * _objective(d_rows, H, rw))
-    return weights
+            if isinstance(d, torch.Tensor):
+                linears.append((name, d))
+    effects: dict = {"linears": []}
+    scale = stack.num_layers / len(sampled)
+    for bits in linear_points:
+        alpha = bits / (16 * linear_params)
+        offsets = {name: (None, _residual(d, hessians.get(name), None, budget_bits(alpha, *d.shape), cfg,
+                                          probe.device)) for name, d in linears}
+        effects["linears"].append((bits, scale * kl(offsets)))
+    for part, points in zip(todo, vocab_points):
+        d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
+        effects[part.name] = [(bits, kl({part.name: (part.changed, _residual(d_rows, H, weights, bits, cfg,
+                                                                             probe.device))},
+                                        head_only=part.roles == ("head",)))
+                              for bits in points]
+    return effects
 
 
-def _interpolated(points: np.ndarray, values: np.ndarray) -> Callable:
-    return lambda levels: np.interp(np.asarray(levels, dtype=np.float64), points, values)
-
-
-def _levels(total_bits: int) -> np.ndarray:
-    """0 and total·2^(−j/2), j = 0 … CURVE_POINTS−2: dense where error curves fall fastest."""
-    return np.array([0.0] + [total_bits * 2.0 ** (-j / 2) for j in range(CURVE_POINTS - 2, -1, -1)])
-
-
-def _linear_group_curve(stack, base_r, ft_r, linear_params: int, total_bits: int, cfg: PrinMixConfig,
-                        hessians: dict):
-    """e(B_lin): entry-weighted mean relative error of the sampled linears at α' = B_lin / 16 n_lin, each in
-    its calibrated objective (H from `hessians`; Frobenius, H = I, without), as a callable of B_lin (bits);
-    None when no sampled linear differs."""
-    levels = _levels(total_bits)
-    alphas = levels / (16 * linear_params)
-    acc, weight = np.zeros(len(levels)), 0
-    for i in sample_layers(stack.num_layers):
-        prefix = stack.layer_prefix(i)
-        for short in stack.linear_names(i):
-            name = prefix + short + ".weight"
-            if name not in base_r:
-                continue
-            d = linear_delta(name, base_r, ft_r)
-            if d is None:
-                continue
-            h_out, h_in = d.shape
-            budgets = [budget_bits(float(a), h_out, h_in) for a in alphas]
-            try:
-                curve = prinmix_error_curve(d, hessians.get(name), None, budgets, cfg)
-            except (ValueError, RuntimeError):   # e.g. an entry overflowing float32: the pass says so, in one line
-                continue
-            if np.all(np.isfinite(curve)):
-                acc += h_out * h_in * curve
-                weight += h_out * h_in
-    if not weight:
-        return None
-    return _interpolated(levels, acc / weight)
-
-
-def _vocab_curve(part, base_r, ft_r, counts, head_H: torch.Tensor | None, total_bits: int, cfg: PrinMixConfig):
-    """e_p(B) of one vocabulary part in its objective (vocab_problem), as a callable of B."""
-    d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, head_H)
-    levels = _levels(total_bits)
-    return _interpolated(levels, prinmix_error_curve(d_rows, H, weights, [int(v) for v in levels], cfg))
-
-
-def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
+def choose_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, counts: torch.Tensor | None,
                    vocab_share: float | None = None, probe: EffectProbe | None = None,
                    rule: str = "proportional") -> BudgetSplit:
     """Share plan's compressed bits between the linear group and the vocabulary parts (module docstring).
 
-    plan: a whole_budget.WholeBudget; counts: int64 [vocab] calibration token counts (None: uncalibrated,
-    Frobenius objectives); vocab_share: force the vocabulary parts' share of B (benchmarks), None: by error;
-    probe: where the sensitivities are measured (None: weights n_p, Frobenius curves); rule: "proportional"
-    or "exchange" (module docstring)."""
+    plan: a whole_budget.WholeBudget; counts: int64 [vocab] calibration token counts (None: uncalibrated);
+    vocab_share: force the vocabulary parts' share of B (benchmarks), None: by `rule` — "proportional" or
+    "measured" (needs `probe`, the calibration text the effects are measured on; without one, or for a
+    method other than PrinMix, proportional)."""
     compressed = plan.total_bits - 8 * (plan.exact_bytes + plan.overhead_bytes)
     todo = [p for p in plan.vocab if p.changed.numel()]
     entries = plan.linear_params + plan.vocab_params
@@ -288,37 +268,28 @@ def exchange_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, c
         return BudgetSplit("fixed share", compressed, int(compressed * (1 - share)), share)
     proportional = BudgetSplit("proportional", compressed, compressed * plan.linear_params // entries,
                                plan.vocab_params / entries)
-    if method != "prinmix" or rule != "exchange":
+    if method != "prinmix" or rule != "measured" or probe is None:
         return proportional
     # every vocabulary part keeps at least its blob's fixed fields (a blob of no ranks), outside the split
-    shared = compressed - len(todo) * prinmix_fixed_overhead_bits(cfg.fmax)
+    floor = prinmix_fixed_overhead_bits(cfg.fmax)
+    shared = compressed - len(todo) * floor
     if shared <= 0:
         return proportional
-    labels = ["linears"] + [p.name for p in todo]
-    if probe is not None:
-        if counts is not None:   # lookup weights count the probe's positions as the head's H does
-            counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
-        hessians = {}
-        weights = _sensitivity_weights(stack, base_r, ft_r, todo, plan.alpha, counts, probe, hessians)
-        if not weights:
-            return proportional
-    else:
-        weights = [float(plan.linear_params)] + [float(p.changed.numel() * p.shape[1]) for p in todo]
-        hessians = {}
-    linear_curve = _linear_group_curve(stack, base_r, ft_r, plan.linear_params, shared, cfg, hessians)
-    if linear_curve is None:
-        return proportional
-    try:
-        curves = [linear_curve] + [_vocab_curve(p, base_r, ft_r, counts, hessians.get("head"), shared, cfg)
-                                  for p in todo]
-    except (ValueError, RuntimeError):   # non-finite rows or H: compress_vocab_parts reports them in one line
-        return proportional
-    total = sum(weights)
-    if not (math.isfinite(total) and total > 0):   # a model whose logits overflow: no exchange rate to measure
-        return proportional
-    scaled = [lambda b, f=f, w=w: (w / total) * f(b) for f, w in zip(curves, weights)]
-    bits = split_budget(scaled, shared, grid=SPLIT_GRID)
-    return BudgetSplit("exchange", compressed, int(bits[0]), 1.0 - bits[0] / compressed, dict(zip(labels, weights)))
+    lin_prop = shared * plan.linear_params // entries
+    linear_points = sorted({min(int(f * lin_prop), shared) for f in LINEAR_FACTORS} | {shared})
+    vocab_points = [sorted({min(int(f * shared * p.changed.numel() * p.shape[1] // entries), shared)
+                            for f in VOCAB_FACTORS}) for p in todo]
+    if counts is not None:   # lookup weights count the probe's positions, as the head's H does
+        counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
+    effects = _measured_effects(stack, base_r, ft_r, todo, linear_points, vocab_points, plan.linear_params, cfg,
+                                counts, probe)
+    if not all(math.isfinite(e) for points in effects.values() for _, e in points):
+        return proportional   # a model whose logits overflow: no effect to compare
+    names = ["linears"] + [p.name for p in todo]
+    bits = split_budget([_effect_curve(effects[n]) for n in names], shared, grid=SPLIT_GRID)
+    parts = {p.name: int(b) + floor for p, b in zip(todo, bits[1:])}
+    return BudgetSplit("measured", compressed, int(bits[0]), 1.0 - bits[0] / compressed, parts,
+                       {n: [[int(b), float(e)] for b, e in effects[n]] for n in names})
 
 
 def linear_alpha_of(split: BudgetSplit, linear_params: int, alpha: float) -> float:

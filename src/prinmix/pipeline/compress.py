@@ -90,6 +90,7 @@ class CompressSummary:
     whole_params: int = 0      # entries of everything that differs (the whole delta's 16-bit size / 2)
     weight_bytes: dict | None = None  # DeltaFile.weight_bytes(): linear / vocab {name} / exact / total
     exact_embeddings: bool = False
+    split: dict | None = None  # whole mode: {"rule", "vocab_share", "proportional_share"} (budget_split.py)
 
     @property
     def ratio_whole(self) -> float:
@@ -143,7 +144,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
         counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
     # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
-    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "exchange" else None
+    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "measured" else None
     plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
                                                                job.config, counts, job.vocab_share, probe,
                                                                job.split)
@@ -262,8 +263,10 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if plan is not None:
         delta.stats["whole"] = {"linear_ratio": layer_alpha, "vocab": vocab_report}
         if plan.split is not None:
+            entries = plan.linear_params + plan.vocab_params
             delta.stats["whole"]["split"] = {"rule": plan.split.rule, "vocab_share": plan.split.vocab_share,
-                                             **({"weights": plan.split.weights} if plan.split.weights else {})}
+                                             "proportional_share": plan.vocab_params / entries if entries else 0.0,
+                                             **({"effects": plan.split.effects} if plan.split.effects else {})}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
     summary = CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(),
@@ -271,6 +274,8 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
                               time.time() - t0, n_layers, delta.linear_header_bytes(),
                               delta.params.get("lora_adapter_bytes"), delta.whole_delta_params(),
                               delta.weight_bytes(), job.exact_embeddings)
+    if plan is not None and plan.split is not None and plan.vocab:
+        summary.split = {k: v for k, v in delta.stats["whole"]["split"].items() if k != "effects"}
     if plan is not None and job.method != "bitdelta" and summary.ratio_whole > job.alpha:
         # whole_budget.py decision 5: the parts' fixed minimum sizes exceed their shares (toy models)
         warnings.warn(f"{job.output}: the whole delta is stored at {summary.ratio_whole:.5f}, above the requested "

@@ -14,7 +14,7 @@ from ..format.output_safety import refuse_input_overlap
 
 __all__ = ["CalibrationConfig", "CompressJob"]
 
-SPLIT_RULES = ("proportional", "exchange")   # how the whole budget is shared: pipeline/budget_split.py
+SPLIT_RULES = ("proportional", "measured")   # how the whole budget is shared: pipeline/budget_split.py
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class CompressJob:
     (pipeline/whole_budget.py).
     vocab_share: the embedding / lm_head rows' share of the compressed bits in whole-delta mode, forced
     (for benchmarks comparing splits); None (default): by `split`.
-    split: "proportional" (default: one ratio for every compressed part) or "exchange" (one exchange rate
-    between measured, weighted relative errors); pipeline/budget_split.py says why and what was measured.
+    split: "proportional" (default: one ratio for every compressed part) or "measured" (the bits that
+    minimise the KL divergence each part's compression is measured to cause); pipeline/budget_split.py.
     """
 
     base: Path

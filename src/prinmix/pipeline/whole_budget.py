@@ -18,14 +18,17 @@ How the budget is spent (decisions):
    1 KiB at 1/16; no matrix of a real LLM): charging them would leave toy models' linears almost no bits
    and make comparisons on them meaningless. Such a file can end above α; see 5.
 2. What is left, B, is shared between the decoder linears (one ratio α' for all of them, as the paper
-   does) and the vocabulary parts: by default in proportion to their size (the same ratio for every
-   compressed part), or by one exchange rate between their weighted relative errors (`--split exchange`);
-   budget_split.py says why proportional is the default (measured). The linears' α' is fixed before the
-   pass, which compresses them one layer at a time on the reconstructed model.
+   does) and the vocabulary parts in proportion to their size (the same ratio for every compressed part),
+   or (`--split measured`, PrinMix with calibration) by the KL divergence each part's compression is
+   measured to cause on the calibration text; budget_split.py, the rules and why proportional is the
+   default (measured). The linears' α' is fixed before the pass, which compresses them one layer at a
+   time on the reconstructed model.
 3. The vocabulary parts (untied: embedding and lm_head) are compressed after the pass with what the
-   linears left (their real spending, not the plan), shared between them by the same rule (the plan's
-   measured weights w_p under `--split exchange`, else their entries n_p) with their calibrated objectives (vocab_delta.split_budget; PrinMix only — the baselines have no error curve
-   here and split in proportion to size). A tied matrix is one part with both roles in its objective.
+   linears left (their real spending, not the plan), shared between them in the proportions the measured
+   split chose (`--split measured`); by default PrinMix with calibration shares it by one exchange rate
+   between their relative errors of Eq. 8 in their calibrated objectives, weighted by their entries
+   (vocab_delta.split_budget), and the baselines, which have no error curve here, in proportion to size. A
+   tied matrix is one part with both roles in its objective.
 4. BitDelta's size is fixed by its format (1 bit per entry + 5 B): its whole delta is ≈ 1/16 + the exact
    tensors' excess, reported as such; ratios below 1/16 are refused as before.
 5. A file that ends above α (toy matrices' uncharged header entries, 1.; a part's fixed minimum size
@@ -53,7 +56,7 @@ from ..format.delta_file import (
     rows_header_bytes,
     vocab_header_bytes,
 )
-from .budget_split import BudgetSplit, EffectProbe, exchange_split, linear_alpha_of, vocab_problem
+from .budget_split import BudgetSplit, EffectProbe, choose_split, linear_alpha_of, vocab_problem
 from .tensor_diff import stored_form
 
 __all__ = ["VocabPart", "WholeBudget", "compress_vocab_parts", "plan_whole_budget"]
@@ -109,7 +112,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     method "bitdelta": the size is fixed by its format — report, never refuse. counts: int64 [vocab] token
     counts of the calibration inputs (None: uncalibrated). vocab_share: force the vocabulary parts' share
     of the compressed bits (benchmarks); None: by `split` — "proportional" (one ratio for every compressed
-    part) or "exchange" (budget_split.py; its sensitivities measured on `probe`)."""
+    part) or "measured" (budget_split.py; the effects measured on `probe`)."""
     fixed_size = method == "bitdelta"
     vocab_names = _vocab_matrix_names(stack, ft_r, compat)
     head = stack.output_embedding_name()
@@ -154,7 +157,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
                        alpha, parts)
     if fixed_size or not compressed:
         return plan
-    plan.split = exchange_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
+    plan.split = choose_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
                                 probe, split)
     plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
     return plan
@@ -199,17 +202,17 @@ def compress_vocab_parts(delta: DeltaFile, plan: WholeBudget, base_r, ft_r, meth
     for p in todo:
         problems.append((p, *vocab_problem(p, base_r, ft_r, counts, head_H)))
     sizes = [p.changed.numel() * p.shape[1] for p, *_ in problems]
-    if method == "prinmix" and len(problems) > 1 and counts is not None:
-        # Σ_p w_p·e_p(B_p) as for the linears/vocabulary split (budget_split.py): w_p the part's measured
-        # weight when the plan measured one for every part (--split exchange), else its entries n_p
-        measured = (plan.split.weights or {}) if plan.split is not None else {}
-        if all(p.name in measured for p, *_ in problems):
-            w_of = [float(measured[p.name]) for p, *_ in problems]
-        else:
-            w_of = [float(n) for n in sizes]
-        total_w = sum(w_of) or 1.0
+    measured = plan.split.part_bits if plan.split is not None else None
+    if measured and all(p.name in measured for p, *_ in problems):
+        # the measured rule's bits per part (budget_split.py), scaled to what the linears really left
+        planned = [measured[p.name] for p, *_ in problems]
+        budgets = [left * b // max(sum(planned), 1) for b in planned]
+    elif method == "prinmix" and len(problems) > 1 and counts is not None:
+        # parts weighted by their entries n_p: Σ_p n_p·e_p(B_p), e_p the relative error of Eq. 8 in the part's
+        # calibrated objective, at one exchange rate (vocab_delta.split_budget)
+        total_w = sum(sizes) or 1
         curves = [lambda b, d=d, H=H, w=w, wp=wp: (wp / total_w) * prinmix_error_curve(d, H, w, b, cfg)
-                  for (_, d, H, w), wp in zip(problems, w_of)]
+                  for (_, d, H, w), wp in zip(problems, sizes)]
         floor = prinmix_fixed_overhead_bits(cfg.fmax)   # every part keeps a blob of no ranks at least
         budgets = [b + floor for b in split_budget(curves, max(left - floor * len(curves), 0))]
     else:
