@@ -7,8 +7,17 @@ import torch
 
 from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta, single_threaded
-from prinmix.runtime.factor_cache import (INT8_PAD, DenseFactors, FactorCache, Int4Factors, Int8Factors, _split_int4,
-                                          dense_factors, int4_factors, int8_factors)
+from prinmix.runtime.factor_cache import (
+    INT8_PAD,
+    DenseFactors,
+    FactorCache,
+    Int4Factors,
+    Int8Factors,
+    _split_int4,
+    dense_factors,
+    int4_factors,
+    int8_factors,
+)
 from prinmix.runtime.packed import PackedLinear
 from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload

@@ -156,7 +156,8 @@ class Int4Factors:
     (e ≥ r) zero-padded to e' (multiple of INT4_PAD_K), h_in to h_in' (INT4_PAD_K), h_out to h_out'
     (INT4_PAD_N). a4: the packed shrink [e', h_in'] (uint8, the kernel's layout), a_scales bfloat16
     [h_in'/a_group, e', 2] (scale mid of the entry's rank, zero 0); b4: the packed expand [h_out', e'],
-    scale 1 and zero 0 (a tensor shared by all tenants of that shape, not counted in nbytes)."""
+    b_scales scale 1 and zero 0 (a tensor shared by all tenants of that shape, not counted in nbytes);
+    rest: the int8 remainder (ranks whose codes split into too many parts) or None."""
 
     shape: tuple[int, int]
     a4: torch.Tensor
@@ -164,11 +165,17 @@ class Int4Factors:
     a_group: int
     b4: torch.Tensor
     b_group: int
+    b_scales: torch.Tensor
     entries: int
     rest: Int8Factors | None = None
 
     input_dtype = torch.bfloat16
     has_rows = False        # no row access into the kernel's packed layout: lookups read the packed codes
+
+    @property
+    def k_in(self) -> int:
+        """h_in zero-padded (the shrink's contraction dim)."""
+        return self.a_scales.shape[0] * self.a_group
 
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in (self.a4, self.a_scales, self.b4))
@@ -177,27 +184,29 @@ class Int4Factors:
     def apply(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x [n, h_in] bfloat16 → x·ΔŴᵀ [n, h_out] bfloat16 (copied into `out` when given)."""
         h_out, h_in = self.shape
-        k_in, e = self.a_scales.shape[0] * self.a_group, self.a_scales.shape[1]
-        if k_in != h_in:
-            x = torch.nn.functional.pad(x, (0, k_in - h_in))
+        if self.k_in != h_in:
+            x = torch.nn.functional.pad(x, (0, self.k_in - h_in))
         t = torch._weight_int4pack_mm_for_cpu(x.contiguous(), self.a4, self.a_group, self.a_scales)
-        n_out = self.b4.shape[0]
-        y = torch._weight_int4pack_mm_for_cpu(t, self.b4, self.b_group,
-                                              _int4_unit_scales(e // self.b_group, n_out, t.device))
-        if n_out != h_out:
+        y = torch._weight_int4pack_mm_for_cpu(t, self.b4, self.b_group, self.b_scales)
+        if y.shape[1] != h_out:
             y = y[:, :h_out]
         if self.rest is not None:
             y = y + self.rest.apply(x[:, :h_in])
         return y if out is None else out.copy_(y)
 
 
+def _int4_part_counts(c: torch.Tensor) -> torch.Tensor:
+    """int64 [k]: the fewest parts in [−8, 7] each row of c [k, n] splits into, max(1, ⌈−min/8⌉, ⌈max/7⌉)."""
+    lo, hi = c.min(1).values.long(), c.max(1).values.long()
+    return torch.maximum(torch.maximum(-(lo.div(8, rounding_mode="floor")), -((-hi).div(7, rounding_mode="floor"))),
+                         torch.ones_like(lo))
+
+
 def _split_int4(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer rows c [k, n] (|c| ≤ 127) → (parts p [k] int64, the parts [Σ p, n] int8): row j is the sum of
     its p_j parts floor((c_j + i) / p_j), i = 0…p_j − 1 (Hermite's identity), each in [−8, 7] since
     p_j = max(1, ⌈−min c_j / 8⌉, ⌈max c_j / 7⌉). Parts of row j are consecutive."""
-    lo, hi = c.min(1).values.long(), c.max(1).values.long()
-    p = torch.maximum(torch.maximum(-(lo.div(8, rounding_mode="floor")), -((-hi).div(7, rounding_mode="floor"))),
-                      torch.ones_like(lo))
+    p = _int4_part_counts(c)
     rows = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), p)
     i = torch.arange(rows.numel(), device=c.device) - torch.repeat_interleave(torch.cumsum(p, 0) - p, p)
     parts = (c[rows] + i[:, None]).div(p[rows][:, None], rounding_mode="floor")
@@ -285,7 +294,7 @@ def int4_factors(p: PackedLinear, rest_min_bytes: int = INT4_REST_MIN_BYTES,
         return None
     v, u, mid = ranks
     h_out, h_in = p.shape
-    cost = _split_int4(v)[0] * _split_int4(u)[0]
+    cost = _int4_part_counts(v) * _int4_part_counts(u)
     in4 = cost <= 2
     saved = int(((cost[~in4] - 2) * (h_in + h_out)).sum()) // 2
     if saved < rest_min_bytes:
@@ -311,8 +320,10 @@ def int4_factors(p: PackedLinear, rest_min_bytes: int = INT4_REST_MIN_BYTES,
     b = pad(u_rows.T.to(torch.int32) + 8, (0, e_pad - e, 0, n_out - h_out), value=8)
     scales = torch.zeros(k_in // a_group, e_pad, 2, dtype=torch.bfloat16, device=v.device)
     scales[:, :e, 0] = mid[rank].to(torch.bfloat16)
+    b_group = _int4_group(e_pad)
     return Int4Factors((h_out, h_in), torch._convert_weight_to_int4pack_for_cpu(a.contiguous(), 1), scales, a_group,
-                       torch._convert_weight_to_int4pack_for_cpu(b.contiguous(), 1), _int4_group(e_pad), e, rest)
+                       torch._convert_weight_to_int4pack_for_cpu(b.contiguous(), 1), b_group,
+                       _int4_unit_scales(e_pad // b_group, n_out, v.device), e, rest)
 
 
 def cached_factors(p: PackedLinear, dtype: torch.dtype) -> DenseFactors | Int8Factors | Int4Factors:
