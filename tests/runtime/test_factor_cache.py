@@ -203,17 +203,19 @@ def test_int8_factors_refuse_what_int8_cannot_hold(deltas):
     assert isinstance(int8_factors(PackedLinear.from_compressed(narrow)), Int8Factors)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int4])
 @pytest.mark.parametrize("budget", [1 << 30, 0, 3000], ids=["all cached", "no cache", "some cached"])
-def test_int8_cache_equals_reference(deltas, budget):
-    """A model-wide int8 cache (PrinMix tenants as Int8Factors, the others as float32 factors) adds each
-    row's delta within bfloat16 rounding of the delta; base rows untouched."""
-    cache = FactorCache(budget, torch.int8)
+def test_integer_cache_equals_reference(deltas, budget, dtype):
+    """A model-wide int8 / int4 cache (PrinMix tenants as Int8Factors, or Int4Factors where smaller; the others
+    as float32 factors) adds each row's delta within bfloat16 rounding of the delta, single- (decode-sized)
+    and multi-threaded (prefill-sized); base rows untouched."""
+    cache = FactorCache(budget, dtype)
     base, ref, fast = _layers(deltas, cache)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for _ in range(2):
-            x = torch.randn(31, H_IN, generator=g)
-            slots = torch.randint(-1, len(deltas), (31,), generator=g)
+        for n_rows in (31, 7, 200):
+            x = torch.randn(n_rows, H_IN, generator=g)
+            slots = torch.randint(-1, len(deltas), (n_rows,), generator=g)
             y0, y_ref, y_fast = base(x), ref(x, slots), fast(x, slots)
             assert torch.equal(y_fast[slots == -1], y0[slots == -1])
             for slot in slots.unique().tolist():
@@ -223,7 +225,7 @@ def test_int8_cache_equals_reference(deltas, budget):
     kinds = {type(f) for f, _ in cache._entries.values()}
     assert cache.used_bytes <= budget
     if budget > 1 << 20:
-        assert kinds == {Int8Factors, DenseFactors}
+        assert kinds == ({Int8Factors, DenseFactors} if dtype == torch.int8 else {Int4Factors, Int8Factors, DenseFactors})
 
 
 @pytest.mark.parametrize("dtype", [torch.int4, torch.int8, torch.float32])
@@ -364,30 +366,6 @@ def test_int4_factors_only_where_smaller_and_exact(deltas):
     low, wide = (PackedLinear.from_compressed(deltas[n]) for n in ("prinmix widths 2-3", "prinmix widths 2-7"))
     assert isinstance(int4_factors(low), Int4Factors) and int4_factors(low).nbytes() < int8_factors(low).nbytes()
     assert int4_factors(wide) is None and isinstance(FactorCache(1 << 30, torch.int4).get("w", wide), Int8Factors)
-
-
-@pytest.mark.parametrize("budget", [1 << 30, 0, 3000], ids=["all cached", "no cache", "some cached"])
-def test_int4_cache_equals_reference(deltas, budget):
-    """A model-wide int4 cache (Int4Factors where smaller, else Int8Factors / float32 factors) adds each row's
-    delta within bfloat16 rounding of the delta, single- (decode) and multi-threaded (prefill); base rows
-    untouched."""
-    cache = FactorCache(budget, torch.int4)
-    base, ref, fast = _layers(deltas, cache)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for n_rows in (31, 7, 200):
-            x = torch.randn(n_rows, H_IN, generator=g)
-            slots = torch.randint(-1, len(deltas), (n_rows,), generator=g)
-            y0, y_ref, y_fast = base(x), ref(x, slots), fast(x, slots)
-            assert torch.equal(y_fast[slots == -1], y0[slots == -1])
-            for slot in slots.unique().tolist():
-                rows = slots == slot
-                if slot >= 0:
-                    assert _rel(y_fast[rows] - y0[rows], y_ref[rows] - y0[rows]) < 1e-2, slot
-    kinds = {type(f) for f, _ in cache._entries.values()}
-    assert cache.used_bytes <= budget
-    if budget > 1 << 20:
-        assert kinds == {Int4Factors, Int8Factors, DenseFactors}
 
 
 def test_single_threaded_restores_the_thread_count():
