@@ -10,7 +10,11 @@ every (tenant, linear):
     f32 GEMMs   dequantised factors cached in float32, two GEMMs per (tenant, linear)
     bf16 GEMMs  the same in bfloat16 (half the cache bytes)
     int8 GEMMs  the codes minus zero points cached in int8, two weight-only int8 GEMMs (bfloat16
-                activations) per (tenant, linear)  ← chosen (runtime/factor_cache.py Int8Factors)
+                activations) per (tenant, linear) (runtime/factor_cache.py Int8Factors)
+    int4 GEMMs  the same codes split into [−8, 7] parts in torch's CPU int4 GEMM, an int8 remainder or
+                int8 where int4 is not smaller  ← chosen (Int4Factors; `int4 linears` counts those in int4)
+                (int8 / int4 rows: every tenant its own copy of the factors, read from memory as in serving;
+                the float rows share one copy)
     bmm         all tenants' factors pre-stacked [N, r_max, h] (zero-padded), two bmm per linear
     bmm+stack   the same, stacking the tenants' factors at every call
     compiled    --compile: the unpack-and-multiply of one block through torch.compile (inductor)
@@ -35,7 +39,7 @@ from bench_kernels import synthetic_delta  # noqa: E402
 
 from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
 from prinmix.runtime.delta_linear import DeltaLinear  # noqa: E402
-from prinmix.runtime.factor_cache import dense_factors, int8_factors  # noqa: E402
+from prinmix.runtime.factor_cache import Int4Factors, dense_factors, int4_factors, int8_factors  # noqa: E402
 from prinmix.runtime.packed import PackedLinear, unpack_fast  # noqa: E402
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
@@ -92,14 +96,16 @@ def main(argv=None) -> int:
                 for f, x in zip(factors, xd):
                     f.apply(x)
         rows.append((name, fastest_ms(run_gemms, args.reps), sum(f.nbytes() for f in factors)))
-    factors8 = [int8_factors(q) for q in packs]
     x8 = [x.bfloat16() for x in xs]
+    for name, build in (("int8 GEMMs", int8_factors), ("int4 GEMMs", lambda q: int4_factors(q) or int8_factors(q))):
+        per_tenant = [[build(q) for q in packs] for _ in range(n)]
 
-    def run_int8():
-        for _ in range(n):
-            for f, x in zip(factors8, x8):
-                f.apply(x)
-    rows.append(("int8 GEMMs", fastest_ms(run_int8, args.reps), sum(f.nbytes() for f in factors8)))
+        def run_integer():
+            for factors in per_tenant:
+                for f, x in zip(factors, x8):
+                    f.apply(x)
+        rows.append((name, fastest_ms(run_integer, args.reps), sum(f.nbytes() for f in per_tenant[0])))
+    int4_linears = sum(isinstance(f, Int4Factors) for f in per_tenant[0])
     factors = [dense_factors(q) for q in packs]
     stacks = [_stacked([f], n, torch.float32) for f in factors]
     xb = [torch.randn(n, 1, i) for _, i in SMOLLM2_LAYER]
@@ -142,7 +148,8 @@ def main(argv=None) -> int:
         print(f"torch.compile of the V̂ shrink of {len(blocks)} blocks: compile {compile_s:.0f} s; "
               f"{comp:.2f} ms vs eager {eager:.2f} ms ({eager / comp:.2f}x)\n")
     print(f"one SmolLM2 layer (7 linears), {n} tenants x 1 decode row, {args.threads} threads; "
-          f"ranks {[q.rank for q in packs]}, widths {sorted({b.bits for q in packs for b in q.blocks})}\n")
+          f"ranks {[q.rank for q in packs]}, widths {sorted({b.bits for q in packs for b in q.blocks})}, "
+          f"int4 linears {int4_linears} of {len(packs)}\n")
     head = f"{'option':>10} | {'ms / layer':>10} {'vs packed':>9} | {'KiB / tenant':>12} {'x packed':>8}"
     print(head)
     print("-" * len(head))

@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--naive-copies", type=int, default=8, help="dense copies really loaded for (b)")
     p.add_argument("--factor-cache-mib", type=int, default=1024,
                    help="prinmix: byte budget of the unpacked factors of the hottest tenants (0 = none)")
-    p.add_argument("--factor-cache-dtype", default="int8", choices=["int8", "float32", "bfloat16"],
+    p.add_argument("--factor-cache-dtype", default="int4", choices=["int4", "int8", "float32", "bfloat16"],
                    help="prinmix: how the factor cache keeps them (runtime/factor_cache.py)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

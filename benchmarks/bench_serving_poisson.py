@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--naive-slots", type=int, default=2, help="dense copies the naive server keeps")
-    p.add_argument("--cache-dtype", default="int8", choices=["int8", "float32", "bfloat16"])
+    p.add_argument("--cache-dtype", default="int4", choices=["int4", "int8", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

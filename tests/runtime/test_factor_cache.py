@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
-from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
-from prinmix.runtime.factor_cache import INT8_PAD, DenseFactors, FactorCache, Int8Factors, dense_factors, int8_factors
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta, single_threaded
+from prinmix.runtime.factor_cache import (
+    INT8_PAD,
+    DenseFactors,
+    FactorCache,
+    Int4Factors,
+    Int8Factors,
+    _split_int4,
+    dense_factors,
+    int4_factors,
+    int8_factors,
+)
 from prinmix.runtime.packed import PackedLinear
 from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
@@ -18,7 +28,8 @@ H_OUT, H_IN = 37, 53          # odd shapes: scale groups and packed words end mi
 @pytest.fixture(scope="module")
 def deltas():
     return {**method_deltas(H_OUT, H_IN, seed=3), "widths 2-8": all_widths(H_OUT, H_IN, seed=3),
-            "prinmix widths 2-7": prinmix_layout(H_OUT, H_IN, seed=3)}
+            "prinmix widths 2-7": prinmix_layout(H_OUT, H_IN, seed=3),
+            "prinmix widths 2-3": prinmix_layout(H_OUT, H_IN, widths=[2, 3] * 6, seed=4)}   # int4 is smaller
 
 
 def test_dense_factors_equal_float64_reconstruction(deltas):
@@ -192,17 +203,19 @@ def test_int8_factors_refuse_what_int8_cannot_hold(deltas):
     assert isinstance(int8_factors(PackedLinear.from_compressed(narrow)), Int8Factors)
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int4])
 @pytest.mark.parametrize("budget", [1 << 30, 0, 3000], ids=["all cached", "no cache", "some cached"])
-def test_int8_cache_equals_reference(deltas, budget):
-    """A model-wide int8 cache (PrinMix tenants as Int8Factors, the others as float32 factors) adds each
-    row's delta within bfloat16 rounding of the delta; base rows untouched."""
-    cache = FactorCache(budget, torch.int8)
+def test_integer_cache_equals_reference(deltas, budget, dtype):
+    """A model-wide int8 / int4 cache (PrinMix tenants as Int8Factors, or Int4Factors where smaller; the others
+    as float32 factors) adds each row's delta within bfloat16 rounding of the delta, single- (decode-sized)
+    and multi-threaded (prefill-sized); base rows untouched."""
+    cache = FactorCache(budget, dtype)
     base, ref, fast = _layers(deltas, cache)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for _ in range(2):
-            x = torch.randn(31, H_IN, generator=g)
-            slots = torch.randint(-1, len(deltas), (31,), generator=g)
+        for n_rows in (31, 7, 200):
+            x = torch.randn(n_rows, H_IN, generator=g)
+            slots = torch.randint(-1, len(deltas), (n_rows,), generator=g)
             y0, y_ref, y_fast = base(x), ref(x, slots), fast(x, slots)
             assert torch.equal(y_fast[slots == -1], y0[slots == -1])
             for slot in slots.unique().tolist():
@@ -212,17 +225,17 @@ def test_int8_cache_equals_reference(deltas, budget):
     kinds = {type(f) for f, _ in cache._entries.values()}
     assert cache.used_bytes <= budget
     if budget > 1 << 20:
-        assert kinds == {Int8Factors, DenseFactors}
+        assert kinds == ({Int8Factors, DenseFactors} if dtype == torch.int8 else {Int4Factors, Int8Factors, DenseFactors})
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.int4, torch.int8, torch.float32])
 def test_lm_head_rows_from_cached_factors(dtype):
     """PerTenantRows with a compressed-rows VocabPayload: the head product from the factor cache equals the
     packed reference (no cache) and the float64 reconstruction of the changed rows' logits."""
     g = torch.Generator().manual_seed(4)
     vocab, d = 70, 48
     index = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:45].tolist()))
-    m = prinmix_layout(index.numel(), d, seed=9)
+    m = prinmix_layout(index.numel(), d, widths=[2, 3] * 6 + [4], seed=9)
     payload = VocabPayload(index, PackedLinear.from_compressed(m), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
     base = torch.nn.Linear(d, vocab, bias=False)
     cache = FactorCache(1 << 30, dtype)
@@ -240,24 +253,26 @@ def test_lm_head_rows_from_cached_factors(dtype):
     want = plain.double()
     for i in (0, 2):
         want[i, :, index] += h[i].double() @ _reconstruct64(m).T
-    tol = 1e-2 if dtype == torch.int8 else 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     for key in rows:
         assert torch.equal(rows[key][1], plain[1])
         assert _rel(rows[key][[0, 2]] - plain[[0, 2]], want[[0, 2]] - plain[[0, 2]].double()) < tol, key
     assert len(cache) == 1 and cache.misses == 1
+    kind = {torch.int4: Int4Factors, torch.int8: Int8Factors, torch.float32: DenseFactors}[dtype]
+    assert isinstance(next(iter(cache._entries.values()))[0], kind)
     layers["cached"].load_tenant(0, payload)                          # a reload forgets the cached factors
     assert len(cache) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.int4, torch.int8, torch.float32])
 def test_embedding_rows_from_cached_factors(dtype):
     """PerTenantEmbedding with a compressed-rows VocabPayload: rows looked up through the cached factors equal
     the float64 reconstruction (base row + ΔŴ_R[position]); tokens outside R keep the base row; a tied lm_head
-    sharing the payload shares its cache entry."""
+    sharing the payload shares its cache entry. Int4Factors have no row access: the lookup reads the packed codes."""
     g = torch.Generator().manual_seed(6)
     vocab, d = 70, 40
     index = torch.tensor(sorted(torch.randperm(vocab, generator=g)[:45].tolist()))
-    m = prinmix_layout(index.numel(), d, seed=12)
+    m = prinmix_layout(index.numel(), d, widths=[2, 3] * 6, seed=12)
     payload = VocabPayload(index, PackedLinear.from_compressed(m), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
     emb = torch.nn.Embedding(vocab, d)
     cache = FactorCache(1 << 30, dtype)
@@ -275,7 +290,8 @@ def test_embedding_rows_from_cached_factors(dtype):
     rows = _reconstruct64(m)
     want = emb.weight.detach().double()[ids[0]]
     want[:2] += rows[[0, 44]]
-    assert _rel(out[0] - emb.weight[ids[0]], want - emb.weight.detach().double()[ids[0]]) < (1e-2 if dtype == torch.int8 else 1e-5)
+    assert _rel(out[0] - emb.weight[ids[0]], want - emb.weight.detach().double()[ids[0]]) < \
+        (1e-5 if dtype in (torch.float32, torch.int4) else 1e-2)
     assert torch.equal(out[0, 2], emb.weight[ids[0, 2]]) and torch.equal(out[1], emb.weight[ids[1]])
     assert len(cache) == 1 and cache.hits == 1
     layer.unload_tenant(0)
@@ -290,3 +306,75 @@ def test_expected_nbytes_is_what_the_cache_stores(deltas):
             p = PackedLinear.from_compressed(m)
             if p.sign is None:
                 assert cache.expected_nbytes(p) == cache.get(name, p).nbytes(), (name, dtype)
+
+
+def test_int4_expected_nbytes_is_a_lower_bound(deltas):
+    """For int4 the split of wide codes is data-dependent: expected_nbytes is a lower bound, exact for widths ≤ 3."""
+    cache = FactorCache(1 << 30, torch.int4)
+    for name, m in deltas.items():
+        p = PackedLinear.from_compressed(m)
+        if p.sign is None:
+            expected, built = cache.expected_nbytes(p), cache.get(name, p)
+            assert expected <= built.nbytes(), name
+            if name == "prinmix widths 2-3":
+                assert isinstance(built, Int4Factors) and expected == built.nbytes()
+
+
+def test_split_int4_parts_sum_to_the_row():
+    """Each row is the sum of its parts, every part in [−8, 7], with the fewest parts that allows."""
+    g = torch.Generator().manual_seed(7)
+    c = torch.cat([torch.randint(-127, 128, (20, 9), generator=g), torch.randint(-8, 8, (5, 9), generator=g),
+                   torch.zeros(1, 9, dtype=torch.int64), torch.tensor([[15] * 9, [-16] * 9, [7, -8] + [0] * 7])])
+    p, parts = _split_int4(c)
+    assert parts.shape == (int(p.sum()), 9) and int(parts.min()) >= -8 and int(parts.max()) <= 7
+    rows = torch.repeat_interleave(torch.arange(c.shape[0]), p)
+    assert torch.equal(torch.zeros_like(c).index_add_(0, rows, parts.long()), c)
+    fewest = torch.maximum(torch.ceil(-c.min(1).values / 8), torch.ceil(c.max(1).values / 7)).clamp(min=1)
+    assert torch.equal(p, fewest.long())
+    assert p[-3:].tolist() == [3, 2, 1] and p[20:26].tolist() == [1] * 6
+
+
+@pytest.mark.parametrize("h_out,h_in", [(37, 53), (64, 32), (1, 17), (130, 16), (48, 300)])
+def test_int4_factors_equal_float64_reconstruction(h_out, h_in):
+    """Every width 2–7 in int4 (wide codes split into [−8, 7] parts; smaller_only=False builds them even where
+    int8 is smaller), with and without an int8 remainder for the widest ranks: x·ΔŴᵀ of the float64
+    reconstruction up to bfloat16 rounding of x and of the [n, entries] intermediate."""
+    m = prinmix_layout(h_out, h_in, widths=list(range(2, 8)) * 2, seed=h_out)
+    p = PackedLinear.from_compressed(m)
+    x = torch.randn(6, h_in, generator=torch.Generator().manual_seed(2))
+    want = x.double() @ _reconstruct64(m).T
+    split = int4_factors(p, rest_min_bytes=1 << 40, smaller_only=False)
+    with_rest = int4_factors(p, rest_min_bytes=0, smaller_only=False)
+    assert split.rest is None and split.entries > p.rank                       # 4–7-bit ranks took several entries
+    assert with_rest.rest is not None and with_rest.entries < p.rank             # 5–7-bit ranks went to int8
+    for f in (split, with_rest):
+        y = f.apply(x.bfloat16())
+        assert y.shape == (6, h_out) and y.dtype == torch.bfloat16
+        assert _rel(y, want) < 1e-2
+    low = prinmix_layout(h_out, h_in, widths=[2, 3] * 4, seed=h_out)            # one entry a rank
+    f = int4_factors(PackedLinear.from_compressed(low), smaller_only=False)
+    assert f.entries == sum(b.rank for b in low.blocks) and f.rest is None
+    assert _rel(f.apply(x.bfloat16()), x.double() @ _reconstruct64(low).T) < 1e-2
+
+
+def test_int4_factors_only_where_smaller_and_exact(deltas):
+    """int4_factors refuses what has no exact integer form (as int8) and, by default, what int8 holds in fewer
+    bytes; a FactorCache of dtype int4 then keeps Int8Factors or float32 factors."""
+    for name in ("mixed", "deltacome", "lowrank", "bitdelta", "widths 2-8"):
+        p = PackedLinear.from_compressed(deltas[name])
+        assert int4_factors(p, smaller_only=False) is None, name
+    low, wide = (PackedLinear.from_compressed(deltas[n]) for n in ("prinmix widths 2-3", "prinmix widths 2-7"))
+    assert isinstance(int4_factors(low), Int4Factors) and int4_factors(low).nbytes() < int8_factors(low).nbytes()
+    assert int4_factors(wide) is None and isinstance(FactorCache(1 << 30, torch.int4).get("w", wide), Int8Factors)
+
+
+def test_single_threaded_restores_the_thread_count():
+    n = torch.get_num_threads()
+    with single_threaded():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with single_threaded(False):
+        assert torch.get_num_threads() == n
+    with pytest.raises(ValueError), single_threaded():
+        raise ValueError
+    assert torch.get_num_threads() == n

@@ -251,10 +251,11 @@ def test_token_choice_hook(served):
         served.decode_step(state, choose=lambda seqs, logits: [0, 0])
 
 
-def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
-    """A PrinMix whole delta (compressed linears and embedding rows) with an int8 factor cache (the CPU
-    default of a 16-bit model: linears, embedding and lm_head rows) gives the torch reference's logits within
-    bfloat16 rounding of the delta's effect, from Int8Factors."""
+@pytest.mark.parametrize("cache_dtype", [torch.int4, torch.int8])
+def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path, cache_dtype):
+    """A PrinMix whole delta (compressed linears and embedding rows) with an int4 (the CPU default of a 16-bit
+    model) or int8 factor cache (linears, embedding and lm_head rows) gives the torch reference's logits within
+    bfloat16 rounding of the delta's effect, from Int8Factors / Int4Factors."""
     base, ft = tiny_pair("llama")
     path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
     calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
@@ -262,8 +263,8 @@ def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
                  calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
     assert load_delta(path).vocab
     assert MultiTenantModel(base).factor_cache.dtype == torch.float32           # the default of a float32 model
-    assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int8
-    fast, ref = MultiTenantModel(base, factor_cache_dtype=torch.int8), MultiTenantModel(base, backend="torch")
+    assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int4
+    fast, ref = MultiTenantModel(base, factor_cache_dtype=cache_dtype), MultiTenantModel(base, backend="torch")
     for model in (fast, ref):
         model.add_tenant("t", path)
     prompts = _prompts((9, 5), seed=3)
@@ -274,4 +275,4 @@ def test_int8_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path):
     effect = (want[0] - plain[0]).norm()
     assert effect > 0 and (got[0] - want[0]).norm() < 0.02 * effect
     kinds = {type(f).__name__ for f, _ in fast.factor_cache._entries.values()}
-    assert "Int8Factors" in kinds
+    assert ("Int4Factors" if cache_dtype == torch.int4 else "Int8Factors") in kinds

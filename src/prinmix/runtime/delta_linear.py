@@ -20,6 +20,7 @@ FactorCache, else torch. Every fast path is tested against the torch reference.
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,11 +32,30 @@ from .factor_cache import FactorCache, dense_factors
 from .packed import PackedLinear, StackedPacks, stack_tenants
 from .tenant_registry import TenantRegistry
 
-__all__ = ["BASE_SLOT", "DeltaLinear", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
+__all__ = ["BASE_SLOT", "DeltaLinear", "single_threaded", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
            "TenantRegistry", "triton_available"]
 
 BASE_SLOT = -1
 SIGN_ROWS_PER_CHUNK = 1024     # torch BitDelta path: output rows unpacked at a time (multiple of 8)
+SINGLE_THREAD_ROWS = 4         # cached path: tenants with at most this many rows (decode) run single-threaded
+
+
+@contextmanager
+def single_threaded(on: bool = True):
+    """torch's intra-op threads set to 1 inside (restored after). The cached path's decode products are
+    thousands of GEMMs of one row reading ~40 KB of factors each from memory: split over 2 threads each
+    call pays a fork/join and waits for the slower thread; measured on the 2 shared cores (loaded), 2 int4
+    GEMMs of a [576, 576] rank-128 delta streaming from DRAM: 13–18 µs on 1 thread, 25–63 µs on 2
+    (benchmarks/README.md)."""
+    n = torch.get_num_threads()
+    if not on or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # ---- which rows belong to which tenant ---------------------------------------------------------
@@ -231,7 +251,8 @@ class DeltaLinear(nn.Module):
             add_deltas(rows_x, rows_y, groups, self.stacked())
             self._add_bias(rows_y, groups)
         elif backend == "cached":
-            self._add_deltas_cached(rows_x, rows_y, groups, batch.serial)
+            with single_threaded(groups.max_len <= SINGLE_THREAD_ROWS):
+                self._add_deltas_cached(rows_x, rows_y, groups, batch.serial)
         else:
             self._add_deltas_torch(rows_x, rows_y, groups)
         return y

@@ -81,16 +81,20 @@ def greedy(seqs: list[SequenceState], logits: torch.Tensor) -> list[int]:
 
 # Unpacked factors of the hottest (tenant, linear) pairs on CPU (runtime/factor_cache.py). In int8:
 # r·(h_in + h_out) bytes a linear, 2–3.5× a tenant's packed bytes at mean widths of 3.6–2.5 bits (float32:
-# 4× that). SmolLM2-135M at whole-delta 1/16 (16 MiB file, mostly 2-bit ranks): 51.5 MiB a tenant in int8
-# (linears and the compressed vocabulary rows), so 1 GiB holds 19 tenants.
-# By default int8 for a 16-bit model (bfloat16 rounding of the delta product is below the model's own),
-# float32 for a float32 model (which then matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
+# 4× that); int4 about two thirds of int8 at PrinMix's widths. SmolLM2-135M at whole-delta 1/16 (16 MiB
+# file, mostly 2-bit ranks): 33.8 MiB a tenant in int4, 51.5 MiB in int8 (linears and the compressed
+# vocabulary rows), so 1 GiB holds 30 tenants in int4.
+# By default int4 for a 16-bit model on CPU (int8 off CPU: the int4 kernel is torch's CPU one; bfloat16
+# rounding of the delta product is below the model's own), float32 for a float32 model (which then
+# matches its merged checkpoint's logits within ~1e-5, not ~1e-2).
 DEFAULT_FACTOR_CACHE_BYTES = 1 << 30
 
 
-def default_factor_cache_dtype(model_dtype: torch.dtype) -> torch.dtype:
-    """torch.int8 for a bfloat16 / float16 model, torch.float32 otherwise."""
-    return torch.int8 if model_dtype in (torch.bfloat16, torch.float16) else torch.float32
+def default_factor_cache_dtype(model_dtype: torch.dtype, device="cpu") -> torch.dtype:
+    """torch.int4 for a bfloat16 / float16 model on CPU (torch.int8 on another device), torch.float32 otherwise."""
+    if model_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return torch.int4 if torch.device(device).type == "cpu" else torch.int8
 
 
 def _vocab_payload(delta, name: str) -> VocabPayload | RowsPayload:
@@ -118,8 +122,8 @@ class MultiTenantModel:
     device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's;
     factor_cache_bytes: byte budget of the unpacked factors of the hottest tenants (the "cached"
     backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype
-    (torch.int8: exact int8 codes, bfloat16 activations; torch.float32 / bfloat16: dequantised factors;
-    None: default_factor_cache_dtype of the model's dtype).
+    (torch.int4 / torch.int8: the exact integer codes in torch's weight-only int4 / int8 GEMMs, bfloat16
+    activations; torch.float32 / bfloat16: dequantised factors; None: default_factor_cache_dtype).
 
     Public surface beyond the step API: add_tenant / remove_tenant / tenants / tenant_bytes,
     memory() (bytes by kind), registry (TenantRegistry: residency, swaps) and factor_cache (hits,
@@ -137,7 +141,7 @@ class MultiTenantModel:
         self.model.eval()
         self.backend = backend
         if factor_cache_dtype is None:
-            factor_cache_dtype = default_factor_cache_dtype(next(self.model.parameters()).dtype)
+            factor_cache_dtype = default_factor_cache_dtype(next(self.model.parameters()).dtype, self.device)
         self.factor_cache = FactorCache(factor_cache_bytes, factor_cache_dtype) if factor_cache_bytes else None
         self.context = TenantContext()
         self.modules: dict[str, nn.Module] = {}

@@ -96,13 +96,15 @@ class VocabPayload:
 
     def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor, factors=None) -> torch.Tensor:
         """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens.
-        `factors`: the compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes)."""
+        `factors`: the compressed rows' cached factors (runtime/factor_cache.py; None, or factors without row
+        access (Int4Factors), = from the packed codes)."""
         out = base_rows.float()
         if self.packed is not None and self.index.numel():
             pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
             hit = self.index[pos] == tokens
             if hit.any():
-                out[hit] += gather_rows(self.packed, pos[hit]) if factors is None else factors.rows(pos[hit])
+                out[hit] += factors.rows(pos[hit]) if factors is not None and factors.has_rows \
+                    else gather_rows(self.packed, pos[hit])
         if self.exact_index.numel():
             pos = torch.searchsorted(self.exact_index, tokens).clamp(max=self.exact_index.numel() - 1)
             hit = self.exact_index[pos] == tokens
