@@ -25,9 +25,24 @@ the row-weighted objective — it spends bits where rows are used (the allocatio
 weighted error), needs no second format, and the runtime serves it from the packed form. Alternatives
 are measured by benchmarks/bench_vocab_rows.py at the same bytes (objective J, and the fine-tune's task
 accuracy / logit error with only its embedding replaced): PrinMix without row weights, the k rows of
-largest weighted error stored exactly plus PrinMix on the rest, low-rank. Its run on the SmolLM2 pair did
-not finish on the shared 2-core machine when this was written (see benchmarks/README.md); the table
-belongs here once measured. Known limit: PrinMix's SVD basis is the plain SVD of ΔE_R (as for every
+largest weighted error stored exactly plus PrinMix on the rest, low-rank. SmolLM2 pair, tied embedding,
+49 151 changed rows × 576 at the whole-1/16 plan's α' = 0.0619 (3.34 MiB), 32 × 256 calibration tokens
+(`bench_vocab_rows.py --pair /work/pairs/smollm2-arith --ratio 1/16`, 2026-12-05); J/J0 the objective's
+relative error (its head part dominates: lookup < 0.00005 for all), task rows = relative Frobenius error
+of the 17 rows of the arithmetic task's tokens:
+    representation          MiB    J/J0    task rows
+    exact rows            54.19  0          0
+    dropped (base rows)    0      1          1
+    prinmix-weighted       3.34   0.0004     0.773
+    prinmix-plain          3.34   0.0004     0.766
+    exact top-64 + rest    3.33   0.0004     0.784
+    exact top-512 + rest   3.34   0.0004     0.806
+    lowrank (fp16 SVD)     3.32   0.0009     0.776
+(exact top-4096 rows alone exceed the budget.) The PrinMix variants tie on J and beat low-rank 2.2×;
+storing the top rows exactly buys nothing, so the simplest form is kept. No representation keeps the
+task's rows (77–81 % of their change lost): they are rare in the calibration text, and the fine-tune's
+task accuracy does not need them (dropping the whole embedding delta costs 0.5 point: 0.910 vs 0.915,
+benchmarks/README.md). Known limit: PrinMix's SVD basis is the plain SVD of ΔE_R (as for every
 linear), not a weighted one, so the row weights act through the allocation, RTC and the quantisers only.
 
 Budget sharing (split_budget): parts are given bits so as to minimise a weighted sum of their *relative*
