@@ -24,7 +24,8 @@ Why proportional is the default — the split was decided by measuring the error
 - Where the probe text is like the text the model is then used on, the measured optimum IS the
   proportional share: SmolLM2 pair at whole 1/32, calibration and held-out text from the same source:
   measured 22.7 % of B to the tied embedding, proportional 21.1 %; its predicted KL 0.00013 (linears) +
-  0.00008 (embedding) is the 0.0002 then measured on held-out text. Demo pair at 1/16 calibrated on
+  0.00008 (embedding) is the 0.0002 then measured on held-out text; compressed with it: accuracy 0.910
+  as proportional's, KL 0.0003 vs 0.0002, logit error 0.0013 vs 0.0019. Demo pair at 1/16 calibrated on
   arithmetic text like its fine-tune's: measured 32.1 %, proportional 31.7 %.
 - Where it is not (the usual case: generic calibration text, a fine-tune for one task), the measured rule
   is misled: the embedding rows of the task's tokens are rare in the probe, so their compression looks
