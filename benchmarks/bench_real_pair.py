@@ -79,21 +79,27 @@ def compress_measured(base, ft, out, ratio, method, nsamples, seqlen, exact_embe
     return {"seconds": seconds, "peak_rss_gib": usage.ru_maxrss / 1024 ** 2}
 
 
-@torch.no_grad()
-def logit_errors(base, ft, merged_dirs: dict, ids: torch.Tensor) -> dict:
-    """{label: (relative logit error, mean KL(ft ‖ model) nats/token)} on ids [n, seq] (held-out text)."""
-    def logits_of(path):
-        model, _ = load_model(path)
-        out = torch.cat([model(input_ids=ids[i:i + 1]).logits.float() for i in range(ids.shape[0])])
-        del model
-        return out
+def _logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [n, seq, vocab] float32 of the model at `path` on ids [n, seq], one sequence at a time."""
+    model, _ = load_model(path)
+    with torch.no_grad():
+        return torch.cat([model(input_ids=ids[i:i + 1]).logits.float() for i in range(ids.shape[0])])
 
-    z_ft, z_base = logits_of(ft), logits_of(base)
+
+def reference_logits(base, ft, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_ft, z_base) on ids: computed once for every run's logit_errors."""
+    return _logits(ft, ids), _logits(base, ids)
+
+
+def logit_errors(reference: tuple, merged_dirs: dict, ids: torch.Tensor) -> dict:
+    """{label: (relative logit error, mean KL(ft ‖ model) nats/token)} on ids [n, seq] (held-out text);
+    reference = reference_logits(base, ft, ids)."""
+    z_ft, z_base = reference
     change = float((z_ft - z_base).pow(2).sum())
     logp_ft = torch.log_softmax(z_ft, -1)
     out = {}
     for label, path in merged_dirs.items():
-        z = logits_of(path)
+        z = _logits(path, ids)
         kl = float((logp_ft.exp() * (logp_ft - torch.log_softmax(z, -1))).sum(-1).mean())
         out[label] = (float((z - z_ft).pow(2).sum()) / change, kl)
     return out
@@ -187,6 +193,7 @@ def main(argv=None) -> int:
     print("task accuracy and logit error …", flush=True)
     held_out = load_calibration(None, AutoTokenizer.from_pretrained(str(ft)), a.logit_nsamples, a.eval_seqlen,
                                 HELD_OUT_SEED)
+    reference = reference_logits(base, ft, held_out)
     acc = {}
     for name, path in (("base", base), ("fine-tune", ft)):
         acc[name] = task_accuracy(*load_model(path), task, limit=a.task_limit)
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             merged = api.merge(base, r["delta"], Path(tmp) / "merged")
             r["accuracy"] = task_accuracy(*load_model(merged), task, limit=a.task_limit)
-            r["logit_rel"], r["logit_kl"] = logit_errors(base, ft, {r["label"]: merged}, held_out)[r["label"]]
+            r["logit_rel"], r["logit_kl"] = logit_errors(reference, {r["label"]: merged}, held_out)[r["label"]]
 
     cols = ["low", "mid", "high"]
     head = (f"{'method':<10} {'α':>5} {'file MiB':>8} {'lin.ratio':>9} {'time s':>7} {'RSS GiB':>7} "
