@@ -45,13 +45,12 @@ task accuracy does not need them (dropping the whole embedding delta costs 0.5 p
 benchmarks/README.md). Known limit: PrinMix's SVD basis is the plain SVD of ΔE_R (as for every
 linear), not a weighted one, so the row weights act through the allocation, RTC and the quantisers only.
 
-Budget sharing (split_budget): parts are given bits so as to minimise a weighted sum of their *relative*
-errors Σ_p w_p·J_p(B_p) / J_p(0) under Σ B_p = B — one exchange rate between error units, since at the
-optimum every part's marginal weighted error reduction per bit is the same λ (the Lagrange multiplier of
-Eq. 8 is exactly a matrix's marginal error per bit). Relative errors make a logit error and an
-input-vector error comparable (each is the fraction of its part's fine-tuning change that is lost); the
-weights w_p (the part's measured effect on the logits, else its entries) are the caller's:
-pipeline/budget_split.py.
+Budget sharing (split_budget): parts are given bits so as to minimise Σ_p f_p(B_p) under Σ B_p = B, f_p a
+part's error curve — exactly on a grid, so that curves need not be convex; where they are, every part's
+marginal error reduction per bit is then the same λ (one exchange rate; the Lagrange multiplier of Eq. 8
+is a matrix's marginal error per bit). The curves are the caller's: relative errors of Eq. 8 weighted by
+entries between an untied embedding and lm_head (whole_budget.compress_vocab_parts), the measured KL
+divergences of pipeline/budget_split.py.
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def choose_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, cou
     vocab_points = [sorted({min(int(f * shared * p.changed.numel() * p.shape[1] // entries), shared)
                             for f in VOCAB_FACTORS}) for p in todo]
     if counts is not None:   # lookup weights count the probe's positions, as the head's H does
-        counts = counts * (EFFECT_SEQUENCES * probe.ids.shape[1] / max(float(counts.sum()), 1.0))
+        counts = counts * (probe.ids[:EFFECT_SEQUENCES].numel() / max(float(counts.sum()), 1.0))
     effects = _measured_effects(stack, base_r, ft_r, todo, linear_points, vocab_points, plan.linear_params, cfg,
                                 counts, probe)
     if not all(math.isfinite(e) for points in effects.values() for _, e in points):

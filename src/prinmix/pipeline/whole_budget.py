@@ -158,7 +158,7 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     if fixed_size or not compressed:
         return plan
     plan.split = choose_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
-                                probe, split)
+                              probe, split)
     plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
     return plan
 

@@ -82,8 +82,13 @@ class DenseFactors:
 INT8_PAD = 16
 
 
+def _pad(n: int, to: int) -> int:
+    """n rounded up to a multiple of `to`."""
+    return -(-n // to) * to
+
+
 def _pad_to(n: int) -> int:
-    return -(-n // INT8_PAD) * INT8_PAD
+    return _pad(n, INT8_PAD)
 
 
 @dataclass
@@ -123,10 +128,6 @@ class Int8Factors:
 INT4_PAD_K = 32          # the int4 kernel's contraction dim is a multiple of its group size (32 at least)
 INT4_PAD_N = 16          # its output dim: _convert_weight_to_int4pack_for_cpu refuses other N
 INT4_GROUPS = (256, 128, 64, 32)    # the group sizes torch 2.13's CPU kernel takes; the largest dividing K
-
-
-def _pad(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 def _int4_group(k: int) -> int:
@@ -227,16 +228,20 @@ def dense_factors(p: PackedLinear, dtype: torch.dtype = torch.float32) -> DenseF
     return DenseFactors(a.to(dtype).contiguous(), u.to(dtype).contiguous())
 
 
+def _integer_layout(p: PackedLinear) -> bool:
+    """Every block has per-row scales and zeros on both factors and Û stored transposed: the layout whose
+    codes minus zero points are the factors' integers (else no int8 / int4 form)."""
+    return all(b.v.fused_rows() and b.u.fused_rows() and b.u_transposed for b in p.blocks)
+
+
 def _centred_ranks(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Every rank of `p` as integers: (v int16 [r, h_in] = Cv − zv, u int16 [r, h_out] = Cu − zu (row j: rank
     j's expand column), mid float32 [r] = sv·σ·su), so that ΔŴ = Σ_j mid_j u_jᵀ v_j; None when a block has
     no such form (column-grouped scales, raw 16-bit factors, Û not stored transposed) or |C − z| > 127."""
-    if p.sign is not None or p.rank == 0:
+    if p.sign is not None or p.rank == 0 or not _integer_layout(p):
         return None
     v, u, mid = [], [], []
     for b in p.blocks:
-        if not (b.v.fused_rows() and b.u.fused_rows() and b.u_transposed):
-            return None
         centred = [m.codes_f32() - m.row_params()[1] for m in (b.v, b.u)]     # exact: integers below 2^24
         if max(float(c.abs().max()) for c in centred) > 127:
             return None
@@ -385,13 +390,11 @@ class FactorCache:
         takes one entry — widths ≤ 3 — get() makes room again for what was built)."""
         h_out, h_in = p.shape
         r = p.rank
-        integer = all(b.v.fused_rows() and b.u.fused_rows() and b.u_transposed for b in p.blocks)
+        integer = _integer_layout(p)
         if self.dtype == torch.int4 and integer:
             return min(_int4_bytes(r, h_in, h_out), _int8_bytes(r, h_in, h_out))   # ≤ built: entries ≥ ranks
-        if self.dtype == torch.int8 and all(b.v.fused_rows() and b.u.fused_rows() and b.u_transposed
-                                             for b in p.blocks):
-            r, h_in, h_out = _pad_to(r), _pad_to(h_in), _pad_to(h_out)
-            return r * (h_in + h_out) + 2 * (r + h_out)
+        if self.dtype == torch.int8 and integer:
+            return _int8_bytes(r, h_in, h_out)
         item = 4 if self.dtype in (torch.int8, torch.int4) else torch.empty(0, dtype=self.dtype).element_size()
         return r * (h_in + h_out) * item
 
