@@ -204,9 +204,9 @@ def test_refuses_what_it_cannot_serve(llama, served, tmp_path):
 
 @pytest.mark.parametrize("cache_bytes", [1 << 30, 20_000], ids=["all cached", "cache smaller than the tenants"])
 def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
-    """The default CPU backend (auto → cached factors) serves the same logits and greedy tokens."""
+    """The factor-cache backend serves the same logits and greedy tokens."""
     base, deltas, refs = llama
-    model = MultiTenantModel(base, factor_cache_bytes=cache_bytes)
+    model = MultiTenantModel(base, backend="cached", factor_cache_bytes=cache_bytes)
     for m, path in deltas.items():
         model.add_tenant(m, path)
     tenants = ["lowrank", None, "deltacome", "bitdelta"]
@@ -264,7 +264,8 @@ def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path, cache_d
     assert load_delta(path).vocab
     assert MultiTenantModel(base).factor_cache.dtype == torch.float32           # the default of a float32 model
     assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int4
-    fast, ref = MultiTenantModel(base, factor_cache_dtype=cache_dtype), MultiTenantModel(base, backend="torch")
+    fast = MultiTenantModel(base, backend="cached", factor_cache_dtype=cache_dtype)
+    ref = MultiTenantModel(base, backend="torch")
     for model in (fast, ref):
         model.add_tenant("t", path)
     prompts = _prompts((9, 5), seed=3)

@@ -7,14 +7,17 @@ y = x Wᵀ (+ b) runs once for the whole batch (one GEMM); then, for the rows of
 ΔW is never formed; rows of slot −1 (the base model) cost nothing extra. BitDelta tenants add
 s · x (2·bits − 1)ᵀ with the sign bits unpacked on the fly.
 
-Three implementations (`backend`):
+Four implementations (`backend`):
     torch   the reference: unpacks the packed codes at every call (any device)
-    cached  the fast CPU path: each (tenant, linear) as two dense GEMMs from a shared FactorCache
-            (runtime/factor_cache.py: dequantised factors of the hottest tenants within a byte budget)
+    packed  the fast CPU path: one call of the fused C++ kernel for all tenants' rows, reading the packed
+            codes directly (runtime/packed_kernel.py; tenants in PrinMix's layout, the others by the reference)
+    cached  each (tenant, linear) as two dense GEMMs from a shared FactorCache (runtime/factor_cache.py:
+            dequantised factors of the hottest tenants within a byte budget)
     triton  kernels unpacking codes in registers from the stacked buffers of all tenants
             (runtime/triton_kernels.py, runtime/packed.py)
-"auto" picks triton for CUDA inputs when Triton is installed, else cached when the layer has a
-FactorCache, else torch. Every fast path is tested against the torch reference.
+"auto" picks triton for CUDA inputs when Triton is installed; on CPU packed when the kernel builds
+(faster than the factor cache at a third of its memory, benchmarks/README.md), else cached when the
+layer has a FactorCache, else torch. Every fast path is tested against the torch reference.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 from ..errors import PrinmixError
 from .factor_cache import FactorCache, dense_factors
 from .packed import PackedLinear, StackedPacks, stack_tenants
+from .packed_kernel import PackedTable, add_packed_deltas, kernel_available, packed_delta
 from .tenant_registry import TenantRegistry
 
 __all__ = ["BASE_SLOT", "DeltaLinear", "single_threaded", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
@@ -157,13 +161,14 @@ def triton_available() -> bool:
 class DeltaLinear(nn.Module):
     """`base` (an nn.Linear, shared) plus the packed deltas of N tenants indexed by integer slot.
 
-    backend: "torch" (reference), "cached" (dense factors from `factor_cache`; without one, built
-    per call), "triton" (kernels; CUDA tensors, or CPU under TRITON_INTERPRET=1) or "auto" (triton for
-    CUDA inputs when it is installed, else cached when a factor_cache is given, else torch).
+    backend: "torch" (reference), "packed" (the C++ kernel on the packed codes; CPU), "cached" (dense factors
+    from `factor_cache`; without one, built per call), "triton" (kernels; CUDA tensors, or CPU under
+    TRITON_INTERPRET=1) or "auto" (triton for CUDA inputs when it is installed, packed for CPU inputs when the
+    kernel builds, else cached when a factor_cache is given, else torch).
     factor_cache: shared by the layers of one model, so that its byte budget is the model's.
     """
 
-    BACKENDS = ("auto", "torch", "cached", "triton")
+    BACKENDS = ("auto", "torch", "packed", "cached", "triton")
 
     def __init__(self, base: nn.Linear, context: TenantContext | None = None, backend: str = "auto",
                  factor_cache: FactorCache | None = None):
@@ -178,6 +183,7 @@ class DeltaLinear(nn.Module):
         self.factor_cache = factor_cache
         self.tenants: dict[int, TenantDelta] = {}
         self._stack: StackedPacks | None = None
+        self._table: PackedTable | None = None
 
     # nn.Linear's attributes, for code that inspects the module
     @property
@@ -208,13 +214,13 @@ class DeltaLinear(nn.Module):
             raise PrinmixError(f"delta of shape {list(delta.packed.shape)} does not fit a linear of "
                                f"[{self.out_features}, {self.in_features}]")
         self.tenants[slot] = delta.to(self.base.weight.device)
-        self._stack = None
+        self._stack = self._table = None
         if self.factor_cache is not None:
             self.factor_cache.drop((id(self), slot))
 
     def unload_tenant(self, slot: int) -> None:
         if self.tenants.pop(slot, None) is not None:
-            self._stack = None
+            self._stack = self._table = None
             if self.factor_cache is not None:
                 self.factor_cache.drop((id(self), slot))
 
@@ -228,6 +234,12 @@ class DeltaLinear(nn.Module):
             packs = {s: d.packed for s, d in self.tenants.items() if d.packed is not None}
             self._stack = stack_tenants(packs, self.base.weight.device)
         return self._stack
+
+    def packed_table(self) -> PackedTable:
+        """The kernel's block table of the tenants' packed deltas (built on first use after a change)."""
+        if self._table is None:
+            self._table = PackedTable.build({s: d.packed for s, d in self.tenants.items() if d.packed is not None})
+        return self._table
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, tenant_slot=None) -> torch.Tensor:
@@ -250,6 +262,8 @@ class DeltaLinear(nn.Module):
 
             add_deltas(rows_x, rows_y, groups, self.stacked())
             self._add_bias(rows_y, groups)
+        elif backend == "packed":
+            self._add_deltas_packed(rows_x, rows_y, groups)
         elif backend == "cached":
             with single_threaded(groups.max_len <= SINGLE_THREAD_ROWS):
                 self._add_deltas_cached(rows_x, rows_y, groups, batch.serial)
@@ -263,10 +277,14 @@ class DeltaLinear(nn.Module):
         return tenant_slot if isinstance(tenant_slot, TenantBatch) else TenantBatch(tenant_slot)
 
     def _backend_for(self, x: torch.Tensor) -> str:
+        if self.backend == "packed" and not (x.device.type == "cpu" and kernel_available()):
+            return "torch"                # no kernel here (load_kernel logged why): the reference
         if self.backend != "auto":
             return self.backend
         if x.is_cuda and triton_available():
             return "triton"
+        if x.device.type == "cpu" and kernel_available():
+            return "packed"
         return "cached" if self.factor_cache is not None else "torch"
 
     def _add_bias(self, rows_y: torch.Tensor, groups: RowGroups) -> None:
@@ -319,6 +337,30 @@ class DeltaLinear(nn.Module):
             parts.append(part if part is not None else xs.new_zeros(length, self.out_features, dtype=torch.float32))
         acc = rows_y.index_select(0, groups.order).float() + torch.cat(parts).float()
         rows_y.index_copy_(0, groups.order, acc.to(rows_y.dtype))
+
+    def _add_deltas_packed(self, rows_x: torch.Tensor, rows_y: torch.Tensor, groups: RowGroups) -> None:
+        """The fused CPU path: one kernel call adds the deltas of every tenant the kernel supports straight into
+        y (rows gathered, multiplied in float32 and added with one rounding inside the kernel, as the reference
+        rounds); tenants with a bias delta, sign deltas and other layouts go through a float32 gather-add-scatter
+        (the kernel's product, or the reference's)."""
+        table = self.packed_table()
+        fused, other = [], []
+        for slot, start, n in groups.segments:
+            d = self.tenants.get(slot)
+            if d is not None:
+                (fused if slot in table.slots and d.bias is None else other).append((start, n, slot))
+        add_packed_deltas(rows_x.contiguous(), rows_y, groups.order, fused, table)
+        for start, n, slot in other:
+            d = self.tenants[slot]
+            idx = groups.rows_of(start, n)
+            acc = rows_y.index_select(0, idx).float()
+            if slot in table.slots:
+                acc += packed_delta(rows_x.index_select(0, idx), table, slot)
+            elif d.packed is not None and (d.packed.sign is not None or d.packed.blocks):
+                acc += self._delta_rows(d.packed, rows_x.index_select(0, idx).float())
+            if d.bias is not None:
+                acc += d.bias
+            rows_y.index_copy_(0, idx, acc.to(rows_y.dtype))
 
     def _delta_rows(self, p: PackedLinear, xs: torch.Tensor) -> torch.Tensor:
         """xs ΔŴᵀ [n, h_out] in float32, from the packed factors (reference path)."""

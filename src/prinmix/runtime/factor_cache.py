@@ -231,7 +231,7 @@ def dense_factors(p: PackedLinear, dtype: torch.dtype = torch.float32) -> DenseF
 def _integer_layout(p: PackedLinear) -> bool:
     """Every block has per-row scales and zeros on both factors and Û stored transposed: the layout whose
     codes minus zero points are the factors' integers (else no int8 / int4 form)."""
-    return all(b.v.fused_rows() and b.u.fused_rows() and b.u_transposed for b in p.blocks)
+    return all(b.per_row_codes() for b in p.blocks)
 
 
 def _centred_ranks(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

@@ -63,6 +63,7 @@ from .delta_linear import (
 )
 from .factor_cache import FactorCache
 from .packed import PackedLinear
+from .packed_kernel import kernel_available
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
 from .vocab_rows import VocabPayload
 
@@ -275,17 +276,25 @@ class MultiTenantModel:
         if kind == "linear":
             wrapper = DeltaLinear(module, self.context, self.backend, self.factor_cache)
         elif kind in ("rows", "embedding"):
-            wrapper = (PerTenantRows if kind == "rows" else PerTenantEmbedding)(module, self.context,
-                                                                                 self._rows_factor_cache())
+            wrapper = (PerTenantRows if kind == "rows" else PerTenantEmbedding)(
+                module, self.context, self._rows_factor_cache(), kernel=self._rows_kernel())
         else:
             wrapper = PerTenantParams(module, self.context)
         parent_path, _, child = path.rpartition(".")
         setattr(self.model.get_submodule(parent_path) if parent_path else self.model, child, wrapper)
         self.modules[path] = wrapper
 
+    def _rows_kernel(self) -> bool:
+        """Whether compressed lm_head rows are multiplied by the packed C++ kernel: where DeltaLinear's backend
+        resolves to "packed" (explicitly, or "auto" on CPU with the kernel built)."""
+        return self.backend in ("packed", "auto") and self.device.type == "cpu" and kernel_available()
+
     def _rows_factor_cache(self) -> FactorCache | None:
         """The factor cache for compressed embedding / lm_head rows: where DeltaLinear's backend is "cached" (so the
-        "torch" reference stays the reference; Triton's CUDA path has no rows kernel and keeps the packed form)."""
+        "torch" reference stays the reference; Triton's CUDA path has no rows kernel and keeps the packed form;
+        the packed kernel reads the codes)."""
+        if self._rows_kernel():
+            return None
         if self.backend == "cached" or (self.backend == "auto" and not (self.device.type == "cuda"
                                                                          and triton_available())):
             return self.factor_cache

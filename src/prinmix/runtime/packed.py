@@ -179,6 +179,11 @@ class PackedBlock:
         return replace(self, v=self.v.to(device), u=self.u.to(device),
                        sigma=None if self.sigma is None else self.sigma.to(device))
 
+    def per_row_codes(self) -> bool:
+        """Both factors are codes with one (scale, zero) per stored row and Û is stored transposed [k, h_out]
+        (PrinMix's layout): then C − z are the factors' integers, and each rank's rows are contiguous codes."""
+        return self.v.fused_rows() and self.u.fused_rows() and self.u_transposed
+
     def v_matrix(self, dtype=torch.float32) -> torch.Tensor:
         """V̂_b [k, h_in]."""
         return self.v.dequantize(dtype)

@@ -203,11 +203,14 @@ class _VocabFactors:
 
 class _VocabModule(_TenantModule):
     """Common part of the vocabulary wrappers: tenants' compressed rows' factors from the shared cache,
-    forgotten when a slot is loaded or unloaded."""
+    forgotten when a slot is loaded or unloaded; `kernel`: products from the packed codes by the C++ kernel
+    (runtime/packed_kernel.py; MultiTenantModel sets it, and no factor cache, where DeltaLinear runs "packed")."""
 
-    def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None):
+    def __init__(self, base: nn.Module, context: TenantContext, factor_cache: FactorCache | None = None,
+                 kernel: bool = False):
         super().__init__(base, context)
         self.vocab_factors = _VocabFactors(factor_cache)
+        self.kernel = kernel
 
     def load_tenant(self, slot: int, payload) -> None:
         self.vocab_factors.forget(self.tenants.get(slot))
@@ -265,7 +268,7 @@ class PerTenantRows(_VocabModule):
             idx = groups.rows_of(start, length)
             if isinstance(p, VocabPayload):
                 o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias,
-                           self.vocab_factors.get(p, batch.serial))
+                           self.vocab_factors.get(p, batch.serial), kernel=self.kernel)
             else:
                 o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
             rows_out.index_copy_(0, idx, o.to(rows_out.dtype))

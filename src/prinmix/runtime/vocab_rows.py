@@ -11,12 +11,13 @@ rows (added vocabulary) apart. Serving needs two things of it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..algorithms.compressed_linear import FLOAT_BITS
 from .packed import PackedLinear, PackedMatrix
+from .packed_kernel import PackedTable, packed_delta, supported
 
 
 def packed_codes_at(data: torch.Tensor, bits: int, flat_index: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,7 @@ class VocabPayload:
     packed: PackedLinear | None
     exact_index: torch.Tensor
     exact_values: torch.Tensor
+    _table: PackedTable | None = field(default=None, init=False, repr=False, compare=False)   # packed_kernel's
 
     def nbytes(self) -> int:
         packed = self.packed.resident_bytes if self.packed is not None else 0
@@ -112,13 +114,20 @@ class VocabPayload:
         return out
 
     def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None,
-             factors=None) -> torch.Tensor:
+             factors=None, kernel: bool = False) -> torch.Tensor:
         """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]. `factors`: the
-        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes)."""
+        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes, with the
+        C++ kernel (runtime/packed_kernel.py) when `kernel` and it supports the layout, else in torch)."""
         out = base_logits.float()
         if self.packed is not None and self.index.numel():
-            delta = delta_rows(self.packed, h.float()) if factors is None \
-                else factors.apply(h.to(factors.input_dtype)).float()
+            if factors is not None:
+                delta = factors.apply(h.to(factors.input_dtype)).float()
+            elif kernel and supported(self.packed):
+                if self._table is None:
+                    self._table = PackedTable.build({0: self.packed})
+                delta = packed_delta(h, self._table)
+            else:
+                delta = delta_rows(self.packed, h.float())
             out[:, self.index] += delta
         if self.exact_index.numel():
             out[:, self.exact_index] = torch.nn.functional.linear(

@@ -1,0 +1,394 @@
+// Fused unpack-and-multiply of packed low-rank deltas on CPU: out = x·ΔŴᵀ for the rows of many tenants in
+// one call per linear, read straight from the packed codes (no dequantised copy). Loaded and documented by
+// src/prinmix/runtime/packed_kernel.py, which builds the block table this file reads.
+//
+// A tenant's delta of one linear is ΔŴ = Σ_b Û_b diag(σ_b) V̂_b (runtime/packed.py) in PrinMix's layout: every
+// factor row holds `bits`-bit codes (1..8, LSB first, rows back to back in one stream, algorithms/packing.py)
+// with one float16 scale and one uint8 zero point per row, V̂_b [k, h_in], Û_b stored transposed [k, h_out]:
+//     V̂[j, c] = sv_j (Cv[j, c] − zv_j)        Û[o, j] = su_j (Cu[j, o] − zu_j)
+// so for one activation row x [h_in]:
+//     shrink  t_j = σ_j sv_j (Σ_c Cv[j, c] x_c − zv_j Σ_c x_c)                  (one dot per rank)
+//     expand  out_o = Σ_j a_j Cu[j, o] − Σ_j a_j zu_j,   a_j = su_j t_j          (one axpy per rank)
+// Both loops walk the code rows contiguously. Work is split over torch's intra-op threads (at::parallel_for):
+// the shrink by (segment, block, 16 ranks), the expand by (segment, 64 outputs); each task writes its own
+// entries of t / out, so there are no reductions across threads. Accumulation is float32.
+//
+// Decoding 16 codes at once (AVX-512BW, when the CPU has it; a scalar path otherwise and for tests): 16 codes
+// starting at stream bit p span at most 16 bytes from byte p/8 (7 + 16·bits ≤ 135 bits; 8-bit codes start on
+// byte boundaries), so one 16-byte load broadcast to the four 128-bit lanes, one byte shuffle putting the two
+// bytes of code l into 32-bit lane l, one variable right shift and one mask give the 16 codes as int32. The
+// shuffle and shift depend only on (bits, p mod 8), which is constant along a row (chunks of 16 codes advance
+// 2·bits bytes), so the tables are read once per row. Loads near a stream's end go through a zeroed copy so
+// that nothing past the tensor is read.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Columns of the block table, int64 [n_slots, max_blocks, N_FIELDS]; packed_kernel.py's BLOCK_FIELDS.
+enum Field { F_BITS, F_K, F_RANK_OFF, F_V_CODES, F_V_SCALE, F_V_ZERO, F_V_NBYTES, F_U_CODES, F_U_SCALE, F_U_ZERO,
+             F_U_NBYTES, F_SIGMA, N_FIELDS };
+
+constexpr int RANKS_PER_TASK = 16;   // shrink task: ranks of one block for one segment
+constexpr int TILE = 64;             // expand task: output columns (4 vectors of 16)
+constexpr int ROWS = 4;              // activation rows per register tile (4 rows × 4 vectors = 16 accumulators)
+
+struct Block {
+  int bits;
+  int64_t k, rank_off, v_nbytes, u_nbytes;
+  const uint8_t *v_codes, *v_zero, *u_codes, *u_zero;
+  const c10::Half *v_scale, *u_scale, *sigma;   // sigma may be null (σ folded into the factors)
+};
+
+Block read_block(const int64_t* f) {
+  auto ptr = [](int64_t a) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(a)); };
+  return Block{static_cast<int>(f[F_BITS]), f[F_K], f[F_RANK_OFF], f[F_V_NBYTES], f[F_U_NBYTES],
+               static_cast<const uint8_t*>(ptr(f[F_V_CODES])), static_cast<const uint8_t*>(ptr(f[F_V_ZERO])),
+               static_cast<const uint8_t*>(ptr(f[F_U_CODES])), static_cast<const uint8_t*>(ptr(f[F_U_ZERO])),
+               static_cast<const c10::Half*>(ptr(f[F_V_SCALE])), static_cast<const c10::Half*>(ptr(f[F_U_SCALE])),
+               static_cast<const c10::Half*>(ptr(f[F_SIGMA]))};
+}
+
+// ---- scalar decoding (the portable path) -----------------------------------------------------------------
+
+// Code starting at stream bit `bit`: it lies in the stream, so the second byte is read only when the code
+// reaches into it.
+inline float code_at(const uint8_t* p, int64_t bit, int bits) {
+  const int64_t byte = bit >> 3;
+  const int s = static_cast<int>(bit & 7);
+  uint32_t w = p[byte];
+  if (s + bits > 8) w |= static_cast<uint32_t>(p[byte + 1]) << 8;
+  return static_cast<float>((w >> s) & ((1u << bits) - 1));
+}
+
+void shrink_scalar(const float* x, int64_t ldx, int64_t rows, int64_t h_in, const uint8_t* codes, int bits,
+                   int64_t j, float* dots) {
+  const int64_t bit0 = j * h_in * bits;
+  for (int64_t r = 0; r < rows; ++r) dots[r] = 0.f;
+  for (int64_t c = 0; c < h_in; ++c) {
+    const float w = code_at(codes, bit0 + c * bits, bits);
+    for (int64_t r = 0; r < rows; ++r) dots[r] += w * x[r * ldx + c];
+  }
+}
+
+void expand_scalar(const float* a, int64_t rows, int64_t lda, const uint8_t* codes, int bits, int64_t j,
+                   int64_t h_out, int64_t o0, int64_t o1, float* acc, int64_t ldacc) {
+  const int64_t bit0 = (j * h_out + o0) * bits;
+  for (int64_t o = o0; o < o1; ++o) {
+    const float w = code_at(codes, bit0 + (o - o0) * bits, bits);
+    for (int64_t r = 0; r < rows; ++r) acc[r * ldacc + (o - o0)] += a[r * lda] * w;
+  }
+}
+
+// ---- AVX-512 decoding ------------------------------------------------------------------------------------
+
+struct DecodeTables {
+  // [bits][bit offset mod 8]: the byte shuffle and the right shifts of the 16 lanes; [bits]: the mask
+  alignas(64) uint8_t shuffle[9][8][64];
+  alignas(64) uint32_t shift[9][8][16];
+  alignas(64) uint32_t mask[9][16];
+
+  DecodeTables() {
+    std::memset(this, 0, sizeof(*this));
+    for (int bits = 1; bits <= 8; ++bits) {
+      for (int l = 0; l < 16; ++l) mask[bits][l] = (1u << bits) - 1;
+      for (int s0 = 0; s0 < 8; ++s0) {
+        for (int l = 0; l < 16; ++l) {
+          const int bit = s0 + l * bits, byte = bit >> 3, s = bit & 7;
+          uint8_t* lane = &shuffle[bits][s0][4 * l];      // lane l = dword l % 4 of 128-bit lane l / 4
+          lane[0] = byte < 16 ? static_cast<uint8_t>(byte) : 0x80;
+          lane[1] = (s + bits > 8 && byte + 1 < 16) ? static_cast<uint8_t>(byte + 1) : 0x80;
+          lane[2] = lane[3] = 0x80;                       // 0x80: the shuffle writes a zero byte
+          shift[bits][s0][l] = static_cast<uint32_t>(s);
+        }
+      }
+    }
+  }
+};
+
+const DecodeTables& tables() {
+  static const DecodeTables t;
+  return t;
+}
+
+bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+struct RowDecoder {
+  __m512i shuffle, shift, mask;
+};
+
+AVX512 inline RowDecoder row_decoder(int bits, int64_t bit0) {
+  const DecodeTables& t = tables();
+  const int s0 = static_cast<int>(bit0 & 7);
+  return RowDecoder{_mm512_load_si512(t.shuffle[bits][s0]), _mm512_load_si512(t.shift[bits][s0]),
+                    _mm512_load_si512(t.mask[bits])};
+}
+
+// 16 codes from stream byte `byte` on (the row's bit offset mod 8 is in d) as float32.
+AVX512 inline __m512 decode16(const RowDecoder& d, const uint8_t* p, int64_t byte, int64_t nbytes) {
+  __m128i raw;
+  if (byte + 16 <= nbytes) {
+    raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + byte));
+  } else {
+    alignas(16) uint8_t tail[16] = {0};
+    if (byte < nbytes) std::memcpy(tail, p + byte, static_cast<size_t>(nbytes - byte));
+    raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+  }
+  __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(raw), d.shuffle);
+  v = _mm512_and_si512(_mm512_srlv_epi32(v, d.shift), d.mask);
+  return _mm512_cvtepi32_ps(v);
+}
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// dots[r] = Σ_c C[j, c] x[r, c] for R rows; two accumulators per row hide the FMA latency.
+template <int R>
+AVX512 void shrink_avx512(const float* x, int64_t ldx, int64_t h_in, const uint8_t* codes, int64_t nbytes,
+                          int bits, int64_t j, float* dots) {
+  const int64_t bit0 = j * h_in * bits;
+  const RowDecoder d = row_decoder(bits, bit0);
+  const int64_t byte0 = bit0 >> 3;
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 32 <= h_in; c += 32) {
+    const __m512 w0 = decode16(d, codes, byte0 + c * bits / 8, nbytes);
+    const __m512 w1 = decode16(d, codes, byte0 + (c + 16) * bits / 8, nbytes);
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + r * ldx + c), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + r * ldx + c + 16), acc1[r]);
+    }
+  }
+  for (; c < h_in; c += 16) {           // codes past the row's end meet zeros of x (masked load)
+    const __mmask16 m = tail_mask(h_in - c);
+    const __m512 w = decode16(d, codes, byte0 + c * bits / 8, nbytes);
+    for (int r = 0; r < R; ++r) acc0[r] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + r * ldx + c), acc0[r]);
+  }
+  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+// out[r, 0:n] = Σ_j a[r, j] (C[j, o0 : o0 + n] − z_j) for R rows, n ≤ TILE outputs (accumulated in registers).
+template <int R>
+AVX512 void expand_tile_avx512(const Block* blocks, int64_t n_blocks, const float* t, int64_t ldt,
+                               int64_t h_out, int64_t o0, int64_t n, float* out, int64_t ldo) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+  float zsum[R] = {0};
+  const int nq = static_cast<int>((n + 15) / 16);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const Block& B = blocks[b];
+    for (int64_t j = 0; j < B.k; ++j) {
+      const int64_t bit0 = (j * h_out + o0) * B.bits;
+      const RowDecoder d = row_decoder(B.bits, bit0);
+      const int64_t byte0 = bit0 >> 3;
+      const float su = static_cast<float>(B.u_scale[j]), zu = static_cast<float>(B.u_zero[j]);
+      __m512 a[R];
+      for (int r = 0; r < R; ++r) {
+        const float ar = su * t[r * ldt + B.rank_off + j];
+        zsum[r] += ar * zu;
+        a[r] = _mm512_set1_ps(ar);
+      }
+      for (int q = 0; q < 4; ++q) {
+        if (q >= nq) break;
+        const __m512 w = decode16(d, B.u_codes, byte0 + q * 2 * B.bits, B.u_nbytes);
+        for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(a[r], w, acc[r][q]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 z = _mm512_set1_ps(zsum[r]);
+    for (int q = 0; q < nq; ++q)
+      _mm512_mask_storeu_ps(out + r * ldo + 16 * q, tail_mask(n - 16 * q), _mm512_sub_ps(acc[r][q], z));
+  }
+}
+
+template <int R>
+void shrink_rows(bool simd, const float* x, int64_t ldx, int64_t h_in, const Block& B, int64_t j, float* dots) {
+  if (simd)
+    shrink_avx512<R>(x, ldx, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
+  else
+    shrink_scalar(x, ldx, R, h_in, B.v_codes, B.bits, j, dots);
+}
+
+template <int R>
+void expand_rows(bool simd, const std::vector<Block>& blocks, const float* t, int64_t ldt, int64_t h_out,
+                 int64_t o0, int64_t n, float* out, int64_t ldo) {
+  if (simd) {
+    expand_tile_avx512<R>(blocks.data(), static_cast<int64_t>(blocks.size()), t, ldt, h_out, o0, n, out, ldo);
+    return;
+  }
+  float acc[R * TILE] = {0};
+  float zsum[R] = {0};
+  for (const Block& B : blocks) {
+    for (int64_t j = 0; j < B.k; ++j) {
+      const float su = static_cast<float>(B.u_scale[j]), zu = static_cast<float>(B.u_zero[j]);
+      float a[R];
+      for (int r = 0; r < R; ++r) {
+        a[r] = su * t[r * ldt + B.rank_off + j];
+        zsum[r] += a[r] * zu;
+      }
+      expand_scalar(a, R, 1, B.u_codes, B.bits, j, h_out, o0, o0 + n, acc, TILE);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int64_t o = 0; o < n; ++o) out[r * ldo + o] = acc[r * TILE + o] - zsum[r];
+}
+
+// Runs f(R, row offset) over the rows [0, rows) in tiles of ROWS (remainder 1..3).
+template <class F>
+void over_row_tiles(int64_t rows, F&& f) {
+  int64_t r = 0;
+  for (; r + ROWS <= rows; r += ROWS) f(ROWS, r);
+  if (r < rows) f(static_cast<int>(rows - r), r);
+}
+
+template <class T>
+void gather_rows(const at::Tensor& x, const int64_t* rows, int64_t n, float* xf) {
+  const T* xp = x.data_ptr<T>();
+  const int64_t h_in = x.size(1);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < h_in; ++c) xf[i * h_in + c] = static_cast<float>(xp[rows[i] * h_in + c]);
+}
+
+// y[row, o0 : o0 + n] = round(y + d) for the R rows of a tile: the reference's rounding (y + Δ once, in float32).
+template <class T>
+void add_into(const at::Tensor& y, const int64_t* rows, int R, int64_t o0, int64_t n, const float* d, int64_t ldd) {
+  T* yp = y.data_ptr<T>();
+  const int64_t h_out = y.size(1);
+  for (int r = 0; r < R; ++r) {
+    T* yr = yp + rows[r] * h_out + o0;
+    for (int64_t o = 0; o < n; ++o) yr[o] = static_cast<T>(static_cast<float>(yr[o]) + d[r * ldd + o]);
+  }
+}
+
+template <class F>
+void on_dtype(const at::Tensor& t, F&& f) {
+  switch (t.scalar_type()) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "the packed kernel takes float32, bfloat16 or float16 activations");
+  }
+}
+
+// y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
+// float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous; rows int64 [n]
+// (distinct); segments int64 [S, 3]: (first index into rows, count, slot), disjoint; table int64 [n_slots,
+// max_blocks, N_FIELDS]; n_blocks int64 [n_slots]; max_rank: the largest Σ_b k_b of the segments' slots; simd:
+// use AVX-512 when the CPU has it (false: the portable scalar code).
+void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
+                          const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, bool simd,
+                          const at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
+              "y must be a contiguous CPU matrix with x's rows");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
+              segments.size(1) == 3, "segments must be int64 [S, 3]");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
+              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
+  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
+  simd = simd && cpu_has_avx512();
+  const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
+  const int64_t* seg = segments.data_ptr<int64_t>();
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  const int64_t* tab = table.data_ptr<int64_t>();
+  const int64_t* nblk = n_blocks.data_ptr<int64_t>();
+  const int64_t max_blocks = table.size(1);
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(row_of[i] >= 0 && row_of[i] < x.size(0), "row out of range");
+
+  std::vector<std::vector<Block>> blocks(static_cast<size_t>(n_seg));
+  std::vector<int64_t> shrink_tasks;                 // (segment, block, first rank) triples
+  for (int64_t s = 0; s < n_seg; ++s) {
+    const int64_t slot = seg[3 * s + 2];
+    TORCH_CHECK(slot >= 0 && slot < table.size(0) && seg[3 * s] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n,
+                "segment out of range");
+    for (int64_t b = 0; b < nblk[slot]; ++b) {
+      const Block B = read_block(tab + (slot * max_blocks + b) * N_FIELDS);
+      TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= max_rank, "invalid block");
+      blocks[s].push_back(B);
+      for (int64_t j = 0; j < B.k; j += RANKS_PER_TASK) shrink_tasks.insert(shrink_tasks.end(), {s, b, j});
+    }
+  }
+  // the delta rows in float32 (as the reference multiplies), their sums (for the zero points), t [n, max_rank]
+  std::vector<float> xf(static_cast<size_t>(n * h_in)), xsum(static_cast<size_t>(n), 0.f);
+  std::vector<float> t(static_cast<size_t>(n * std::max<int64_t>(max_rank, 1)), 0.f);
+  on_dtype(x, [&](auto zero) { gather_rows<decltype(zero)>(x, row_of, n, xf.data()); });
+  const float* xp = xf.data();
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < h_in; ++c) xsum[r] += xp[r * h_in + c];
+
+  // shrink: t[row, rank_off + j] = σ_j sv_j (Σ_c Cv[j, c] x[row, c] − zv_j Σ_c x[row, c])
+  at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size() / 3), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = shrink_tasks[3 * task], j0 = shrink_tasks[3 * task + 2];
+      const Block& B = blocks[s][shrink_tasks[3 * task + 1]];
+      const int64_t row0 = seg[3 * s], count = seg[3 * s + 1];
+      for (int64_t j = j0; j < std::min(B.k, j0 + RANKS_PER_TASK); ++j) {
+        const float mult = static_cast<float>(B.v_scale[j]) * (B.sigma ? static_cast<float>(B.sigma[j]) : 1.f);
+        const float zv = static_cast<float>(B.v_zero[j]);
+        over_row_tiles(count, [&](int R, int64_t r) {
+          float dots[ROWS];
+          const float* xr = xp + (row0 + r) * h_in;
+          switch (R) {
+            case 4: shrink_rows<4>(simd, xr, h_in, h_in, B, j, dots); break;
+            case 3: shrink_rows<3>(simd, xr, h_in, h_in, B, j, dots); break;
+            case 2: shrink_rows<2>(simd, xr, h_in, h_in, B, j, dots); break;
+            default: shrink_rows<1>(simd, xr, h_in, h_in, B, j, dots);
+          }
+          for (int i = 0; i < R; ++i)
+            t[(row0 + r + i) * max_rank + B.rank_off + j] = mult * (dots[i] - zv * xsum[row0 + r + i]);
+        });
+      }
+    }
+  });
+
+  // expand: y[row, o] += Σ_j su_j t[row, j] (Cu[j, o] − zu_j), one task per (segment, TILE outputs)
+  const int64_t tiles = (h_out + TILE - 1) / TILE;
+  on_dtype(y, [&](auto zero) {
+    using T = decltype(zero);
+    at::parallel_for(0, n_seg * tiles, 1, [&](int64_t begin, int64_t end) {
+      float d[ROWS * TILE];
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / tiles, o0 = (task % tiles) * TILE, width = std::min<int64_t>(TILE, h_out - o0);
+        const int64_t row0 = seg[3 * s], count = seg[3 * s + 1];
+        over_row_tiles(count, [&](int R, int64_t r) {
+          const float* tr = t.data() + (row0 + r) * max_rank;
+          switch (R) {
+            case 4: expand_rows<4>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            case 3: expand_rows<3>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            case 2: expand_rows<2>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            default: expand_rows<1>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE);
+          }
+          add_into<T>(y, row_of + row0 + r, R, o0, width, d, TILE);
+        });
+      }
+    });
+  });
+}
+
+bool has_avx512() { return cpu_has_avx512(); }
+
+}  // namespace
+
+TORCH_LIBRARY(prinmix_packed, m) {
+  m.def("packed_lowrank_delta(Tensor x, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
+        "bool simd, Tensor(a!) y) -> ()", &packed_lowrank_delta);
+  m.def("has_avx512() -> bool", &has_avx512);
+}

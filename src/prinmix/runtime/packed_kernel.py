@@ -1,0 +1,149 @@
+"""The fused unpack-and-multiply CPU kernel (csrc/packed_lowrank.cpp): x·ΔŴᵀ for a batch's tenants of one linear
+in one call, read straight from the packed codes that runtime/packed.py keeps (no dequantised copy).
+
+Why this path (benchmarks/README.md, "The fused packed kernel"): the factor cache (factor_cache.py) multiplies
+dequantised copies of the factors — int4 ~2×, int8 ~3× the packed bytes a step reads and holds, and two GEMM
+calls per (tenant, linear). The kernel reads each tenant's packed codes once per step (PrinMix's widths ~2–3
+bits), decodes 16 codes per AVX-512 instruction sequence, and runs all tenants of a linear in one call split
+over torch's intra-op threads; a resident tenant then costs its packed payload (≈ its delta file) and nothing
+else.
+
+What it multiplies: PackedLinears whose every block is in PrinMix's layout (`supported`: codes of 1..8 bits with
+one scale / zero point per row on both factors and Û stored transposed). Anything else — BitDelta signs,
+column-grouped scales, raw 16-bit factors, Û stored [h_out, k] — is left to the caller's reference path.
+
+How it is built: torch.utils.cpp_extension JIT-compiles the one C++ file (ATen / c10 headers only, no
+Python.h: ~8 s with g++ 12) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions) on first use in a process; later processes load the cached library. No compiler,
+a failed build, or PRINMIX_PACKED_KERNEL=0 → `load_kernel()` returns None after one log line, and callers
+keep the factor-cache / torch path. The code dispatches on the CPU at run time (AVX-512BW or portable scalar),
+so one build serves any x86-64 CPU.
+
+Block table (`PackedTable`): int64 [n_slots, max_blocks, len(BLOCK_FIELDS)], one row per (tenant slot, block)
+holding the width, rank, rank offset and the addresses / byte lengths of the block's tensors (codes, float16
+scales, uint8 zero points, float16 σ or 0). The table keeps references to those tensors, so the addresses stay
+valid as long as it lives; it is rebuilt when a tenant is loaded or unloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .packed import PackedLinear
+
+__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "kernel_available", "load_kernel",
+           "packed_delta", "supported"]
+
+log = logging.getLogger(__name__)
+
+KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "packed_lowrank.cpp"
+BLOCK_FIELDS = ("bits", "k", "rank_off", "v_codes", "v_scale", "v_zero", "v_nbytes", "u_codes", "u_scale", "u_zero",
+                "u_nbytes", "sigma")                     # the C++ enum Field, in order
+_F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
+_FLAGS = ["-O3", "-fopenmp"]   # -fopenmp: at::parallel_for's OpenMP region; the process already has torch's libgomp
+
+
+@functools.cache
+def load_kernel():
+    """torch.ops.prinmix_packed (the compiled kernel), or None when it cannot be built here (logged once)."""
+    if os.environ.get("PRINMIX_PACKED_KERNEL", "1") == "0":
+        log.warning("prinmix: packed C++ kernel disabled (PRINMIX_PACKED_KERNEL=0); CPU deltas use the "
+                    "factor cache / torch path")
+        return None
+    try:
+        from torch.utils import cpp_extension      # optional at run time: needs a C++ compiler and ninja
+
+        source = KERNEL_SOURCE.read_bytes()
+        tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
+        cpp_extension.load(f"prinmix_packed_{tag}", [str(KERNEL_SOURCE)], extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.prinmix_packed
+    except Exception as e:                          # noqa: BLE001 — any build failure means "no kernel"
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.warning("prinmix: packed C++ kernel unavailable (%s); CPU deltas use the factor cache / torch path",
+                    reason[:300])
+        return None
+
+
+def kernel_available() -> bool:
+    """Whether the kernel is built (building it on the first call)."""
+    return load_kernel() is not None
+
+
+def supported(p: PackedLinear) -> bool:
+    """Whether the kernel multiplies `p`: rank blocks only (no sign delta), every block in PrinMix's layout."""
+    return p.sign is None and p.rank > 0 and all(b.per_row_codes() for b in p.blocks)
+
+
+def _address(t: torch.Tensor) -> int:
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("the packed kernel reads contiguous CPU tensors")
+    return t.data_ptr()
+
+
+@dataclass
+class PackedTable:
+    """The kernel's view of some tenants' deltas of one linear [h_out, h_in] (module docstring): table int64
+    [n_slots, max_blocks, len(BLOCK_FIELDS)], n_blocks int64 [n_slots], max_rank (largest Σ_b k_b), slots (those
+    present), refs (the tensors whose addresses the table holds)."""
+
+    h_out: int
+    table: torch.Tensor
+    n_blocks: torch.Tensor
+    max_rank: int
+    slots: frozenset
+    refs: list
+
+    @classmethod
+    def build(cls, tenants: dict[int, PackedLinear]) -> "PackedTable":
+        """The table of the `supported` deltas among {slot: PackedLinear}; the others are left out."""
+        tenants = {s: p for s, p in tenants.items() if supported(p)}
+        n_slots = max(tenants, default=-1) + 1
+        max_blocks = max((len(p.blocks) for p in tenants.values()), default=1)
+        table = torch.zeros(max(n_slots, 1), max_blocks, len(BLOCK_FIELDS), dtype=torch.int64)
+        n_blocks = torch.zeros(max(n_slots, 1), dtype=torch.int64)
+        refs = []
+        for slot, p in tenants.items():
+            n_blocks[slot] = len(p.blocks)
+            rank_off = 0
+            for i, b in enumerate(p.blocks):
+                row = table[slot, i]
+                row[_F["bits"]], row[_F["k"]], row[_F["rank_off"]] = b.bits, b.rank, rank_off
+                for side, m in (("v", b.v), ("u", b.u)):
+                    row[_F[f"{side}_codes"]] = _address(m.data)
+                    row[_F[f"{side}_scale"]] = _address(m.scale)
+                    row[_F[f"{side}_zero"]] = _address(m.zero)
+                    row[_F[f"{side}_nbytes"]] = m.data.numel()
+                    refs += [m.data, m.scale, m.zero]
+                if b.sigma is not None:
+                    row[_F["sigma"]] = _address(b.sigma)
+                    refs.append(b.sigma)
+                rank_off += b.rank
+        h_out = next(iter(tenants.values())).shape[0] if tenants else 0
+        return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs)
+
+
+def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
+                      table: PackedTable, simd: bool = True) -> None:
+    """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
+    once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
+    (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
+    slot), disjoint. simd=False forces the portable scalar code (tests). Needs kernel_available()."""
+    if segments:
+        seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd, y)
+
+
+def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool = True) -> torch.Tensor:
+    """x·ΔŴᵀ float32 [n, h_out] for every row of x [n, h_in] (any float dtype) with the delta of `slot`."""
+    x = x.contiguous()
+    out = torch.zeros(x.shape[0], table.h_out, dtype=torch.float32, device=x.device)
+    add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, simd)
+    return out
