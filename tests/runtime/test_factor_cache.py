@@ -5,7 +5,7 @@ keeps its byte budget, its LRU order and never serves a replaced tenant's stale 
 import pytest
 import torch
 
-from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout
+from fixtures.compressed_deltas import all_widths, method_deltas, prinmix_layout, reconstruct64, value64
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta, single_threaded
 from prinmix.runtime.factor_cache import (
     INT8_PAD,
@@ -41,8 +41,8 @@ def test_dense_factors_equal_float64_reconstruction(deltas):
         assert f.a.shape == (p.rank, H_IN) and f.b.shape == (p.rank, H_OUT)
         dense = torch.zeros(H_OUT, H_IN, dtype=torch.float64)
         for b in m.blocks:                          # independent: the stored (unpacked) codes, in float64
-            v = _value64(b.v, b.bits)
-            u = _value64(b.u, b.bits)
+            v = value64(b.v, b.bits)
+            u = value64(b.u, b.bits)
             u = u.T if b.u_transposed else u
             if b.sigma is not None:
                 u = u * b.sigma.double()[None, :]
@@ -50,13 +50,6 @@ def test_dense_factors_equal_float64_reconstruction(deltas):
         assert torch.allclose(f.b.double().T @ f.a.double(), dense, atol=1e-6), name
         x = torch.randn(4, H_IN)
         assert torch.allclose(f.apply(x).double(), x.double() @ dense.T, atol=1e-5), name
-
-
-def _value64(q, bits):
-    if bits == 16:
-        return q.double()
-    idx = torch.arange(q.codes.shape[1]) // q.group_size
-    return q.scale.double()[:, idx] * (q.codes.double() - q.zero.double()[:, idx])
 
 
 def _layers(deltas, cache, dtype=torch.float32):
@@ -148,18 +141,6 @@ def test_auto_uses_the_cache_only_when_given(deltas, monkeypatch):
     assert len(cache) == 1
 
 
-def _reconstruct64(m) -> torch.Tensor:
-    """ΔŴ [h_out, h_in] in float64 from the stored (unpacked) codes: the independent reference."""
-    dense = torch.zeros(m.shape, dtype=torch.float64)
-    for b in m.blocks:
-        v, u = _value64(b.v, b.bits), _value64(b.u, b.bits)
-        u = u.T if b.u_transposed else u
-        if b.sigma is not None:
-            u = u * b.sigma.double()[None, :]
-        dense += u @ v
-    return dense
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
@@ -182,7 +163,7 @@ def test_int8_factors_hold_the_codes_exactly(h_out, h_in):
     x = torch.randn(5, h_in, generator=torch.Generator().manual_seed(1))
     y = f.apply(x.bfloat16())
     assert y.shape == (5, h_out)
-    assert _rel(y, x.double() @ _reconstruct64(m).T) < 1e-2
+    assert _rel(y, x.double() @ reconstruct64(m).T) < 1e-2
 
 
 def test_int8_factors_refuse_what_int8_cannot_hold(deltas):
@@ -253,7 +234,7 @@ def test_lm_head_rows_from_cached_factors(dtype):
         plain = base(h)
     want = plain.double()
     for i in (0, 2):
-        want[i, :, index] += h[i].double() @ _reconstruct64(m).T
+        want[i, :, index] += h[i].double() @ reconstruct64(m).T
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for key in rows:
         assert torch.equal(rows[key][1], plain[1])
@@ -288,7 +269,7 @@ def test_embedding_rows_from_cached_factors(dtype):
     with torch.no_grad():
         out = layer(ids)
         head(torch.randn(2, 3, d))
-    rows = _reconstruct64(m)
+    rows = reconstruct64(m)
     want = emb.weight.detach().double()[ids[0]]
     want[:2] += rows[[0, 44]]
     assert _rel(out[0] - emb.weight[ids[0]], want - emb.weight.detach().double()[ids[0]]) < \
@@ -343,7 +324,7 @@ def test_int4_factors_equal_float64_reconstruction(h_out, h_in):
     m = prinmix_layout(h_out, h_in, widths=list(range(2, 8)) * 2, seed=h_out)
     p = PackedLinear.from_compressed(m)
     x = torch.randn(6, h_in, generator=torch.Generator().manual_seed(2))
-    want = x.double() @ _reconstruct64(m).T
+    want = x.double() @ reconstruct64(m).T
     split = int4_factors(p, rest_min_bytes=1 << 40, smaller_only=False)
     with_rest = int4_factors(p, rest_min_bytes=0, smaller_only=False)
     assert split.rest is None and split.entries > p.rank                       # 4–7-bit ranks took several entries
@@ -355,7 +336,7 @@ def test_int4_factors_equal_float64_reconstruction(h_out, h_in):
     low = prinmix_layout(h_out, h_in, widths=[2, 3] * 4, seed=h_out)            # one entry a rank
     f = int4_factors(PackedLinear.from_compressed(low), smaller_only=False)
     assert f.entries == sum(b.rank for b in low.blocks) and f.rest is None
-    assert _rel(f.apply(x.bfloat16()), x.double() @ _reconstruct64(low).T) < 1e-2
+    assert _rel(f.apply(x.bfloat16()), x.double() @ reconstruct64(low).T) < 1e-2
 
 
 def test_int4_factors_only_where_smaller_and_exact(deltas):

@@ -13,7 +13,9 @@ from prinmix.api import CalibrationConfig
 from prinmix.errors import BaseMismatchError, PrinmixError
 from prinmix.format.delta_file import load_delta, save_delta
 from prinmix.runtime.decode_state import left_padded
+from prinmix.runtime.delta_linear import DeltaLinear
 from prinmix.runtime.multi_tenant import DecodeState, MultiTenantModel
+from prinmix.runtime.packed_kernel import kernel_available
 
 METHODS = ("deltacome", "lowrank", "bitdelta")
 
@@ -277,3 +279,40 @@ def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path, cache_d
     assert effect > 0 and (got[0] - want[0]).norm() < 0.02 * effect
     kinds = {type(f).__name__ for f, _ in fast.factor_cache._entries.values()}
     assert ("Int4Factors" if cache_dtype == torch.int4 else "Int8Factors") in kinds
+
+
+def test_packed_kernel_serves_a_prinmix_whole_delta_like_its_merged_checkpoint(llama, tiny_pair, tmp_path):
+    """The CPU default ("auto" → the packed C++ kernel when it builds): a PrinMix whole delta (linears and the
+    compressed embedding / lm_head rows, all read from the packed codes) batched with other methods' tenants
+    (left to the reference) and the base gives each merged checkpoint's logits and greedy tokens (float32 model:
+    within float32 summation order, 1e-4); no factor is cached."""
+    if not kernel_available():
+        pytest.skip("the packed kernel does not build here (its own tests say why)")
+    base, deltas, refs = llama
+    _, ft = tiny_pair("llama")
+    path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
+    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
+    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
+                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
+    assert load_delta(path).vocab
+    merged = AutoModelForCausalLM.from_pretrained(api.merge(base, path, tmp_path / "merged")).eval()
+    model = MultiTenantModel(base)
+    model.add_tenant("prinmix", path)
+    model.add_tenant("lowrank", deltas["lowrank"])
+    all_refs = {**refs, "prinmix": merged}
+    tenants = ["prinmix", None, "lowrank", "prinmix"]
+    prompts = _prompts((6, 11, 5, 8), seed=5)
+    ids, mask, pos = left_padded(prompts)
+    logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
+    for i, (p, t) in enumerate(zip(prompts, tenants)):
+        with torch.no_grad():
+            ref = all_refs[t](torch.tensor([p])).logits[0]
+        assert torch.allclose(logits[i, ids.shape[1] - len(p):], ref, atol=1e-4, rtol=1e-4), t
+    out = model.generate(prompts, tenants, max_new_tokens=5)
+    for p, t, o in zip(prompts, tenants, out):
+        assert o == _greedy(all_refs[t], p, 5), t
+    linears = [m for m in model.modules.values() if isinstance(m, DeltaLinear)]
+    slot = model.registry.slot_of("prinmix")
+    assert linears and all(slot in m.packed_table().slots for m in linears if slot in m.tenants)
+    assert any(getattr(m, "kernel", False) for m in model.modules.values())          # lm_head rows: the kernel
+    assert model.memory()["factor_cache_bytes"] == 0 and len(model.factor_cache) == 0

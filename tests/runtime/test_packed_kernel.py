@@ -1,0 +1,161 @@
+"""The fused packed C++ kernel (runtime/packed_kernel.py): its products equal a float64 reconstruction from the
+unpacked codes within float32's rounding bound, in its AVX-512 and scalar code, for every width 1..8, odd shapes,
+1..64 rows a tenant and mixed tenants in one call; DeltaLinear's "packed" backend equals the torch reference
+(float32 and bfloat16 activations, tenants it leaves to the reference in the same batch); the table follows
+loads and unloads; without the kernel everything falls back with one log line."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from fixtures.compressed_deltas import method_deltas, prinmix_layout, reconstruct64
+from prinmix.runtime import packed_kernel
+from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta
+from prinmix.runtime.packed import PackedLinear
+from prinmix.runtime.packed_kernel import PackedTable, add_packed_deltas, load_kernel, packed_delta, supported
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the packed kernel cannot be built (the runtime falls back)")
+
+U32 = 2.0 ** -24       # float32 unit roundoff
+
+SHAPES = [(37, 53), (1, 1), (130, 17), (64, 96), (200, 576)]    # odd: rows of codes end mid-byte, partial tiles
+
+
+def _magnitude64(m, x: torch.Tensor) -> torch.Tensor:
+    """|x|·|ΔŴ|ᵀ bound of the terms the kernel adds, [n, h_out] float64: per rank the shrink sums
+    sv·σ·(C + z)·|x| and the expand su·(C + z)·|t| (codes and zero points are summed before they cancel)."""
+    out = torch.zeros(x.shape[0], m.shape[0], dtype=torch.float64)
+    for b in m.blocks:
+        v = b.v.scale.double() * (b.v.codes.double() + b.v.zero.double())
+        u = b.u.scale.double() * (b.u.codes.double() + b.u.zero.double())
+        t = x.double().abs() @ v.T * b.sigma.double().abs()
+        out += t @ u
+    return out
+
+
+def _tolerance(m, x: torch.Tensor) -> torch.Tensor:
+    """Float32 summation bound γ_n·M (Higham): n = h_in + rank + 4 roundings along any output's chain (shrink
+    sum over h_in, zero-point subtraction, scale products, expand sum over the rank), ×2 for safety. One wrong
+    code of a 2-bit rank changes an output by ~M / (h_in·4), far above this bound at these shapes."""
+    h_out, h_in = m.shape
+    n = h_in + sum(b.rank for b in m.blocks) + 4
+    return 2 * n * U32 * _magnitude64(m, x)
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512-or-scalar", "scalar"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_kernel_equals_float64_reference(shape, simd):
+    """Mixed tenants (widths 1..8 in each, different per tenant) and segments of 1..64 rows in one call; rows of
+    y outside the segments stay bitwise untouched."""
+    h_out, h_in = shape
+    ms = {s: prinmix_layout(h_out, h_in, widths=list(range(1, 9))[s::1] + [2, 3][: s % 2 + 1], seed=s) for s in range(3)}
+    table = PackedTable.build({s: PackedLinear.from_compressed(m) for s, m in ms.items()})
+    g = torch.Generator().manual_seed(h_out * 1000 + h_in)
+    sizes, slots = [1, 64, 7, 3, 2, 5], [2, 0, 1, 0, 2, 1]
+    n_rows = sum(sizes) + 4                          # 4 rows belong to no segment (the base's)
+    x = torch.randn(n_rows, h_in, generator=g)
+    y0 = torch.randn(n_rows, h_out, generator=g)
+    rows = torch.randperm(n_rows, generator=g)[: sum(sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    y = y0.clone()
+    add_packed_deltas(x, y, rows, list(zip(starts, sizes, slots)), table, simd=simd)
+    untouched = torch.ones(n_rows, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(y[untouched], y0[untouched])
+    for start, size, slot in zip(starts, sizes, slots):
+        idx = rows[start:start + size]
+        want = y0[idx].double() + x[idx].double() @ reconstruct64(ms[slot]).T
+        tol = _tolerance(ms[slot], x[idx]) + U32 * want.abs()       # + the final rounding of y + Δ
+        assert ((y[idx].double() - want).abs() <= tol).all(), (slot, size)
+
+
+def test_one_slot_product_and_supported_layouts():
+    """packed_delta (the lm_head rows' call) is x·ΔŴᵀ for bfloat16 input too; only PrinMix's layout is supported."""
+    m = prinmix_layout(45, 70, widths=[2, 3, 4, 8], seed=1)
+    table = PackedTable.build({0: PackedLinear.from_compressed(m)})
+    x = torch.randn(9, 70)
+    for xin in (x, x.bfloat16()):
+        want = xin.double() @ reconstruct64(m).T
+        assert ((packed_delta(xin, table).double() - want).abs() <= _tolerance(m, xin.float())).all()
+    kinds = {name: supported(PackedLinear.from_compressed(d)) for name, d in method_deltas().items()}
+    assert kinds == {"mixed": False, "prinmix": True, "deltacome": False, "lowrank": False, "bitdelta": False}
+
+
+def _layers(dtype, tenants):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 96).to(dtype)
+    ref, fast = DeltaLinear(base, backend="torch"), DeltaLinear(base, backend="packed")
+    for slot, (m, bias) in tenants.items():
+        for layer in (ref, fast):
+            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(m), bias=bias))
+    return base, ref, fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_linear_packed_equals_reference(dtype):
+    """One batch of kernel tenants (with and without a bias delta), tenants the kernel leaves to the reference
+    (grouped scales, raw 16-bit factors, plain Û, BitDelta signs) and base rows. float32: the two paths differ
+    only in float32 summation order (|y| ~ 1, h_in 64: ≤ 1e-5). bfloat16: both round float32 y + Δ once, so
+    they agree exactly or by one bfloat16 ulp (2⁻⁷ relative) where that rounding tips."""
+    others = method_deltas(96, 64, seed=2)
+    tenants = {0: (prinmix_layout(96, 64, widths=range(1, 9), seed=3), None),
+               1: (prinmix_layout(96, 64, widths=[2, 3] * 5, seed=4), torch.randn(96) * 0.01),
+               2: (others["mixed"], None), 3: (others["bitdelta"], None), 4: (others["deltacome"], torch.randn(96)),
+               5: (prinmix_layout(96, 64, widths=[2, 4, 7], seed=5), None)}
+    base, ref, fast = _layers(dtype, tenants)
+    g = torch.Generator().manual_seed(1)
+    slots = torch.tensor([0] * 64 + [5] + [1] * 3 + [-1] * 2 + [2] * 5 + [3] * 2 + [4] + [5] * 17)
+    slots = slots[torch.randperm(slots.numel(), generator=g)]
+    x = torch.randn(slots.numel(), 64, generator=g).to(dtype)
+    with torch.no_grad():
+        got, want = fast(x, slots), ref(x, slots)
+        assert torch.equal(got[slots == -1], base(x)[slots == -1])
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -7 + 1e-30).all()
+        assert (diff == 0).float().mean() > 0.9
+    assert fast.packed_table().slots == {0, 1, 5}
+
+
+def test_table_follows_load_and_unload():
+    """A replaced tenant is multiplied with its new delta (the table is rebuilt; no stale addresses)."""
+    a, b = prinmix_layout(96, 64, widths=[2, 3], seed=6), prinmix_layout(96, 64, widths=[5, 2], seed=7)
+    base, ref, fast = _layers(torch.float32, {0: (a, None)})
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.allclose(fast(x, [0, 0, -1]), ref(x, [0, 0, -1]), atol=1e-5)
+        for layer in (ref, fast):
+            layer.load_tenant(0, TenantDelta(PackedLinear.from_compressed(b)))
+        assert torch.allclose(fast(x, [0, 0, -1]), ref(x, [0, 0, -1]), atol=1e-5)
+        fast.unload_tenant(0)
+        assert torch.equal(fast(x, [0, 0, -1]), base(x))
+
+
+def test_falls_back_without_the_kernel(monkeypatch, caplog):
+    """PRINMIX_PACKED_KERNEL=0 (as a failed build): one log line, "packed" gives the reference's result and
+    "auto" picks the factor cache / torch path."""
+    m = prinmix_layout(96, 64, widths=[2, 3], seed=8)
+    monkeypatch.setenv("PRINMIX_PACKED_KERNEL", "0")
+    load_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=packed_kernel.__name__):
+            assert load_kernel() is None and not packed_kernel.kernel_available()
+        assert [r.getMessage() for r in caplog.records] == [
+            "prinmix: packed C++ kernel disabled (PRINMIX_PACKED_KERNEL=0); CPU deltas use the factor cache / "
+            "torch path"]
+        base, ref, fast = _layers(torch.float32, {0: (m, None)})
+        auto = DeltaLinear(base)
+        auto.load_tenant(0, TenantDelta(PackedLinear.from_compressed(m)))
+        x = torch.randn(2, 64)
+        with torch.no_grad():
+            assert torch.equal(fast(x, [0, -1]), ref(x, [0, -1]))
+            assert auto._backend_for(x) == "torch" and torch.equal(auto(x, [0, -1]), ref(x, [0, -1]))
+    finally:
+        monkeypatch.undo()
+        load_kernel.cache_clear()
