@@ -6,6 +6,11 @@ tokens.
     (a) prinmix  MultiTenantModel: base once + N packed deltas, all N requests in ONE batch per step
     (b) naive    N dense merged fine-tunes (prinmix merge), each request run alone (batch 1) on its own copy
     (c) base     the base model alone serving the N requests in one batch (the upper bound)
+prinmix runs once per --variants entry (how its CPU delta products run), each measured in the same run:
+    packed       the fused C++ kernel on the packed codes (runtime/packed_kernel.py; the CPU default)
+    int4, int8   the factor cache in that dtype (runtime/factor_cache.py), float32 / bfloat16 likewise
+    torch        the reference (unpacks the codes at every step)
+    auto         whatever MultiTenantModel picks (with --backend / --factor-cache-dtype)
 Each (system, N) runs in a fresh subprocess so its peak RSS is its own. Reported:
     tok/s     N·D generated tokens / (prefill + decode) wall time, fastest of --repeat runs;
               decode tok/s: N·(D−1) / decode time
@@ -16,6 +21,7 @@ Each (system, N) runs in a fresh subprocess so its peak RSS is its own. Reported
     python benchmarks/bench_serving.py                                # tiny llama pair, P=32, D=16
     python benchmarks/bench_serving.py --base DIR --finetuned DIR     # compresses a real pair (prinmix, 1/8)
     python benchmarks/bench_serving.py --base DIR --delta FILE --prefill 512 --decode 128
+    python benchmarks/bench_serving.py --base DIR --delta FILE --variants packed,int4,int8
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ from pathlib import Path
 import torch
 
 SYSTEMS = ("prinmix", "naive", "base")
+CACHE_DTYPES = ("int4", "int8", "float32", "bfloat16")
+VARIANTS = ("auto", "packed", "torch") + CACHE_DTYPES
+
+
+def variant_config(variant: str, args) -> tuple[str, str]:
+    """(DeltaLinear backend, factor cache dtype) of a --variants entry."""
+    if variant in CACHE_DTYPES:
+        return "cached", variant
+    return (args.backend if variant == "auto" else variant), args.factor_cache_dtype
 
 
 # ---- one measurement (subprocess) -------------------------------------------------------------------
@@ -167,11 +182,12 @@ def add_pair_arguments(p: argparse.ArgumentParser, ratio: str) -> None:
     p.add_argument("--workdir", default=os.environ.get("PRINMIX_BENCH_DIR", "/tmp/prinmix-bench"))
 
 
-def run(system: str, n: int, args, base, delta, merged) -> dict:
+def run(system: str, n: int, args, base, delta, merged, variant: str = "auto") -> dict:
+    backend, cache_dtype = variant_config(variant, args)
     cfg = {"system": system, "n": n, "base": str(base), "delta": str(delta), "merged": str(merged),
            "prefill": args.prefill, "decode": args.decode, "device": args.device, "dtype": args.dtype,
-           "backend": args.backend, "threads": args.threads, "naive_copies": args.naive_copies,
-           "repeat": args.repeat, "cache_mib": args.factor_cache_mib, "cache_dtype": args.factor_cache_dtype}
+           "backend": backend, "threads": args.threads, "naive_copies": args.naive_copies,
+           "repeat": args.repeat, "cache_mib": args.factor_cache_mib, "cache_dtype": cache_dtype}
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode:
@@ -191,7 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=16, help="generated tokens per request (128 on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the checkpoint's)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "packed", "cached", "triton"])
+    p.add_argument("--variants", default="auto",
+                   help=f"prinmix configurations to measure in the same run, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeat", type=int, default=3, help="timed runs per measurement; the fastest counts")
     p.add_argument("--naive-copies", type=int, default=8, help="dense copies really loaded for (b)")
@@ -205,38 +223,45 @@ def main(argv=None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
 
+    variants = args.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant {bad[0]!r}: choose from {', '.join(VARIANTS)}")
     base, delta, merged = prepare(args)
     ns = [int(x) for x in args.tenants.split(",")]
     print(f"base {base}\ndelta {delta} ({delta.stat().st_size} bytes)\nP = {args.prefill}, D = {args.decode}, "
-          f"device {args.device}, dtype {args.dtype or 'checkpoint'}, backend {args.backend}, factor cache "
-          f"{args.factor_cache_mib} MiB {args.factor_cache_dtype}, "
-          f"{args.threads} threads, best of {args.repeat}, load average {os.getloadavg()[0]:.1f}\n")
-    head = (f"{'N':>3} | {'prinmix tok/s':>13} {'naive tok/s':>11} {'base tok/s':>10} | {'vs naive':>8} "
+          f"device {args.device}, dtype {args.dtype or 'checkpoint'}, prinmix variants {','.join(variants)}, factor "
+          f"cache {args.factor_cache_mib} MiB, {args.threads} threads, best of {args.repeat}, load average "
+          f"{os.getloadavg()[0]:.1f}\n")
+    head = (f"{'N':>3} {'prinmix':>7} | {'prinmix tok/s':>13} {'naive tok/s':>11} {'base tok/s':>10} | {'vs naive':>8} "
             f"{'vs base':>7} | {'decode tok/s p/n/b':>20} | {'state MiB p/n/b':>22} | {'peak RSS MiB p/n/b':>20}")
     print(head)
     print("-" * len(head))
     targets = []
     for n in ns:
-        r = {s: run(s, n, args, base, delta, merged) for s in SYSTEMS}
-        dec = {s: r[s]["decode_tok_s"] for s in SYSTEMS}
-        targets.append((n, dec["prinmix"] / dec["naive"], dec["prinmix"] / dec["base"],
-                        r["prinmix"]["delta_bytes"] / n, r["prinmix"]["cache_bytes"]))
-        star = "*" if r["naive"]["loaded_copies"] < n else " "
-        dec = "/".join(f"{r[s]['decode_tok_s']:.0f}" for s in SYSTEMS)
-        state = f"{_mb(r['prinmix']['state_bytes'])}/{_mb(r['naive']['state_bytes'])}{star}/{_mb(r['base']['state_bytes'])}"
-        rss = "/".join(_mb(r[s]["peak_rss"]) for s in SYSTEMS)
-        print(f"{n:>3} | {r['prinmix']['tok_s']:>13.1f} {r['naive']['tok_s']:>11.1f} {r['base']['tok_s']:>10.1f} | "
-              f"{r['prinmix']['tok_s'] / r['naive']['tok_s']:>7.2f}x {r['prinmix']['tok_s'] / r['base']['tok_s']:>6.2f}x | "
-              f"{dec:>20} | {state:>22} | {rss:>20}", flush=True)
+        r = {s: run(s, n, args, base, delta, merged) for s in SYSTEMS[1:]}
+        for variant in variants:
+            r["prinmix"] = run("prinmix", n, args, base, delta, merged, variant)
+            dec = {s: r[s]["decode_tok_s"] for s in SYSTEMS}
+            targets.append((n, variant, dec["prinmix"] / dec["naive"], dec["prinmix"] / dec["base"],
+                            r["prinmix"]["delta_bytes"] / n, r["prinmix"]["cache_bytes"]))
+            star = "*" if r["naive"]["loaded_copies"] < n else " "
+            dec = "/".join(f"{r[s]['decode_tok_s']:.0f}" for s in SYSTEMS)
+            state = (f"{_mb(r['prinmix']['state_bytes'])}/{_mb(r['naive']['state_bytes'])}{star}/"
+                     f"{_mb(r['base']['state_bytes'])}")
+            rss = "/".join(_mb(r[s]["peak_rss"]) for s in SYSTEMS)
+            print(f"{n:>3} {variant:>7} | {r['prinmix']['tok_s']:>13.1f} {r['naive']['tok_s']:>11.1f} "
+                  f"{r['base']['tok_s']:>10.1f} | {r['prinmix']['tok_s'] / r['naive']['tok_s']:>7.2f}x "
+                  f"{r['prinmix']['tok_s'] / r['base']['tok_s']:>6.2f}x | {dec:>20} | {state:>22} | {rss:>20}",
+                  flush=True)
     print(f"\nratios: prinmix tok/s over naive / base tok/s, same run; load average at the end "
           f"{os.getloadavg()[0]:.1f}")
     file_mib = delta.stat().st_size / 2 ** 20
-    for n, vs_naive, vs_base, per_tenant, cache in targets:
-        print(f"target N={n}: prinmix decode {vs_naive:.2f}x naive (>= 2), {vs_base:.2f}x base (>= 0.4); "
+    for n, variant, vs_naive, vs_base, per_tenant, cache in targets:
+        print(f"target N={n} ({variant}): prinmix decode {vs_naive:.2f}x naive (>= 2), {vs_base:.2f}x base (>= 0.4); "
               f"memory per extra tenant {per_tenant / 2 ** 20:.1f} MiB packed + {cache / n / 2 ** 20:.1f} MiB "
               f"factor cache = {(per_tenant + cache / n) / 2 ** 20:.1f} MiB against a {file_mib:.1f} MiB delta file "
-              f"(cache {cache / 2 ** 20:.0f} MiB in all, budget {args.factor_cache_mib} MiB "
-              f"{args.factor_cache_dtype})")
+              f"(cache {cache / 2 ** 20:.0f} MiB in all, budget {args.factor_cache_mib} MiB)")
     return 0
 
 

@@ -42,6 +42,9 @@ enum Field { F_BITS, F_K, F_RANK_OFF, F_V_CODES, F_V_SCALE, F_V_ZERO, F_V_NBYTES
 constexpr int RANKS_PER_TASK = 16;   // shrink task: ranks of one block for one segment
 constexpr int TILE = 64;             // expand task: output columns (4 vectors of 16)
 constexpr int ROWS = 4;              // activation rows per register tile (4 rows × 4 vectors = 16 accumulators)
+// A call reading fewer codes than this runs on the calling thread: ~15 µs of work at ~8 codes/ns, where a
+// fork/join of torch's OpenMP threads costs several µs and a thread descheduled on a shared machine stalls it.
+constexpr int64_t PARALLEL_MIN_CODES = 1 << 17;
 
 struct Block {
   int bits;
@@ -315,6 +318,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
 
   std::vector<std::vector<Block>> blocks(static_cast<size_t>(n_seg));
   std::vector<int64_t> shrink_tasks;                 // (segment, block, first rank) triples
+  int64_t codes = 0;                                 // codes read by the call (once per row tile)
   for (int64_t s = 0; s < n_seg; ++s) {
     const int64_t slot = seg[3 * s + 2];
     TORCH_CHECK(slot >= 0 && slot < table.size(0) && seg[3 * s] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n,
@@ -323,6 +327,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
       const Block B = read_block(tab + (slot * max_blocks + b) * N_FIELDS);
       TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= max_rank, "invalid block");
       blocks[s].push_back(B);
+      codes += B.k * (h_in + h_out) * ((seg[3 * s + 1] + ROWS - 1) / ROWS);
       for (int64_t j = 0; j < B.k; j += RANKS_PER_TASK) shrink_tasks.insert(shrink_tasks.end(), {s, b, j});
     }
   }
@@ -335,7 +340,9 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
     for (int64_t c = 0; c < h_in; ++c) xsum[r] += xp[r * h_in + c];
 
   // shrink: t[row, rank_off + j] = σ_j sv_j (Σ_c Cv[j, c] x[row, c] − zv_j Σ_c x[row, c])
-  at::parallel_for(0, static_cast<int64_t>(shrink_tasks.size() / 3), 1, [&](int64_t begin, int64_t end) {
+  const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size() / 3), tiles = (h_out + TILE - 1) / TILE;
+  const bool serial = codes < PARALLEL_MIN_CODES;
+  at::parallel_for(0, n_shrink, serial ? n_shrink : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = shrink_tasks[3 * task], j0 = shrink_tasks[3 * task + 2];
       const Block& B = blocks[s][shrink_tasks[3 * task + 1]];
@@ -360,10 +367,9 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   });
 
   // expand: y[row, o] += Σ_j su_j t[row, j] (Cu[j, o] − zu_j), one task per (segment, TILE outputs)
-  const int64_t tiles = (h_out + TILE - 1) / TILE;
   on_dtype(y, [&](auto zero) {
     using T = decltype(zero);
-    at::parallel_for(0, n_seg * tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_seg * tiles, serial ? n_seg * tiles : 1, [&](int64_t begin, int64_t end) {
       float d[ROWS * TILE];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / tiles, o0 = (task % tiles) * TILE, width = std::min<int64_t>(TILE, h_out - o0);
