@@ -12,9 +12,11 @@ every (tenant, linear):
     int8 GEMMs  the codes minus zero points cached in int8, two weight-only int8 GEMMs (bfloat16
                 activations) per (tenant, linear) (runtime/factor_cache.py Int8Factors)
     int4 GEMMs  the same codes split into [−8, 7] parts in torch's CPU int4 GEMM, an int8 remainder or
-                int8 where int4 is not smaller  ← chosen (Int4Factors; `int4 linears` counts those in int4)
-                (int8 / int4 rows: every tenant its own copy of the factors, read from memory as in serving;
-                the float rows share one copy)
+                int8 where int4 is not smaller (Int4Factors; `int4 linears` counts those in int4)
+    C++ kernel  the fused unpack-and-multiply kernel on the packed codes, all tenants of a linear in one
+                call (runtime/packed_kernel.py)  ← chosen (the CPU default when it builds)
+                (int8 / int4 / C++ kernel rows: every tenant its own copy of its data, read from memory as
+                in serving; the float rows share one copy)
     bmm         all tenants' factors pre-stacked [N, r_max, h] (zero-padded), two bmm per linear
     bmm+stack   the same, stacking the tenants' factors at every call
     compiled    --compile: the unpack-and-multiply of one block through torch.compile (inductor)
@@ -41,6 +43,7 @@ from prinmix.algorithms.compress_matrix import compress_matrix  # noqa: E402
 from prinmix.runtime.delta_linear import DeltaLinear  # noqa: E402
 from prinmix.runtime.factor_cache import Int4Factors, dense_factors, int4_factors, int8_factors  # noqa: E402
 from prinmix.runtime.packed import PackedLinear, unpack_fast  # noqa: E402
+from prinmix.runtime.packed_kernel import PackedTable, add_packed_deltas, kernel_available  # noqa: E402
 
 SMOLLM2_LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
@@ -75,8 +78,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.tenants
-    packs = [PackedLinear.from_compressed(compress_matrix(synthetic_delta(o, i, k, "cpu"), None, 1 / 16, "prinmix"))
-             for k, (o, i) in enumerate(SMOLLM2_LAYER)]
+    compressed = [compress_matrix(synthetic_delta(o, i, k, "cpu"), None, 1 / 16, "prinmix")
+                  for k, (o, i) in enumerate(SMOLLM2_LAYER)]
+    packs = [PackedLinear.from_compressed(m) for m in compressed]
     xs = [torch.randn(1, i) for _, i in SMOLLM2_LAYER]
     packed_bytes = sum(q.resident_bytes for q in packs)
     ref = DeltaLinear(torch.nn.Linear(1, 1), backend="torch")
@@ -106,6 +110,16 @@ def main(argv=None) -> int:
                     f.apply(x)
         rows.append((name, fastest_ms(run_integer, args.reps), sum(f.nbytes() for f in per_tenant[0])))
     int4_linears = sum(isinstance(f, Int4Factors) for f in per_tenant[0])
+    if kernel_available():
+        tables = [PackedTable.build({i: PackedLinear.from_compressed(m) for i in range(n)}) for m in compressed]
+        xk = [torch.randn(n, i) for _, i in SMOLLM2_LAYER]
+        yk = [torch.zeros(n, o) for o, _ in SMOLLM2_LAYER]
+        order, segments = torch.arange(n), [(i, 1, i) for i in range(n)]
+
+        def run_kernel():
+            for t, x, y in zip(tables, xk, yk):
+                add_packed_deltas(x, y, order, segments, t)
+        rows.append(("C++ kernel", fastest_ms(run_kernel, args.reps), packed_bytes))
     factors = [dense_factors(q) for q in packs]
     stacks = [_stacked([f], n, torch.float32) for f in factors]
     xb = [torch.randn(n, 1, i) for _, i in SMOLLM2_LAYER]

@@ -8,6 +8,7 @@ tokens.
     (c) base     the base model alone serving the N requests in one batch (the upper bound)
 prinmix runs once per --variants entry (how its CPU delta products run), each measured in the same run:
     packed       the fused C++ kernel on the packed codes (runtime/packed_kernel.py; the CPU default)
+    packed1      the same on the calling thread only (PRINMIX_KERNEL_PARALLEL=0)
     int4, int8   the factor cache in that dtype (runtime/factor_cache.py), float32 / bfloat16 likewise
     torch        the reference (unpacks the codes at every step)
     auto         whatever MultiTenantModel picks (with --backend / --factor-cache-dtype)
@@ -40,13 +41,15 @@ import torch
 
 SYSTEMS = ("prinmix", "naive", "base")
 CACHE_DTYPES = ("int4", "int8", "float32", "bfloat16")
-VARIANTS = ("auto", "packed", "torch") + CACHE_DTYPES
+VARIANTS = ("auto", "packed", "packed1", "torch") + CACHE_DTYPES
 
 
 def variant_config(variant: str, args) -> tuple[str, str]:
     """(DeltaLinear backend, factor cache dtype) of a --variants entry."""
     if variant in CACHE_DTYPES:
         return "cached", variant
+    if variant == "packed1":
+        return "packed", args.factor_cache_dtype
     return (args.backend if variant == "auto" else variant), args.factor_cache_dtype
 
 
@@ -188,8 +191,11 @@ def run(system: str, n: int, args, base, delta, merged, variant: str = "auto") -
            "prefill": args.prefill, "decode": args.decode, "device": args.device, "dtype": args.dtype,
            "backend": backend, "threads": args.threads, "naive_copies": args.naive_copies,
            "repeat": args.repeat, "cache_mib": args.factor_cache_mib, "cache_dtype": cache_dtype}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if variant == "packed1":
+        env["PRINMIX_KERNEL_PARALLEL"] = "0"
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                          env=env)
     if proc.returncode:
         sys.exit(f"{system} N={n} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -294,10 +294,11 @@ void on_dtype(const at::Tensor& t, F&& f) {
 // float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous; rows int64 [n]
 // (distinct); segments int64 [S, 3]: (first index into rows, count, slot), disjoint; table int64 [n_slots,
 // max_blocks, N_FIELDS]; n_blocks int64 [n_slots]; max_rank: the largest Σ_b k_b of the segments' slots; simd:
-// use AVX-512 when the CPU has it (false: the portable scalar code).
+// use AVX-512 when the CPU has it (false: the portable scalar code); parallel: split the work over torch's
+// intra-op threads when there is enough of it (false: the calling thread only).
 void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
                           const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, bool simd,
-                          const at::Tensor& y) {
+                          bool parallel, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
               "y must be a contiguous CPU matrix with x's rows");
@@ -341,7 +342,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
 
   // shrink: t[row, rank_off + j] = σ_j sv_j (Σ_c Cv[j, c] x[row, c] − zv_j Σ_c x[row, c])
   const int64_t n_shrink = static_cast<int64_t>(shrink_tasks.size() / 3), tiles = (h_out + TILE - 1) / TILE;
-  const bool serial = codes < PARALLEL_MIN_CODES;
+  const bool serial = !parallel || codes < PARALLEL_MIN_CODES;
   at::parallel_for(0, n_shrink, serial ? n_shrink : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = shrink_tasks[3 * task], j0 = shrink_tasks[3 * task + 2];
@@ -395,6 +396,6 @@ bool has_avx512() { return cpu_has_avx512(); }
 
 TORCH_LIBRARY(prinmix_packed, m) {
   m.def("packed_lowrank_delta(Tensor x, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
-        "bool simd, Tensor(a!) y) -> ()", &packed_lowrank_delta);
+        "bool simd, bool parallel, Tensor(a!) y) -> ()", &packed_lowrank_delta);
   m.def("has_avx512() -> bool", &has_avx512);
 }

@@ -47,6 +47,7 @@ KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "packed_lowran
 BLOCK_FIELDS = ("bits", "k", "rank_off", "v_codes", "v_scale", "v_zero", "v_nbytes", "u_codes", "u_scale", "u_zero",
                 "u_nbytes", "sigma")                     # the C++ enum Field, in order
 _F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
+PARALLEL = os.environ.get("PRINMIX_KERNEL_PARALLEL", "1") != "0"
 _FLAGS = ["-O3", "-fopenmp"]   # -fopenmp: at::parallel_for's OpenMP region; the process already has torch's libgomp
 
 
@@ -131,19 +132,22 @@ class PackedTable:
 
 
 def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                      table: PackedTable, simd: bool = True) -> None:
+                      table: PackedTable, simd: bool = True, parallel: bool | None = None) -> None:
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
-    slot), disjoint. simd=False forces the portable scalar code (tests). Needs kernel_available()."""
+    slot), disjoint. simd=False forces the portable scalar code (tests); parallel: over torch's intra-op threads
+    (None: PARALLEL, see there). Needs kernel_available()."""
     if segments:
         seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
-        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd, y)
+        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd,
+                                           PARALLEL if parallel is None else parallel, y)
 
 
-def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool = True) -> torch.Tensor:
+def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool = True,
+                 parallel: bool | None = None) -> torch.Tensor:
     """x·ΔŴᵀ float32 [n, h_out] for every row of x [n, h_in] (any float dtype) with the delta of `slot`."""
     x = x.contiguous()
     out = torch.zeros(x.shape[0], table.h_out, dtype=torch.float32, device=x.device)
-    add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, simd)
+    add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, simd, parallel)
     return out
