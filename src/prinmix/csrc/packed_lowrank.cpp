@@ -25,7 +25,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
+#if defined(__x86_64__)
+#define PRINMIX_X86 1
 #include <immintrin.h>
+#endif
 #include <torch/library.h>
 
 #include <algorithm>
@@ -93,7 +96,9 @@ void expand_scalar(const float* a, int64_t rows, int64_t lda, const uint8_t* cod
   }
 }
 
-// ---- AVX-512 decoding ------------------------------------------------------------------------------------
+// ---- AVX-512 decoding (x86-64 only; elsewhere the scalar code runs) -----------------------------------------
+
+#ifdef PRINMIX_X86
 
 struct DecodeTables {
   // [bits][bit offset mod 8]: the byte shuffle and the right shifts of the 16 lanes; [bits]: the mask
@@ -221,21 +226,30 @@ AVX512 void expand_tile_avx512(const Block* blocks, int64_t n_blocks, const floa
   }
 }
 
+#else
+bool cpu_has_avx512() { return false; }
+#endif
+
 template <int R>
 void shrink_rows(bool simd, const float* x, int64_t ldx, int64_t h_in, const Block& B, int64_t j, float* dots) {
-  if (simd)
+#ifdef PRINMIX_X86
+  if (simd) {
     shrink_avx512<R>(x, ldx, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
-  else
-    shrink_scalar(x, ldx, R, h_in, B.v_codes, B.bits, j, dots);
+    return;
+  }
+#endif
+  shrink_scalar(x, ldx, R, h_in, B.v_codes, B.bits, j, dots);
 }
 
 template <int R>
 void expand_rows(bool simd, const std::vector<Block>& blocks, const float* t, int64_t ldt, int64_t h_out,
                  int64_t o0, int64_t n, float* out, int64_t ldo) {
+#ifdef PRINMIX_X86
   if (simd) {
     expand_tile_avx512<R>(blocks.data(), static_cast<int64_t>(blocks.size()), t, ldt, h_out, o0, n, out, ldo);
     return;
   }
+#endif
   float acc[R * TILE] = {0};
   float zsum[R] = {0};
   for (const Block& B : blocks) {
