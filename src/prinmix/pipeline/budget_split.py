@@ -63,6 +63,7 @@ from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import run_layer
 from ..errors import BudgetError
 from .config import SPLIT_RULES
+from .effect_probe import EffectProbe
 from .tensor_diff import linear_delta
 
 __all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "choose_split", "linear_alpha_of",
@@ -86,15 +87,6 @@ class BudgetSplit:
     vocab_share: float    # 1 − B_lin / B
     part_bits: dict | None = None    # {vocabulary part name: bits} of the measured rule
     effects: dict | None = None      # {"linears" | part name: [[bits, KL nats/token], …]} it measured
-
-
-@dataclass
-class EffectProbe:
-    """Where sensitivities are measured: calibration token ids [n, seq] (the first EFFECT_SEQUENCES)."""
-
-    ids: torch.Tensor
-    device: torch.device | str = "cpu"
-    batch_size: int = 8
 
 
 def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
