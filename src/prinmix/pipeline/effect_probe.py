@@ -70,29 +70,22 @@ def sample_fine_tune(ft_r, n: int, seqlen: int, seed: int, device: torch.device,
     first = _start_token(ft_r.config)
     if size > MEMORY_FRACTION * _free_bytes(device) or (first is None and start is None):
         return None
-    try:
-        model = AutoModelForCausalLM.from_config(ft_r.config, dtype=dtype)
-    except (ValueError, KeyError):   # a config its transformers class cannot build
-        return None
-    wanted = model.state_dict()
-    missing = [k for k in wanted if k not in ft_r and not (k == "lm_head.weight" and ft_r.tied_embeddings)]
-    if missing:
-        return None
-    model.load_state_dict({k: ft_r.get(k, dtype=dtype) for k in wanted if k in ft_r}, strict=False)
-    model.tie_weights()
-    model = model.to(device).eval()
-    prompt = (torch.full((n, 1), first) if first is not None else start.reshape(n, 1)).to(device)
-    generator_state = torch.random.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                                                     else None)
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):   # the global RNG untouched
+        try:
+            model = AutoModelForCausalLM.from_config(ft_r.config, dtype=dtype)
+        except (ValueError, KeyError):   # a config its transformers class cannot build
+            return None
+        wanted = model.state_dict()
+        if any(k not in ft_r and not (k == "lm_head.weight" and ft_r.tied_embeddings) for k in wanted):
+            return None   # checkpoint names that are not its class's
+        model.load_state_dict({k: ft_r.get(k, dtype=dtype) for k in wanted if k in ft_r}, strict=False)
+        model.tie_weights()
+        model = model.to(device).eval()
+        prompt = (torch.full((n, 1), first) if first is not None else start.reshape(n, 1)).to(device)
+        torch.manual_seed(seed)
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
                              top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
                              pad_token_id=first if first is not None else 0)
-    finally:
-        torch.random.set_rng_state(generator_state[0])
-        if generator_state[1] is not None:
-            torch.cuda.set_rng_state(generator_state[1], device)
     return out[:, :seqlen].cpu()
 
 
