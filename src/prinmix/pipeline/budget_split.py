@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
-from ..algorithms.compress_matrix import compress_matrix
+from ..algorithms.compress_matrix import analyse_prinmix, prinmix_at_budget
 from ..algorithms.compressed_linear import BLOB_HEADER_BYTES
 from ..algorithms.prinmix_config import PrinMixConfig
 from ..algorithms.vocab_delta import row_lookup_weights, split_budget
@@ -175,20 +175,29 @@ def _kl_divergence(stack, ids: torch.Tensor, ref, other, device, batch_size: int
     return total / (ids.shape[0] * ids.shape[1])
 
 
-def _residual(d: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None, bits: int,
-              cfg: PrinMixConfig, device) -> torch.Tensor:
-    """ΔŴ − Δ [m, n] float32 of PrinMix on delta d at `bits` bits of blob (what the part loses there); −Δ (the
-    part dropped) when no blob fits those bits."""
+def _residuals(d: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None, bits: list[int],
+               cfg: PrinMixConfig, device) -> list[torch.Tensor]:
+    """ΔŴ − Δ [m, n] float32 of PrinMix on delta d at each of `bits` bits of blob (what the part loses
+    there); −Δ (the part dropped) where no blob fits. One SVD and width simulation serve every budget
+    (compress_matrix.analyse_prinmix)."""
     m, n = d.shape
-    ratio = max(bits - 1, 0) / (16 * m * n)
-    if bits <= 0 or budget_bits(ratio, m, n) < 8 * BLOB_HEADER_BYTES:
-        return -d.float()
-    try:
-        c = compress_matrix(d.to(device), None if H is None else H.to(device), ratio, "prinmix", cfg,
-                            row_weights=None if row_weights is None else row_weights.to(device))
-    except (BudgetError, ValueError):   # a budget below the blob's fixed fields; an entry overflowing float32
-        return -d.float()
-    return (c.reconstruct() - d.to(device).float()).cpu()
+    analysis = None
+    out = []
+    for b in bits:
+        blob = budget_bits(max(b - 1, 0) / (16 * m * n), m, n)
+        if b <= 0 or blob < 8 * BLOB_HEADER_BYTES:
+            out.append(-d.float())
+            continue
+        try:
+            if analysis is None:
+                analysis = analyse_prinmix(d.to(device), None if H is None else H.to(device), cfg,
+                                           None if row_weights is None else row_weights.to(device))
+            c = prinmix_at_budget(analysis, blob)
+        except (BudgetError, ValueError):   # a budget below the blob's fixed fields; an entry overflowing float32
+            out.append(-d.float())
+            continue
+        out.append((c.reconstruct() - d.to(device).float()).cpu())
+    return out
 
 
 def _effect_curve(points: list[tuple[int, float]]) -> Callable:
@@ -228,17 +237,16 @@ def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab
                 linears.append((name, d))
     effects: dict = {"linears": []}
     scale = stack.num_layers / len(sampled)
-    for bits in linear_points:
-        alpha = bits / (16 * linear_params)
-        offsets = {name: (None, _residual(d, hessians.get(name), None, budget_bits(alpha, *d.shape), cfg,
-                                          probe.device)) for name, d in linears}
-        effects["linears"].append((bits, scale * kl(offsets)))
+    per_matrix = {name: _residuals(d, hessians.get(name), None,
+                                   [budget_bits(bits / (16 * linear_params), *d.shape) for bits in linear_points],
+                                   cfg, probe.device) for name, d in linears}
+    for j, bits in enumerate(linear_points):
+        effects["linears"].append((bits, scale * kl({name: (None, r[j]) for name, r in per_matrix.items()})))
+    del per_matrix
     for part, points in zip(todo, vocab_points):
         d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
-        effects[part.name] = [(bits, kl({part.name: (part.changed, _residual(d_rows, H, weights, bits, cfg,
-                                                                             probe.device))},
-                                        head_only=part.roles == ("head",)))
-                              for bits in points]
+        effects[part.name] = [(bits, kl({part.name: (part.changed, r)}, head_only=part.roles == ("head",)))
+                              for bits, r in zip(points, _residuals(d_rows, H, weights, points, cfg, probe.device))]
     return effects
 
 
