@@ -252,3 +252,13 @@ def test_vocab_share_out_of_range_is_refused(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama")
     with pytest.raises(BudgetError, match="vocab_share"):
         api.compress(base, ft, tmp_path / "x.delta", vocab_share=1.5)
+
+
+def test_a_whole_ratio_that_leaves_a_linear_no_blob_is_refused_before_any_work(tiny_pair):
+    """At whole 1/64 the tiny fine-tune's exact norms (2 KB in bfloat16) and header entries leave the linears too few bits
+    for the smallest matrix's blob header: one BudgetError naming it, not a failure deep in the layer pass."""
+    base, ft = tiny_pair("llama", "bf16")
+    with pytest.raises(BudgetError, match=r"k_proj.weight 32x64, less than a blob's .* choose a larger --ratio"):
+        _plan(base, ft, 1 / 64, split="proportional")
+    plan, *_ = _plan(base, ft, 1 / 16, split="proportional")   # a ratio that fits plans
+    assert plan.linear_alpha > 0
