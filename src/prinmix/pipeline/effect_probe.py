@@ -15,8 +15,9 @@ contains, so on calibration text alone dropping those rows looks harmless —
 Sampling: temperature 1, no top-k / top-p (the model's own distribution, whose expectation the KL is),
 end-of-text suppressed so every sequence is as long as the windows, a seeded generator independent of
 the global RNG. It needs the whole fine-tune in memory once (built from its reader, so a LoRA-adapter
-input works); where that would take more than MEMORY_FRACTION of the free memory, or the checkpoint does
-not load into its transformers class, the probe is calibration windows only and `source` says so.
+input works); where that would take more than MEMORY_FRACTION of the free memory, the checkpoint does not
+load into its transformers class or its probabilities overflow, the probe is calibration windows only and
+`source` says so.
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ def sample_fine_tune(ft_r, n: int, seqlen: int, seed: int, device: torch.device,
         model = model.to(device).eval()
         prompt = (torch.full((n, 1), first) if first is not None else start.reshape(n, 1)).to(device)
         torch.manual_seed(seed)
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
-                             top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
-                             pad_token_id=first if first is not None else 0)
+        try:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1,
+                                 pad_token_id=first if first is not None else 0)
+        except RuntimeError:   # probabilities that overflow (a broken fine-tune: the pass then says what is wrong)
+            return None
     return out[:, :seqlen].cpu()
 
 
