@@ -15,8 +15,9 @@ embedding, exact tensors), and the logit error against the fine-tune on held-out
 whole delta of method@ratio without compressing again (CPU is scarce): ":exact-rows" = its linears and norms
 with the embedding / lm_head rows stored exactly instead (what exact embeddings cost on top of the same
 linears), ":share=S" = compressed with `--vocab-share S` (the embedding / lm_head rows get the share S of
-the compressed bits), ":measured" = compressed with `--split measured`, ":no-vocab" = its linears and norms with the embedding / lm_head changes dropped (what the file
-size of the linears buys without the embedding delta).
+the compressed bits), ":proportional" / ":measured" = compressed with `--split proportional` / `measured`
+(no variant: the CLI's default, measured for PrinMix), ":no-vocab" = its linears and norms with the
+embedding / lm_head changes dropped (what the file size of the linears buys without the embedding delta).
 Prints one table; writes results.json beside the deltas. Not run in CI (minutes to hours on CPU).
 """
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
             print(f"compress {method} at {ratio}{' (exact embeddings)' if exact else ''} …", flush=True)
             share = float(variant.split("=", 1)[1]) if variant.startswith("share=") else None
             meas = compress_measured(base, ft, delta, ratio, method, a.nsamples, a.seqlen, exact, share,
-                                     "measured" if variant == "measured" else None)
+                                     variant if variant in ("measured", "proportional") else None)
         info = api.info(delta)
         w = info.weight_bytes
         vocab = {("lm_head" if "lm_head" in n else "embed"): b for n, b in w["vocab"].items()}

@@ -54,7 +54,7 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
              calibration: CalibrationConfig | None = None, device: str = "auto", resume: bool = True,
              distill_steps: int = 0, listeners: Sequence[Listener] = (), base_revision: str | None = None,
              finetuned_revision: str | None = None, exact_embeddings: bool = False,
-             vocab_share: float | None = None, split: str = "proportional") -> CompressSummary:
+             vocab_share: float | None = None, split: str = "measured") -> CompressSummary:
     """Compress FINETUNED against BASE into a delta file at OUTPUT (atomic; resumable).
 
     Args:
@@ -76,10 +76,10 @@ def compress(base: PathLike, finetuned: PathLike, output: PathLike, ratio: str |
             (pipeline/whole_budget.py). Becomes CompressJob.exact_embeddings.
         vocab_share: whole-delta mode: force the embedding / lm_head rows' share of the compressed bits
             (to compare splits); None (default): shared by `split`.
-        split: whole-delta mode: "proportional" (default; one ratio for every compressed part) or
-            "measured" (PrinMix: the bits that minimise the KL divergence each part's compression is measured
-            to cause on the calibration text; for calibration text like the served text);
-            pipeline/budget_split.py says why proportional is the default (measured).
+        split: whole-delta mode: "measured" (default; PrinMix with calibration: the bits that minimise the
+            KL divergence each part's compression is measured to cause on calibration text and the
+            fine-tune's own samples; other methods and data-free runs: proportional) or "proportional" (one
+            ratio for every compressed part); pipeline/budget_split.py.
 
     Returns:
         CompressSummary: the file's path, its byte counts and the achieved ratio.

@@ -26,7 +26,7 @@ from prinmix.pipeline.budget_split import (
     _kl_divergence,
     _measured_effects,
     _PerturbedReader,
-    _residual,
+    _residuals,
     sample_layers,
     vocab_problem,
 )
@@ -151,10 +151,18 @@ def test_measured_effects_are_the_kl_of_the_perturbed_fine_tune(tiny_models, tmp
             m.weight[part.changed] = b.get(part.name, dtype=torch.float32)[part.changed]
         assert b0 == 0 and e0 == pytest.approx(_hf_kl(ft, ids, revert_rows), rel=1e-3)
         assert 0 <= e1 < e0 / 4
-    # a point's residual is compress_matrix's reconstruction error at those bits
+    # each point's residual is compress_matrix's reconstruction error at its bits (one analysis shared by
+    # all budgets gives the same blobs as separate compressions), row-weighted or not; dropped at 0 bits
     d_rows, _, _ = vocab_problem(todo[0], b, f, None, None)
-    c = compress_matrix(d_rows, None, (big - 1) / (16 * d_rows.numel()), "prinmix", PrinMixConfig())
-    assert torch.allclose(_residual(d_rows, None, None, big, PrinMixConfig(), "cpu"), c.reconstruct() - d_rows)
+    weights = torch.rand(d_rows.shape[0], generator=torch.Generator().manual_seed(0)) * 5
+    points = [0, big // 8, big // 2, big]
+    for w in (None, weights):
+        got = _residuals(d_rows, None, w, points, PrinMixConfig(), "cpu")
+        assert torch.equal(got[0], -d_rows)
+        for bits, r in zip(points[1:], got[1:]):
+            c = compress_matrix(d_rows, None, (bits - 1) / (16 * d_rows.numel()), "prinmix", PrinMixConfig(),
+                                row_weights=w)
+            assert torch.equal(r, c.reconstruct() - d_rows)
 
 
 def test_measured_split_is_the_optimum_of_the_measured_curves(tiny_models, tmp_path):
@@ -244,3 +252,13 @@ def test_vocab_share_out_of_range_is_refused(tiny_pair, tmp_path):
     base, ft = tiny_pair("llama")
     with pytest.raises(BudgetError, match="vocab_share"):
         api.compress(base, ft, tmp_path / "x.delta", vocab_share=1.5)
+
+
+def test_a_whole_ratio_that_leaves_a_linear_no_blob_is_refused_before_any_work(tiny_pair):
+    """At whole 1/64 the tiny fine-tune's exact norms (2 KB in bfloat16) and header entries leave the linears too few bits
+    for the smallest matrix's blob header: one BudgetError naming it, not a failure deep in the layer pass."""
+    base, ft = tiny_pair("llama", "bf16")
+    with pytest.raises(BudgetError, match=r"k_proj.weight 32x64, less than a blob's .* choose a larger --ratio"):
+        _plan(base, ft, 1 / 64, split="proportional")
+    plan, *_ = _plan(base, ft, 1 / 16, split="proportional")   # a ratio that fits plans
+    assert plan.linear_alpha > 0

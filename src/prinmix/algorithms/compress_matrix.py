@@ -6,6 +6,8 @@ floor(ratio · 16 · h_out · h_in) bits, everything counted (see budget.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -59,6 +61,49 @@ def _balance_ranks(v_hat: torch.Tensor, v_scale: torch.Tensor, u_target: torch.T
     return v_hat * c[:, None], v_scale * c[:, None], u_target / c
 
 
+@dataclass
+class PrinMixAnalysis:
+    """What PrinMix computes of one matrix before its budget is known (SVD, Eq. 5 width errors): one
+    analysis serves any number of budgets (`prinmix_at_budget`), e.g. the whole-budget split's probes."""
+
+    W: torch.Tensor                 # ΔW [h_out, h_in] float32 (or a FactoredDelta)
+    H: torch.Tensor                 # XXᵀ [h_in, h_in] float32
+    S: torch.Tensor                 # σ [r]
+    U: torch.Tensor                 # [h_out, r]
+    E: torch.Tensor                 # Eq. 5 errors [r, widths]
+    sim: object                     # width_simulation's quantised V rows at every nonzero width
+    nonzero: list                   # the nonzero widths, sim's row blocks
+    widths: tuple
+    config: PrinMixConfig
+    row_weights: torch.Tensor | None
+    H_u_extra: torch.Tensor | None  # c̄·I of the row-weighted objective, added to H for Û's GPTQ
+
+
+def analyse_prinmix(delta, H: torch.Tensor | None, config: PrinMixConfig | None = None,
+                    row_weights: torch.Tensor | None = None) -> PrinMixAnalysis:
+    """The budget-independent half of PrinMix (compress_prinmix): SVD and the width simulation (Eq. 5)."""
+    cfg = config or PrinMixConfig()
+    cfg.validate()
+    W, H = _prepare(delta, H)
+    h_out, h_in = W.shape
+    widths = tuple(sorted(cfg.widths))
+    U, S, Vh = thin_svd(W)
+    rank_iso = H_v = H_u_extra = None
+    if row_weights is not None:
+        c = row_weights.to(device=W.device, dtype=torch.float32)
+        if c.shape != (h_out,) or not torch.isfinite(c).all() or (c < 0).any():
+            raise ValueError(f"row_weights must be finite, ≥ 0 and of shape [{h_out}]")
+        rank_iso = (c[:, None] * U * U).sum(0)                       # ρᵢ = Σ_t c_t U_ti²
+        s2 = S.double() ** 2
+        rho_bar = float((s2 * rank_iso.double()).sum() / s2.sum().clamp_min(1e-300)) if S.numel() else 0.0
+        eye = torch.eye(h_in, dtype=torch.float32, device=W.device)
+        H_v = H + rho_bar * eye
+        H_u_extra = float(c.mean()) * eye
+        row_weights = row_weights.to(W.device)
+    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg, rank_iso=rank_iso, H_quant=H_v)
+    return PrinMixAnalysis(W, H, S, U, E, sim, nonzero, widths, cfg, row_weights, H_u_extra)
+
+
 def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMixConfig | None = None,
                      row_weights: torch.Tensor | None = None, budget: int | None = None) -> CompressedLinear:
     """PrinMix (Algorithm 1): SVD → width simulation on V → exact allocation (Eq. 8) → V̂ by GPTQ →
@@ -77,33 +122,28 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
     V̂ (H + c̄ I) V̂ᵀ (c̄ the mean row weight) — approximations of the quantiser only, not of the
     errors the allocation sees.
     """
-    cfg = config or PrinMixConfig()
-    cfg.validate()
-    W, H = _prepare(delta, H)
-    h_out, h_in = W.shape
-    widths = tuple(sorted(cfg.widths))
+    h_out, h_in = delta.shape
     total = budget_bits(ratio, h_out, h_in) if budget is None else int(budget)
+    _check_budget(total, ratio, h_out, h_in)
+    return prinmix_at_budget(analyse_prinmix(delta, H, config, row_weights), total)
+
+
+def _check_budget(total: int, ratio: float, h_out: int, h_in: int) -> None:
     if total < 8 * BLOB_HEADER_BYTES:
         raise BudgetError(f"ratio {ratio:g} leaves {total} bits for a {h_out}x{h_in} matrix; "
                           f"its header alone needs {8 * BLOB_HEADER_BYTES}")
+
+
+def prinmix_at_budget(a: PrinMixAnalysis, total: int) -> CompressedLinear:
+    """The budget-dependent half of PrinMix: the exact allocation (Eq. 8) of `total` blob bits, V̂ rows
+    from the width simulation, RTC (Eq. 7) and Û by GPTQ (compress_prinmix)."""
+    cfg, W, H, S, widths = a.config, a.W, a.H, a.S, a.widths
+    h_out, h_in = W.shape
+    _check_budget(total, total / (16 * h_out * h_in), h_out, h_in)
     n_blocks = min(cfg.fmax, sum(b > 0 for b in widths))
     budget = total - prinmix_fixed_overhead_bits(n_blocks)
-
-    U, S, Vh = thin_svd(W)
-    rank_iso = H_v = H_u_extra = None
-    if row_weights is not None:
-        c = row_weights.to(device=W.device, dtype=torch.float32)
-        if c.shape != (h_out,) or not torch.isfinite(c).all() or (c < 0).any():
-            raise ValueError(f"row_weights must be finite, ≥ 0 and of shape [{h_out}]")
-        rank_iso = (c[:, None] * U * U).sum(0)                       # ρᵢ = Σ_t c_t U_ti²
-        s2 = S.double() ** 2
-        rho_bar = float((s2 * rank_iso.double()).sum() / s2.sum().clamp_min(1e-300)) if S.numel() else 0.0
-        eye = torch.eye(h_in, dtype=torch.float32, device=W.device)
-        H_v = H + rho_bar * eye
-        H_u_extra = float(c.mean()) * eye
-    E, sim, nonzero = simulate_width_errors(S, Vh, H, widths, cfg, rank_iso=rank_iso, H_quant=H_v)
     costs = np.array([prinmix_rank_cost_bits(b, h_out, h_in, cfg.v_group) for b in widths], dtype=np.int64)
-    alloc = allocate_bits(E.numpy(), costs, max(budget, 0), cfg.fmax)
+    alloc = allocate_bits(a.E.numpy(), costs, max(budget, 0), cfg.fmax)
     rank_bits = np.asarray(widths)[alloc.choice]
 
     # Kept ranks, ordered so equal widths are contiguous (widest first, then singular-value order).
@@ -112,21 +152,21 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
     bits_k = torch.tensor([int(rank_bits[i]) for i in kept], dtype=torch.long, device=W.device)
     r = S.numel()
     if kept:
-        sim_rows = torch.tensor([nonzero.index(int(rank_bits[i])) * r + i for i in kept], device=W.device)
-        v_hat, v_codes, v_scale, v_zero = sim.rows(sim_rows)
+        sim_rows = torch.tensor([a.nonzero.index(int(rank_bits[i])) * r + i for i in kept], device=W.device)
+        v_hat, v_codes, v_scale, v_zero = a.sim.rows(sim_rows)
     else:
         v_hat = torch.zeros(0, h_in, device=W.device)
 
-    if cfg.rtc and row_weights is not None:
-        u_target = correct_reconstruction_target_rows(W, H, v_hat, row_weights.to(W.device), cfg.rtc_damp)
+    if cfg.rtc and a.row_weights is not None:
+        u_target = correct_reconstruction_target_rows(W, H, v_hat, a.row_weights, cfg.rtc_damp)
     elif cfg.rtc:
         u_target = correct_reconstruction_target(W, H, v_hat, cfg.rtc_damp)
     else:
-        u_target = U[:, kept_t] * S[kept_t]
+        u_target = a.U[:, kept_t] * S[kept_t]
     blocks: list[RankBlock] = []
     if kept:
         v_hat, v_scale, u_target = _balance_ranks(v_hat, v_scale, u_target)
-        H_u = v_hat @ (H if H_u_extra is None else H + H_u_extra) @ v_hat.T
+        H_u = v_hat @ (H if a.H_u_extra is None else H + a.H_u_extra) @ v_hat.T
         uq = gptq_quantize(u_target, H_u, bits_k, layout=GPTQLayout.COLUMNS,
                            blocksize=cfg.blocksize, percdamp=cfg.percdamp, clip_search=cfg.clip_search)
         if bool((uq.scale >= FP16_MAX_SCALE).any()):
@@ -144,7 +184,7 @@ def compress_prinmix(delta, H: torch.Tensor | None, ratio: float, config: PrinMi
 
     out = CompressedLinear((h_out, h_in), "prinmix", blocks)
     out.info = {"objective": alloc.objective, "certified": alloc.certified, "rank_index": kept,
-                "sigma": S.cpu(), "errors": E, "widths": widths, "budget_bits": total}
+                "sigma": S.cpu(), "errors": a.E, "widths": widths, "budget_bits": total}
     assert 8 * out.nbytes() <= total, f"internal: {8 * out.nbytes()} bits > budget {total}"
     return out
 

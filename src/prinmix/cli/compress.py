@@ -165,11 +165,12 @@ def add_compress_parsers(sub) -> None:
     c.add_argument("--exact-embeddings", action="store_true",
                    help="earlier behaviour, for comparison: --ratio holds for the decoder linears only and "
                         "embedding / lm_head rows, norms and biases that differ are stored exactly")
-    c.add_argument("--split", choices=("proportional", "measured"), default="proportional",
+    c.add_argument("--split", choices=("measured", "proportional"), default="measured",
                    help="how the whole budget is shared between the linears and the embedding / lm_head rows: "
-                        "one ratio for all (proportional) or by the KL divergence each part's compression is "
-                        "measured to cause on the calibration text (measured: for calibration text like the "
-                        "served text; src/prinmix/pipeline/budget_split.py)")
+                        "by the KL divergence each part's compression is measured to cause on calibration text "
+                        "and the fine-tune's own samples (measured, the default for PrinMix with calibration; "
+                        "other methods and data-free runs are proportional) or one ratio for all "
+                        "(proportional); src/prinmix/pipeline/budget_split.py")
     c.add_argument("--vocab-share", type=float, default=None, metavar="S",
                    help="for comparing splits: the embedding / lm_head rows' share of the compressed bits, "
                         "forced (default: by --split)")

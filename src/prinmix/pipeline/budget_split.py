@@ -4,45 +4,40 @@ The bits left for compressed content, B (the whole budget less exact tensors and
 the decoder linears (one ratio α' for all of them, the paper's rule among linears) and to each
 compressed vocabulary part (embedding / lm_head changed rows, vocab_delta.py). Two rules:
 
-proportional (the default; Delta-CoMe and low-rank always): every compressed part gets the same share of
-    its 16-bit size, α' = B / 16·n — the paper's uniform ratio extended from the linears to the whole delta.
-measured (`--split measured`, PrinMix with calibration data): minimise  Σ_p E_p(B_p)  subject to
-    Σ_p B_p = B, E_p(B) the KL divergence KL(p_ft ‖ p) in nats per token, on EFFECT_SEQUENCES calibration
-    sequences, between the fine-tune and the fine-tune with part p alone compressed by PrinMix at B bits —
+measured (the default for PrinMix with calibration data; `--split measured`): minimise  Σ_p E_p(B_p)
+    subject to Σ_p B_p = B, E_p(B) the KL divergence KL(p_ft ‖ p) in nats per token, on the probe
+    (effect_probe.py: EFFECT_SEQUENCES sequences, half calibration windows, half the fine-tune's own
+    samples), between the fine-tune and the fine-tune with part p alone compressed by PrinMix at B bits —
     measured, not modelled: each part is really compressed at a few budgets (LINEAR_FACTORS /
-    VOCAB_FACTORS × its proportional share, and dropped at 0 bits) and the perturbed model really run. The
-    linear group is stood for by the linears of SAMPLE_LAYERS layers spread over the depth (their
-    calibrated H from the probe pass, each at α' = B_lin / 16·n_lin), their KL scaled by num_layers /
-    SAMPLE_LAYERS; the vocabulary parts are compressed in their calibrated objectives (vocab_problem).
-    E_p between measured points is linear in log E (errors fall about exponentially in bits); the
-    minimum is taken exactly on a grid (vocab_delta.split_budget), the KL being additive over parts since
-    a small logit change's KL is quadratic in it and the parts' compression errors are independent.
+    VOCAB_FACTORS × its proportional share, and dropped at 0 bits; one SVD and width simulation per matrix
+    for all of them) and the perturbed model really run. The linear group is stood for by the linears of
+    SAMPLE_LAYERS layers spread over the depth (their calibrated H from the probe pass, each at
+    α' = B_lin / 16·n_lin), their KL scaled by num_layers / SAMPLE_LAYERS; the vocabulary parts are
+    compressed in their calibrated objectives (vocab_problem). E_p between measured points is linear in
+    log E (errors fall about exponentially in bits); the minimum is taken exactly on a grid
+    (vocab_delta.split_budget), the KL being additive over parts since a small logit change's KL is
+    quadratic in it and the parts' compression errors are independent.
+proportional (`--split proportional`; Delta-CoMe, low-rank and data-free runs always): every compressed
+    part gets the same share of its 16-bit size, α' = B / 16·n — the paper's uniform ratio extended from
+    the linears to the whole delta.
 BitDelta's size is fixed by its format.
 
-Why proportional is the default — the split was decided by measuring the error (benchmarks/README.md
-"Sharing the whole budget"):
-- Where the probe text is like the text the model is then used on, the measured optimum IS the
-  proportional share: SmolLM2 pair at whole 1/32, calibration and held-out text from the same source:
-  measured 22.7 % of B to the tied embedding, proportional 21.1 %; its predicted KL 0.00013 (linears) +
-  0.00008 (embedding) is the 0.0002 then measured on held-out text; compressed with it: accuracy 0.910
-  as proportional's, KL 0.0003 vs 0.0002, logit error 0.0013 vs 0.0019. Demo pair at 1/16 calibrated on
-  arithmetic text like its fine-tune's: measured 32.1 %, proportional 31.7 %.
-- Where it is not (the usual case: generic calibration text, a fine-tune for one task), the measured rule
-  is misled: the embedding rows of the task's tokens are rare in the probe, so their compression looks
-  harmless. Demo pair at 1/16 calibrated on the built-in generic text, KL on held-out arithmetic text:
-  measured 15.9–16.7 % to the embedding, KL 0.00103 nats/token (logit error 0.0334); proportional KL
-  0.00001 (0.0043). (At 1/32 on the demo the measured rule wins whatever the text, KL 0.0004–0.0009 vs
-  0.0010–0.0020: its gains and losses there are of the same size, 0.001 nats/token.) Two modelled rules tried first (one exchange rate between the parts' relative errors
-  of Eq. 8, weighted by the logit change of reverting a part or by a sensitivity measured with a
-  spectral-tail residual) gave the SmolLM2 embedding 0.8 % and 2.4 % of B at 1/32: KL 0.0025 and 0.0009
-  against proportional's 0.0002.
-So the uniform ratio is what the measured error chooses when it can be measured where it matters, and it
-cannot be misled by calibration text; `--split measured` stays for calibration text like the served text
-(e.g. `--calib` with the fine-tune's own task data) and to check a model. Its cost: 1 + 4 per part
-streamed forwards over EFFECT_SEQUENCES sequences (an untied lm_head's run only the head) and 3
-compressions of the sampled linears and of each vocabulary part. Not done: measuring on text the
-fine-tune generates itself (the distribution it is served for), which would remove the calibration-text
-dependence; it needs the whole fine-tune in memory to sample.
+Why measured is the default (benchmarks/README.md "Sharing the whole budget"):
+- Where the probe is like the text the model is then used on, its optimum is close to the proportional
+  share and costs nothing: SmolLM2 pair at whole 1/32, 21.09 % of B to the tied embedding against
+  21.05 % proportional; accuracy 0.910 both, logit error 0.0012 vs 0.0019, KL 0.0003 vs 0.0002.
+- Where one ratio for every part is not right it finds better: demo pair at whole 1/32, KL on held-out
+  task text 0.00036 against proportional's 0.00202 (23.4 % of B to the vocabulary parts vs 31.7 %).
+- On calibration text alone it was misled (demo at 1/16: the input embedding left at its floor, KL
+  0.00103 against proportional's 0.00001): generic text seldom contains the rows a task fine-tune
+  changed. The fine-tune's own samples do (KL 0.00003; effect_probe.py has the table).
+- Two modelled rules tried first (one exchange rate between the parts' relative errors of Eq. 8,
+  weighted by the logit change of reverting a part or by a sensitivity measured with a spectral-tail
+  residual) gave the SmolLM2 embedding 0.8 % and 2.4 % of B at 1/32: KL 0.0025 and 0.0009 against
+  proportional's 0.0002 — proxies misjudge the embedding; measuring does not.
+Its cost: sampling EFFECT_SEQUENCES/2 windows from the fine-tune, 1 + 4 per part streamed forwards over
+EFFECT_SEQUENCES sequences (an untied lm_head's run only the head) and one analysis + 3 budgets of the
+sampled linears and of each vocabulary part (benchmarks/README.md has the compress times).
 """
 
 from __future__ import annotations
@@ -55,7 +50,7 @@ import numpy as np
 import torch
 
 from ..algorithms.budget import budget_bits, prinmix_fixed_overhead_bits
-from ..algorithms.compress_matrix import compress_matrix
+from ..algorithms.compress_matrix import analyse_prinmix, prinmix_at_budget
 from ..algorithms.compressed_linear import BLOB_HEADER_BYTES
 from ..algorithms.prinmix_config import PrinMixConfig
 from ..algorithms.vocab_delta import row_lookup_weights, split_budget
@@ -63,6 +58,7 @@ from ..calibration.hessians import capture_hessians
 from ..calibration.layer_inputs import run_layer
 from ..errors import BudgetError
 from .config import SPLIT_RULES
+from .effect_probe import EffectProbe
 from .tensor_diff import linear_delta
 
 __all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "choose_split", "linear_alpha_of",
@@ -86,15 +82,6 @@ class BudgetSplit:
     vocab_share: float    # 1 − B_lin / B
     part_bits: dict | None = None    # {vocabulary part name: bits} of the measured rule
     effects: dict | None = None      # {"linears" | part name: [[bits, KL nats/token], …]} it measured
-
-
-@dataclass
-class EffectProbe:
-    """Where sensitivities are measured: calibration token ids [n, seq] (the first EFFECT_SEQUENCES)."""
-
-    ids: torch.Tensor
-    device: torch.device | str = "cpu"
-    batch_size: int = 8
 
 
 def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
@@ -183,20 +170,29 @@ def _kl_divergence(stack, ids: torch.Tensor, ref, other, device, batch_size: int
     return total / (ids.shape[0] * ids.shape[1])
 
 
-def _residual(d: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None, bits: int,
-              cfg: PrinMixConfig, device) -> torch.Tensor:
-    """ΔŴ − Δ [m, n] float32 of PrinMix on delta d at `bits` bits of blob (what the part loses there); −Δ (the
-    part dropped) when no blob fits those bits."""
+def _residuals(d: torch.Tensor, H: torch.Tensor | None, row_weights: torch.Tensor | None, bits: list[int],
+               cfg: PrinMixConfig, device) -> list[torch.Tensor]:
+    """ΔŴ − Δ [m, n] float32 of PrinMix on delta d at each of `bits` bits of blob (what the part loses
+    there); −Δ (the part dropped) where no blob fits. One SVD and width simulation serve every budget
+    (compress_matrix.analyse_prinmix)."""
     m, n = d.shape
-    ratio = max(bits - 1, 0) / (16 * m * n)
-    if bits <= 0 or budget_bits(ratio, m, n) < 8 * BLOB_HEADER_BYTES:
-        return -d.float()
-    try:
-        c = compress_matrix(d.to(device), None if H is None else H.to(device), ratio, "prinmix", cfg,
-                            row_weights=None if row_weights is None else row_weights.to(device))
-    except (BudgetError, ValueError):   # a budget below the blob's fixed fields; an entry overflowing float32
-        return -d.float()
-    return (c.reconstruct() - d.to(device).float()).cpu()
+    analysis = None
+    out = []
+    for b in bits:
+        blob = budget_bits(max(b - 1, 0) / (16 * m * n), m, n)
+        if b <= 0 or blob < 8 * BLOB_HEADER_BYTES:
+            out.append(-d.float())
+            continue
+        try:
+            if analysis is None:
+                analysis = analyse_prinmix(d.to(device), None if H is None else H.to(device), cfg,
+                                           None if row_weights is None else row_weights.to(device))
+            c = prinmix_at_budget(analysis, blob)
+        except (BudgetError, ValueError):   # a budget below the blob's fixed fields; an entry overflowing float32
+            out.append(-d.float())
+            continue
+        out.append((c.reconstruct() - d.to(device).float()).cpu())
+    return out
 
 
 def _effect_curve(points: list[tuple[int, float]]) -> Callable:
@@ -236,17 +232,16 @@ def _measured_effects(stack, base_r, ft_r, todo, linear_points: list[int], vocab
                 linears.append((name, d))
     effects: dict = {"linears": []}
     scale = stack.num_layers / len(sampled)
-    for bits in linear_points:
-        alpha = bits / (16 * linear_params)
-        offsets = {name: (None, _residual(d, hessians.get(name), None, budget_bits(alpha, *d.shape), cfg,
-                                          probe.device)) for name, d in linears}
-        effects["linears"].append((bits, scale * kl(offsets)))
+    per_matrix = {name: _residuals(d, hessians.get(name), None,
+                                   [budget_bits(bits / (16 * linear_params), *d.shape) for bits in linear_points],
+                                   cfg, probe.device) for name, d in linears}
+    for j, bits in enumerate(linear_points):
+        effects["linears"].append((bits, scale * kl({name: (None, r[j]) for name, r in per_matrix.items()})))
+    del per_matrix
     for part, points in zip(todo, vocab_points):
         d_rows, H, weights = vocab_problem(part, base_r, ft_r, counts, hessians.get("head"))
-        effects[part.name] = [(bits, kl({part.name: (part.changed, _residual(d_rows, H, weights, bits, cfg,
-                                                                             probe.device))},
-                                        head_only=part.roles == ("head",)))
-                              for bits in points]
+        effects[part.name] = [(bits, kl({part.name: (part.changed, r)}, head_only=part.roles == ("head",)))
+                              for bits, r in zip(points, _residuals(d_rows, H, weights, points, cfg, probe.device))]
     return effects
 
 

@@ -12,8 +12,9 @@ The data path, top to bottom (`run_compress`):
    c. propagate X through base + ΔŴ (compressed) of layer i;
 4. the tensors outside the layers (embeddings, final norm, lm_head) diffed exactly — in whole-delta mode
    (the default; not job.exact_embeddings) the changed rows of embedding / lm_head are compressed
-   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2, the
-   linears' share by one exchange rate measured on a probe pass: pipeline/budget_split.py);
+   within what the linears left of the one budget (pipeline/whole_budget.py, planned before step 2; how
+   the budget is shared between the parts: pipeline/budget_split.py, measured on pipeline/effect_probe.py's
+   text);
 5. BitDelta with distill_steps: its scales distilled against the fine-tune's logits;
 6. the delta file written atomically; the resume parts removed.
 
@@ -61,8 +62,9 @@ from ..errors import CheckpointError, DeltaRangeError, WholeBudgetWarning
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
 from ..format.resume_part import MappedCompressedLinear, part_problem, read_layer_part, write_layer_part
 from .bitdelta_distill import distill_bitdelta_scales
-from .budget_split import EffectProbe
+from .budget_split import EFFECT_SEQUENCES
 from .config import CalibrationConfig, CompressJob
+from .effect_probe import effect_probe
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
 from .tensor_diff import add_non_layer_tensors, changed_exact_tensor, linear_delta
 from .whole_budget import compress_vocab_parts, plan_whole_budget
@@ -144,7 +146,9 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
     if ids is not None and not job.exact_embeddings:  # token counts: the embedding rows' lookup weights
         counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
     # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
-    probe = EffectProbe(ids, device, calib.batch_size) if ids is not None and job.split == "measured" else None
+    probe = None   # the measured split's text: calibration windows and the fine-tune's own samples
+    if ids is not None and job.split == "measured" and job.method == "prinmix" and not job.exact_embeddings:
+        probe = effect_probe(ft_r, ids, EFFECT_SEQUENCES, calib.seed, device, calib.batch_size)
     plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
                                                                job.config, counts, job.vocab_share, probe,
                                                                job.split)
@@ -266,7 +270,8 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
             entries = plan.linear_params + plan.vocab_params
             delta.stats["whole"]["split"] = {"rule": plan.split.rule, "vocab_share": plan.split.vocab_share,
                                              "proportional_share": plan.vocab_params / entries if entries else 0.0,
-                                             **({"effects": plan.split.effects} if plan.split.effects else {})}
+                                             **({"effects": plan.split.effects, "probe": probe.source}
+                                                if plan.split.effects else {})}
     file_bytes = save_delta(delta, job.output)
     shutil.rmtree(work, ignore_errors=True)
     summary = CompressSummary(str(job.output), job.method, job.alpha, delta.linear_bytes(),

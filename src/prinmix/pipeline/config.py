@@ -52,8 +52,9 @@ class CompressJob:
     (pipeline/whole_budget.py).
     vocab_share: the embedding / lm_head rows' share of the compressed bits in whole-delta mode, forced
     (for benchmarks comparing splits); None (default): by `split`.
-    split: "proportional" (default: one ratio for every compressed part) or "measured" (the bits that
-    minimise the KL divergence each part's compression is measured to cause); pipeline/budget_split.py.
+    split: "measured" (default; PrinMix with calibration: the bits that minimise the KL divergence each
+    part's compression is measured to cause; proportional otherwise) or "proportional" (one ratio for every
+    compressed part); pipeline/budget_split.py.
     """
 
     base: Path
@@ -68,14 +69,14 @@ class CompressJob:
     finetuned_revision: str | None = None
     exact_embeddings: bool = False
     vocab_share: float | None = None
-    split: str = "proportional"
+    split: str = "measured"
 
     @classmethod
     def create(cls, base, finetuned, output, ratio: str | float = "1/16", method: str = "prinmix",
                config: PrinMixConfig | None = None, calibration: CalibrationConfig | None = None,
                distill_steps: int = 0, base_revision: str | None = None,
                finetuned_revision: str | None = None, exact_embeddings: bool = False,
-               vocab_share: float | None = None, split: str = "proportional") -> "CompressJob":
+               vocab_share: float | None = None, split: str = "measured") -> "CompressJob":
         """Validate the user's settings (one-line PrinmixError/BudgetError each) and build the job."""
         if method not in METHODS:
             raise PrinmixError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")

@@ -119,12 +119,15 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     tied = bool(getattr(ft_r, "tied_embeddings", False))
     linear_params = vocab_params = exact_params = exact_bytes = overhead = 0
     parts: list[VocabPart] = []
+    smallest: tuple[str, tuple] | None = None   # the linear with the fewest entries: the first a small α' empties
     for i in range(stack.num_layers):
         prefix = stack.layer_prefix(i)
         linears = {prefix + n + ".weight" for n in stack.linear_names(i)}
         for name in stack.layer_tensor_names(i):
             if name in linears:
                 linear_params += math.prod(ft_r.shape(name))
+                if smallest is None or math.prod(ft_r.shape(name)) < math.prod(smallest[1]):
+                    smallest = (name, tuple(ft_r.shape(name)))
                 if ratio_within_file(alpha, name, ft_r.shape(name)) != alpha:   # not a toy matrix
                     overhead += matrix_header_bytes(name, ft_r.shape(name))
                 continue
@@ -160,6 +163,14 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
     plan.split = choose_split(plan, stack, base_r, ft_r, method, config or PrinMixConfig(), counts, vocab_share,
                               probe, split)
     plan.linear_alpha = linear_alpha_of(plan.split, linear_params, alpha)
+    if smallest is not None:
+        name, shape = smallest
+        blob = budget_bits(ratio_within_file(plan.linear_alpha, name, shape), *shape)
+        if blob < 8 * BLOB_HEADER_BYTES:
+            raise BudgetError(f"ratio {alpha:g} of the whole delta leaves the decoder linears {plan.linear_alpha:.3g} "
+                              f"of their size after the exact tensors ({exact_bytes} B) and header entries "
+                              f"({overhead} B): {blob} bits for {name} {shape[0]}x{shape[1]}, less than a blob's "
+                              f"{BLOB_HEADER_BYTES} B header; choose a larger --ratio")
     return plan
 
 
