@@ -36,6 +36,19 @@ def llama(tiny_pair, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def prinmix_whole(tiny_pair, tmp_path_factory) -> Path:
+    """A PrinMix whole delta of the tiny llama pair (compressed linears and embedding rows)."""
+    base, ft = tiny_pair("llama")
+    work = tmp_path_factory.mktemp("mt_prinmix")
+    path, calib = work / "pm.delta", work / "calib.txt"
+    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
+    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
+                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
+    assert load_delta(path).vocab
+    return path
+
+
+@pytest.fixture(scope="module")
 def served(llama):
     base, deltas, _ = llama
     model = MultiTenantModel(base, backend="torch")
@@ -211,8 +224,15 @@ def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
     model = MultiTenantModel(base, backend="cached", factor_cache_bytes=cache_bytes)
     for m, path in deltas.items():
         model.add_tenant(m, path)
-    tenants = ["lowrank", None, "deltacome", "bitdelta"]
-    prompts = _prompts((6, 11, 5, 8), seed=4)
+    _assert_serves_like(model, refs, ["lowrank", None, "deltacome", "bitdelta"], _prompts((6, 11, 5, 8), seed=4))
+    mem = model.memory()
+    assert 0 < mem["factor_cache_bytes"] <= cache_bytes
+    assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
+    assert model.factor_cache.hits > 0
+
+
+def _assert_serves_like(model, refs, tenants, prompts):
+    """One batch of `tenants` gives each one's merged checkpoint's logits (1e-4: float32 models) and greedy tokens."""
     ids, mask, pos = left_padded(prompts)
     logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
     for i, (p, t) in enumerate(zip(prompts, tenants)):
@@ -222,10 +242,6 @@ def test_fast_cpu_path_equals_merged_checkpoints(llama, cache_bytes):
     out = model.generate(prompts, tenants, max_new_tokens=5)
     for p, t, o in zip(prompts, tenants, out):
         assert o == _greedy(refs[t], p, 5), t
-    mem = model.memory()
-    assert 0 < mem["factor_cache_bytes"] <= cache_bytes
-    assert mem["delta_bytes"] == sum(model.registry.nbytes(m) for m in deltas)
-    assert model.factor_cache.hits > 0
 
 
 def test_token_choice_hook(served):
@@ -254,16 +270,11 @@ def test_token_choice_hook(served):
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.int4, torch.int8])
-def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path, cache_dtype):
+def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, prinmix_whole, cache_dtype):
     """A PrinMix whole delta (compressed linears and embedding rows) with an int4 (the CPU default of a 16-bit
     model) or int8 factor cache (linears, embedding and lm_head rows) gives the torch reference's logits within
     bfloat16 rounding of the delta's effect, from Int8Factors / Int4Factors."""
-    base, ft = tiny_pair("llama")
-    path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
-    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
-    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
-                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
-    assert load_delta(path).vocab
+    base, path = tiny_pair("llama")[0], prinmix_whole
     assert MultiTenantModel(base).factor_cache.dtype == torch.float32           # the default of a float32 model
     assert MultiTenantModel(base, dtype=torch.bfloat16).factor_cache.dtype == torch.int4
     fast = MultiTenantModel(base, backend="cached", factor_cache_dtype=cache_dtype)
@@ -281,7 +292,7 @@ def test_integer_cache_serves_a_prinmix_whole_delta(tiny_pair, tmp_path, cache_d
     assert ("Int4Factors" if cache_dtype == torch.int4 else "Int8Factors") in kinds
 
 
-def test_packed_kernel_serves_a_prinmix_whole_delta_like_its_merged_checkpoint(llama, tiny_pair, tmp_path):
+def test_packed_kernel_serves_a_prinmix_whole_delta_like_its_merged_checkpoint(llama, prinmix_whole, tmp_path):
     """The CPU default ("auto" → the packed C++ kernel when it builds): a PrinMix whole delta (linears and the
     compressed embedding / lm_head rows, all read from the packed codes) batched with other methods' tenants
     (left to the reference) and the base gives each merged checkpoint's logits and greedy tokens (float32 model:
@@ -289,28 +300,13 @@ def test_packed_kernel_serves_a_prinmix_whole_delta_like_its_merged_checkpoint(l
     if not kernel_available():
         pytest.skip("the packed kernel does not build here (its own tests say why)")
     base, deltas, refs = llama
-    _, ft = tiny_pair("llama")
-    path, calib = tmp_path / "pm.delta", tmp_path / "calib.txt"
-    calib.write_text("\n".join(f"{a}+{a + 7}={2 * a + 7}" for a in range(300)))
-    api.compress(base, ft, path, ratio="1/8", method="prinmix", device="cpu",
-                 calibration=CalibrationConfig(calib=str(calib), nsamples=4, seqlen=32))
-    assert load_delta(path).vocab
+    path = prinmix_whole
     merged = AutoModelForCausalLM.from_pretrained(api.merge(base, path, tmp_path / "merged")).eval()
     model = MultiTenantModel(base)
     model.add_tenant("prinmix", path)
     model.add_tenant("lowrank", deltas["lowrank"])
-    all_refs = {**refs, "prinmix": merged}
-    tenants = ["prinmix", None, "lowrank", "prinmix"]
-    prompts = _prompts((6, 11, 5, 8), seed=5)
-    ids, mask, pos = left_padded(prompts)
-    logits = model.logits(ids, tenants, attention_mask=mask, position_ids=pos)
-    for i, (p, t) in enumerate(zip(prompts, tenants)):
-        with torch.no_grad():
-            ref = all_refs[t](torch.tensor([p])).logits[0]
-        assert torch.allclose(logits[i, ids.shape[1] - len(p):], ref, atol=1e-4, rtol=1e-4), t
-    out = model.generate(prompts, tenants, max_new_tokens=5)
-    for p, t, o in zip(prompts, tenants, out):
-        assert o == _greedy(all_refs[t], p, 5), t
+    _assert_serves_like(model, {**refs, "prinmix": merged}, ["prinmix", None, "lowrank", "prinmix"],
+                        _prompts((6, 11, 5, 8), seed=5))
     linears = [m for m in model.modules.values() if isinstance(m, DeltaLinear)]
     slot = model.registry.slot_of("prinmix")
     assert linears and all(slot in m.packed_table().slots for m in linears if slot in m.tenants)
