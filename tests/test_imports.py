@@ -30,7 +30,8 @@ LAYERS = [
 # optional dependencies (and the CLI's commands) that may be imported inside functions
 OPTIONAL = ("matplotlib", "scipy.optimize", "scipy.sparse", "scipy.stats", "pyscipopt", "triton", "fastapi",
             "uvicorn", "lm_eval", "datasets", "pyarrow", "peft", "ray",
-            "transformers.core_model_loading")  # present in newer transformers only (checkpoint/layout.py)
+            "transformers.core_model_loading",  # present in newer transformers only (checkpoint/layout.py)
+            "torch.utils.cpp_extension")        # the packed kernel's JIT build: needs setuptools, a compiler, ninja
 
 
 def _modules() -> dict[str, Path]:

@@ -59,7 +59,7 @@ def load_kernel():
                     "factor cache / torch path")
         return None
     try:
-        from torch.utils import cpp_extension  # optional at run time: needs a C++ compiler and ninja
+        import torch.utils.cpp_extension as cpp_extension  # optional: setuptools, a C++ compiler, ninja
 
         source = KERNEL_SOURCE.read_bytes()
         tag = hashlib.sha256(source + " ".join(_FLAGS).encode() + torch.__version__.encode()).hexdigest()[:12]
