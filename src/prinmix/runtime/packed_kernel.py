@@ -47,6 +47,10 @@ KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "packed_lowran
 BLOCK_FIELDS = ("bits", "k", "rank_off", "v_codes", "v_scale", "v_zero", "v_nbytes", "u_codes", "u_scale", "u_zero",
                 "u_nbytes", "sigma")                     # the C++ enum Field, in order
 _F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
+# Split a call's work over torch's intra-op threads (PRINMIX_KERNEL_PARALLEL=0: the calling thread only). On 2
+# dedicated cores the split nearly halves a step's kernel time; where other processes share the cores, every
+# parallel region waits for the descheduled thread (measured unlocked at load ~4.5: 211 calls of a SmolLM2 step
+# for 8 tenants took 3.3 s on 2 threads against 64 ms on 1).
 PARALLEL = os.environ.get("PRINMIX_KERNEL_PARALLEL", "1") != "0"
 _FLAGS = ["-O3", "-fopenmp"]   # -fopenmp: at::parallel_for's OpenMP region; the process already has torch's libgomp
 
