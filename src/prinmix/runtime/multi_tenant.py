@@ -30,8 +30,9 @@ server samples per request through it (serve/scheduler.py) and runs exactly thes
 
 The running batch (sequences, KV cache, mask; join / drop) is runtime/decode_state.py's DecodeState;
 the per-tenant norm / embedding-row / lm_head-row wrappers are runtime/tenant_modules.py's; the
-compressed linears are DeltaLinear (runtime/delta_linear.py), which on CPU multiplies the hottest
-tenants' dequantised factors kept in a shared FactorCache (runtime/factor_cache.py). Sliding-window
+compressed linears are DeltaLinear (runtime/delta_linear.py), which on CPU multiplies straight from the packed
+codes in the C++ kernel (runtime/packed_kernel.py; where it does not build, the hottest tenants' dequantised
+factors kept in a shared FactorCache, runtime/factor_cache.py). Sliding-window
 layers are kept full-length (the mask applies the window), so every layer has the same length.
 One step at a time (not thread-safe). The tenants of one running batch must fit the device budget
 together; drop a tenant's sequences before remove_tenant (a later step would name an unknown tenant).
@@ -122,7 +123,8 @@ class MultiTenantModel:
     device: where the base and resident tenants live; dtype: None = the checkpoint's; budget_bytes:
     device bytes for resident tenant payloads (None = all resident); backend: DeltaLinear's;
     factor_cache_bytes: byte budget of the unpacked factors of the hottest tenants (the "cached"
-    backend, which "auto" picks off CUDA; 0 = none: every step dequantises), in factor_cache_dtype
+    backend, which "auto" picks off CUDA when the packed kernel does not build; 0 = none: every step
+    dequantises), in factor_cache_dtype
     (torch.int4 / torch.int8: the exact integer codes in torch's weight-only int4 / int8 GEMMs, bfloat16
     activations; torch.float32 / bfloat16: dequantised factors; None: default_factor_cache_dtype).
 
