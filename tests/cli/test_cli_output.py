@@ -41,7 +41,9 @@ def test_demo_commands_print_no_library_warnings_or_bars(tiny_pair, tmp_path, ca
     assert main(["info", str(delta)]) == 0
     assert main(["eval", str(base), str(delta), "--finetuned", str(ft), "--nsamples", "1", "--seqlen", "1024",
                  "--ppl-tokens", "600", "--device", "cpu", "-o", str(tmp_path / "r.json")]) == 0
-    err = capfd.readouterr().err
+    out, err = capfd.readouterr()
+    # the default split, measured on calibration text and the fine-tune's samples, named in the summary
+    assert "measured on calibration text and the fine-tune's own samples: the embedding / lm_head rows get" in out
     for chatter in ("Token indices sequence length", "Loading weights", "Loading checkpoint shards", "[transformers]"):
         assert chatter not in err, chatter
     warnings = [line for line in err.splitlines() if "warning" in line.lower()]

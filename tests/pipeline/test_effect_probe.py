@@ -84,3 +84,15 @@ def test_lora_adapter_input_is_sampled_as_its_merged_model(tiny_pair, tmp_path):
     got = ep.sample_fine_tune(reader, 3, 10, seed=0, device=torch.device("cpu"))
     want = ep.sample_fine_tune(CheckpointReader(tmp_path / "merged"), 3, 10, seed=0, device=torch.device("cpu"))
     assert got is not None and torch.equal(got, want)
+
+
+def test_long_windows_pack_samples(tiny_pair, monkeypatch):
+    """A window longer than SAMPLE_TOKENS holds several samples back to back, each from the start token."""
+    _, ft = tiny_pair("llama")
+    reader = CheckpointReader(ft)
+    monkeypatch.setattr(ep, "SAMPLE_TOKENS", 5)
+    ids = ep.sample_fine_tune(reader, 2, 13, seed=0, device=torch.device("cpu"))
+    bos = reader.config.bos_token_id
+    assert ids.shape == (2, 13)
+    assert bool((ids[:, [0, 5, 10]] == bos).all())
+    assert not bool((ids[:, [1, 2, 3, 4, 6, 7, 8, 9, 11, 12]] == bos).all())

@@ -15,6 +15,13 @@ from ..errors import BudgetError
 from .progress import LayerProgress, format_bytes
 
 
+def _split_rule(split: dict) -> str:
+    """The split rule as the summary names it: the measured rule with the text it measured on."""
+    probe = {"calibration+generated": "calibration text and the fine-tune's own samples",
+             "calibration": "calibration text"}.get(split.get("probe", ""))
+    return f"{split['rule']} on {probe}" if probe else split["rule"]
+
+
 def cmd_compress(a) -> int:
     from .. import api
     from ..pipeline.events import progress_listener
@@ -46,7 +53,7 @@ def cmd_compress(a) -> int:
             ("  decoder linears (+ header entries)", format_bytes(w["linear"])),
             *((f"  {name} (compressed rows)", format_bytes(b)) for name, b in w["vocab"].items()),
             ("  exact tensors (norms, biases, rows)", format_bytes(w["exact"])),
-            *((("  shared by", f"{s.split['rule']}: the embedding / lm_head rows get "
+            *((("  shared by", f"{_split_rule(s.split)}: the embedding / lm_head rows get "
                 f"{100 * s.split['vocab_share']:.1f} % of the compressed bits (proportional: "
                 f"{100 * s.split['proportional_share']:.1f} %)"),) if s.split else ()),
             ("method", s.method), ("ratio requested", f"{s.ratio_requested:.6g} (1/{1 / s.ratio_requested:.4g})"
