@@ -63,7 +63,7 @@ from .effect_probe import EffectProbe
 from .tensor_diff import linear_delta
 
 __all__ = ["SAMPLE_LAYERS", "SPLIT_RULES", "BudgetSplit", "EffectProbe", "choose_split", "linear_alpha_of",
-           "sample_layers", "vocab_problem"]
+           "measures_effects", "sample_layers", "vocab_problem"]
 
 SAMPLE_LAYERS = 4      # layers whose linears stand for the linear group's effect
 EFFECT_SEQUENCES = 4   # calibration sequences of the probe (the effects, the sampled layers' and the head's H)
@@ -83,6 +83,12 @@ class BudgetSplit:
     vocab_share: float    # 1 − B_lin / B
     part_bits: dict | None = None    # {vocabulary part name: bits} of the measured rule
     effects: dict | None = None      # {"linears" | part name: [[bits, KL nats/token], …]} it measured
+
+
+def measures_effects(method: str, rule: str) -> bool:
+    """Whether the split is measured (and needs a probe): PrinMix under the measured rule; every other
+    method and rule shares proportionally (module docstring)."""
+    return method == "prinmix" and rule == "measured"
 
 
 def sample_layers(n_layers: int, k: int = SAMPLE_LAYERS) -> list[int]:
@@ -266,7 +272,7 @@ def choose_split(plan, stack, base_r, ft_r, method: str, cfg: PrinMixConfig, cou
         return BudgetSplit("fixed share", compressed, int(compressed * (1 - share)), share)
     proportional = BudgetSplit("proportional", compressed, compressed * plan.linear_params // entries,
                                plan.vocab_params / entries)
-    if method != "prinmix" or rule != "measured" or probe is None:
+    if not measures_effects(method, rule) or probe is None:
         return proportional
     # every vocabulary part keeps at least its blob's fixed fields (a blob of no ranks), outside the split
     floor = prinmix_fixed_overhead_bits(cfg.fmax)

@@ -62,7 +62,7 @@ from ..errors import CheckpointError, DeltaRangeError, WholeBudgetWarning
 from ..format.delta_file import DeltaFile, ratio_within_file, save_delta
 from ..format.resume_part import MappedCompressedLinear, part_problem, read_layer_part, write_layer_part
 from .bitdelta_distill import distill_bitdelta_scales
-from .budget_split import EFFECT_SEQUENCES
+from .budget_split import EFFECT_SEQUENCES, measures_effects
 from .config import CalibrationConfig, CompressJob
 from .effect_probe import effect_probe
 from .events import HessiansCaptured, LayerDone, LayerStarted, Listener, Phase, PhaseDone, PhaseStarted
@@ -147,7 +147,7 @@ def run_compress(job: CompressJob, device: torch.device, resume: bool = True, li
         counts = torch.bincount(ids.flatten().cpu(), minlength=int(ft_r.config.get_text_config().vocab_size or 0))
     # the whole-delta budget: what differs and the ratio α' of every linear blob (BitDelta: fixed size)
     probe = None   # the measured split's text: calibration windows and the fine-tune's own samples
-    if ids is not None and job.split == "measured" and job.method == "prinmix" and not job.exact_embeddings:
+    if ids is not None and measures_effects(job.method, job.split) and not job.exact_embeddings:
         probe = effect_probe(ft_r, ids, EFFECT_SEQUENCES, calib.seed, device, calib.batch_size)
     plan = None if job.exact_embeddings else plan_whole_budget(stack, base_r, ft_r, compat, job.alpha, job.method,
                                                                job.config, counts, job.vocab_share, probe,

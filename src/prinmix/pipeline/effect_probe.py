@@ -103,8 +103,9 @@ def sample_fine_tune(ft_r, n: int, seqlen: int, seed: int, device: torch.device,
 
 
 def effect_probe(ft_r, calib_ids: torch.Tensor, n: int, seed: int, device, batch_size: int) -> EffectProbe:
-    """The probe of n sequences: the first n − ⌈GENERATED_SHARE·n⌉ calibration windows of calib_ids
-    [N, seq], then the fine-tune's samples (calibration windows alone where it cannot sample)."""
+    """The probe of n sequences: the first n − k calibration windows of calib_ids [N, seq], then k windows
+    of the fine-tune's samples, k = round(GENERATED_SHARE·n) ≥ 1 (calibration windows alone where it cannot
+    sample, or n < 2)."""
     n = min(n, calib_ids.shape[0])
     k = max(1, round(GENERATED_SHARE * n)) if n >= 2 else 0   # one window alone stays calibration text
     generated = sample_fine_tune(ft_r, k, calib_ids.shape[1], seed, device, calib_ids[:k, 0]) if k else None

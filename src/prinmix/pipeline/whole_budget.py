@@ -125,11 +125,12 @@ def plan_whole_budget(stack, base_r, ft_r, compat, alpha: float, method: str = "
         linears = {prefix + n + ".weight" for n in stack.linear_names(i)}
         for name in stack.layer_tensor_names(i):
             if name in linears:
-                linear_params += math.prod(ft_r.shape(name))
-                if smallest is None or math.prod(ft_r.shape(name)) < math.prod(smallest[1]):
-                    smallest = (name, tuple(ft_r.shape(name)))
-                if ratio_within_file(alpha, name, ft_r.shape(name)) != alpha:   # not a toy matrix
-                    overhead += matrix_header_bytes(name, ft_r.shape(name))
+                shape = tuple(ft_r.shape(name))
+                linear_params += math.prod(shape)
+                if smallest is None or math.prod(shape) < math.prod(smallest[1]):
+                    smallest = (name, shape)
+                if ratio_within_file(alpha, name, shape) != alpha:   # not a toy matrix
+                    overhead += matrix_header_bytes(name, shape)
                 continue
             e, b = _exact_cost(name, base_r, ft_r)
             exact_params, exact_bytes = exact_params + e, exact_bytes + b

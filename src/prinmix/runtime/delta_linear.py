@@ -36,7 +36,7 @@ from .packed import PackedLinear, StackedPacks, stack_tenants
 from .packed_kernel import PackedTable, add_packed_deltas, kernel_available, packed_delta
 from .tenant_registry import TenantRegistry
 
-__all__ = ["BASE_SLOT", "DeltaLinear", "single_threaded", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
+__all__ = ["BASE_SLOT", "DeltaLinear", "runs_packed_kernel", "single_threaded", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
            "TenantRegistry", "triton_available"]
 
 BASE_SLOT = -1
@@ -60,6 +60,11 @@ def single_threaded(on: bool = True):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def runs_packed_kernel(backend: str, device) -> bool:
+    """Whether `backend` ("packed", or "auto") multiplies on `device` with the packed C++ kernel: CPU, kernel built."""
+    return backend in ("packed", "auto") and torch.device(device).type == "cpu" and kernel_available()
 
 
 # ---- which rows belong to which tenant ---------------------------------------------------------
@@ -277,14 +282,14 @@ class DeltaLinear(nn.Module):
         return tenant_slot if isinstance(tenant_slot, TenantBatch) else TenantBatch(tenant_slot)
 
     def _backend_for(self, x: torch.Tensor) -> str:
-        if self.backend == "packed" and not (x.device.type == "cpu" and kernel_available()):
+        if runs_packed_kernel(self.backend, x.device):
+            return "packed"
+        if self.backend == "packed":
             return "torch"                # no kernel here (load_kernel logged why): the reference
         if self.backend != "auto":
             return self.backend
         if x.is_cuda and triton_available():
             return "triton"
-        if x.device.type == "cpu" and kernel_available():
-            return "packed"
         return "cached" if self.factor_cache is not None else "torch"
 
     def _add_bias(self, rows_y: torch.Tensor, groups: RowGroups) -> None:

@@ -60,11 +60,11 @@ from .delta_linear import (
     TenantContext,
     TenantDelta,
     TenantRegistry,
+    runs_packed_kernel,
     triton_available,
 )
 from .factor_cache import FactorCache
 from .packed import PackedLinear
-from .packed_kernel import kernel_available
 from .tenant_modules import PerTenantEmbedding, PerTenantParams, PerTenantRows, RowsPayload, TensorsPayload
 from .vocab_rows import VocabPayload
 
@@ -289,7 +289,7 @@ class MultiTenantModel:
     def _rows_kernel(self) -> bool:
         """Whether compressed lm_head rows are multiplied by the packed C++ kernel: where DeltaLinear's backend
         resolves to "packed" (explicitly, or "auto" on CPU with the kernel built)."""
-        return self.backend in ("packed", "auto") and self.device.type == "cpu" and kernel_available()
+        return runs_packed_kernel(self.backend, self.device)
 
     def _rows_factor_cache(self) -> FactorCache | None:
         """The factor cache for compressed embedding / lm_head rows: where DeltaLinear's backend is "cached" (so the
