@@ -45,10 +45,10 @@ def _tolerance(m, x: torch.Tensor) -> torch.Tensor:
     return 2 * n * U32 * _magnitude64(m, x)
 
 
-@pytest.mark.parametrize(("simd", "parallel"), [(True, True), (True, False), (False, True)],
-                         ids=["avx512-or-scalar", "one-thread", "scalar"])
+@pytest.mark.parametrize(("isa", "parallel"), [("bf16", True), ("bf16", False), ("scalar", True)],
+                         ids=["best", "one-thread", "scalar"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
-def test_kernel_equals_float64_reference(shape, simd, parallel):
+def test_kernel_equals_float64_reference(shape, isa, parallel):
     """Mixed tenants (widths 1..8 in each, different per tenant) and segments of 1..64 rows in one call; rows of
     y outside the segments stay bitwise untouched. The AVX-512 code runs where the CPU has it (this machine
     and most x86 servers), the scalar code everywhere."""
@@ -63,7 +63,7 @@ def test_kernel_equals_float64_reference(shape, simd, parallel):
     rows = torch.randperm(n_rows, generator=g)[: sum(sizes)]
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     y = y0.clone()
-    add_packed_deltas(x, y, rows, list(zip(starts, sizes, slots)), table, simd=simd, parallel=parallel)
+    add_packed_deltas(x, y, rows, list(zip(starts, sizes, slots)), table, isa=isa, parallel=parallel)
     untouched = torch.ones(n_rows, dtype=torch.bool)
     untouched[rows] = False
     assert torch.equal(y[untouched], y0[untouched])
@@ -100,7 +100,8 @@ def _layers(dtype, tenants):
 def test_delta_linear_packed_equals_reference(dtype):
     """One batch of kernel tenants (with and without a bias delta), tenants the kernel leaves to the reference
     (grouped scales, raw 16-bit factors, plain Û, BitDelta signs) and base rows. float32: the two paths differ
-    only in float32 summation order (|y| ~ 1, h_in 64: ≤ 1e-5). bfloat16: both round float32 y + Δ once, so
+    only in float32 summation order, ~γ_64 times the largest term (|Δ| reaches ~100 here: ≤ 1e-6 max|y| absolute;
+    one wrong 2-bit code moves an output by ~max|Δ| / 256). bfloat16: both round float32 y + Δ once, so
     they agree exactly or by one bfloat16 ulp (2⁻⁷ relative) where that rounding tips."""
     others = method_deltas(96, 64, seed=2)
     tenants = {0: (prinmix_layout(96, 64, widths=range(1, 9), seed=3), None),
@@ -117,7 +118,7 @@ def test_delta_linear_packed_equals_reference(dtype):
         assert torch.equal(got[slots == -1], base(x)[slots == -1])
     assert got.dtype == dtype
     if dtype == torch.float32:
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(got, want, atol=1e-6 * want.abs().max().item(), rtol=1e-5)
     else:
         diff = (got.float() - want.float()).abs()
         assert (diff <= want.float().abs() * 2 ** -7 + 1e-30).all()

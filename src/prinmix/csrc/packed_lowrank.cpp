@@ -42,6 +42,10 @@ namespace {
 enum Field { F_BITS, F_K, F_RANK_OFF, F_V_CODES, F_V_SCALE, F_V_ZERO, F_V_NBYTES, F_U_CODES, F_U_SCALE, F_U_ZERO,
              F_U_NBYTES, F_SIGMA, N_FIELDS };
 
+// Instruction-set levels, each including the ones below (packed_kernel.py's ISA_LEVELS): the portable scalar
+// code, AVX-512F/BW (decode16), + VBMI (decode64_raw), + AVX512_BF16 (shrink_bf16 for bfloat16 activations).
+enum Isa : int64_t { ISA_SCALAR = 0, ISA_AVX512 = 1, ISA_VBMI = 2, ISA_BF16 = 3 };
+
 constexpr int RANKS_PER_TASK = 16;   // shrink task: ranks of one block for one segment
 // Expand task: TILE output columns of one segment, walked rank by rank (each rank's codes of the tile are one
 // sequential stretch of its row; the rows of consecutive ranks lie h_out·bits/8 bytes apart, 12 KiB for 2-bit
@@ -101,6 +105,9 @@ void expand_scalar(const float* a, int64_t rows, int64_t lda, const uint8_t* cod
   }
 }
 
+// Position of element c of a row in the strided layout (the VBMI path's codes_f32_strided order within each 64 elements).
+inline int64_t strided_index(int64_t c) { return (c & ~int64_t{63}) + 16 * (c & 3) + ((c & 63) >> 2); }
+
 // ---- AVX-512 decoding (x86-64 only; elsewhere the scalar code runs) -----------------------------------------
 
 #ifdef PRINMIX_X86
@@ -137,6 +144,12 @@ const DecodeTables& tables() {
 bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return ok;
+}
+
+int64_t cpu_isa_level() {
+  static const int64_t level = !cpu_has_avx512() ? 0 : !__builtin_cpu_supports("avx512vbmi") ? 1
+                               : !__builtin_cpu_supports("avx512bf16") ? 2 : 3;
+  return level;
 }
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -233,26 +246,304 @@ AVX512 void expand_tile_avx512(const Block* blocks, int64_t n_blocks, const floa
   }
 }
 
-#else
-bool cpu_has_avx512() { return false; }
-#endif
+// ---- AVX-512 VBMI decoding: 64 codes per load ------------------------------------------------------------------
+//
+// 64 codes of `bits` ≤ 8 starting at stream bit p occupy 8·bits bytes from byte p/8 on (+ the bit offset
+// s = p mod 8, and 8·bits + s ≤ 64 since 8-bit codes have s = 0), so one 64-byte load holds them. A byte permute
+// (vpermb) copies the 8 bytes from byte g·bits on (codes 8g .. 8g+7) into qword q, where the codes lie at bits
+// s + i·bits; a multishift (vpmultishiftqb) moves code i of the qword to its byte i, carrying its neighbours'
+// bits above `bits`. The permute index and shift control depend on (bits, s), constant along a factor row.
+// Loads near a stream's end are masked loads (AVX-512 suppresses the masked-off bytes' accesses), so nothing
+// past the tensor is read.
+//
+// Bytes → float32, strided: 32-bit lane d of the 64 bytes holds codes 4d .. 4d+3, so code 4d + m is
+// ((lane >> 8m) & (2^bits − 1)) — a shift, an and and a convert for 16 codes, no byte shuffles. (On AMD Zen 4,
+// where 512-bit shuffles issue one a cycle, this beat zero-extending bytes (extract + vpmovzxbd) or looking up
+// float32 bytes with vpermi2b: 25.6 against 19.4 / 20.6 codes/ns in a loop on L1 data, the decode16 above 17.2.)
+// The 16 float32 lanes of vector m then belong to codes 4d + m: the shrink multiplies them with x stored in
+// that order (strided_layout), the expand accumulates in that order and puts the outputs back in order once
+// per tile (unstride64).
+//
+// bfloat16 shrink (x bfloat16, AVX512_BF16): a code c ≤ 255 is exact in bfloat16 (≤ 8 significant bits), and so
+// is each product c·x in float32 (8 × 8 mantissa bits). Two byte permutes look up the low and high byte of
+// bf16(c) (tables of 64 entries index the code's byte by its low 6 bits, so they also drop the neighbours' bits;
+// 7-bit codes use the two-table permute of 128 entries), two byte unpacks interleave them into 2 × 32 bfloat16
+// lanes, and vdpbf16ps adds 32 products into 16 float32 accumulators (38.9 codes/ns in the loop above). The
+// sums are float32 additions as in the float32 path (vdpbf16ps rounds each pair sum to nearest even and treats
+// subnormal inputs and outputs as zero: |x| < 1.2e-38 counts as 0). The byte permute orders the codes so that
+// the unpacks (which interleave within 128-bit lanes) give codes 0..31 and 32..63 in order. 8-bit codes and
+// float32 / float16 activations take the float32 path (rounding those x to bfloat16 would change the product).
 
-template <int R>
-void shrink_rows(bool simd, const float* x, int64_t ldx, int64_t h_in, const Block& B, int64_t j, float* dots) {
-#ifdef PRINMIX_X86
-  if (simd) {
-    shrink_avx512<R>(x, ldx, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
-    return;
+struct VbmiTables {
+  alignas(64) uint8_t gather[9][64];        // [bits]: vpermb index, qword q ← codes 8q .. 8q+7 (natural order)
+  alignas(64) uint8_t gather_bf16[9][64];   // [bits]: qword 2l ← codes 8l .., qword 2l+1 ← codes 32+8l .. (unpacks)
+  alignas(64) uint8_t shift[9][8][64];      // [bits][s]: multishift control, byte i of each qword: s + i·bits
+  alignas(64) uint8_t bf16_lo[9][128];      // [bits][i]: low / high byte of bf16(i mod 2^bits)
+  alignas(64) uint8_t bf16_hi[9][128];
+  alignas(64) uint32_t pair_lo[16], pair_hi[16], quad[2][16];   // unstride64's permutes
+
+  VbmiTables() {
+    std::memset(this, 0, sizeof(*this));
+    for (int bits = 1; bits <= 8; ++bits) {
+      for (int q = 0; q < 8; ++q) {
+        const int g = q % 2 == 0 ? q / 2 : 4 + q / 2;
+        for (int i = 0; i < 8; ++i) {
+          gather[bits][8 * q + i] = static_cast<uint8_t>(q * bits + i);   // ≤ 7·8 + 7 = 63
+          gather_bf16[bits][8 * q + i] = static_cast<uint8_t>(g * bits + i);
+          for (int s = 0; s < 8; ++s) shift[bits][s][8 * q + i] = static_cast<uint8_t>((s + i * bits) & 63);
+        }
+      }
+      for (int i = 0; i < 128; ++i) {
+        const float v = static_cast<float>(i & ((1 << bits) - 1));
+        uint32_t u;
+        std::memcpy(&u, &v, 4);                 // integers ≤ 255: the high 16 bits of the float32 are exact
+        bf16_lo[bits][i] = static_cast<uint8_t>(u >> 16);
+        bf16_hi[bits][i] = static_cast<uint8_t>(u >> 24);
+      }
+    }
+    // unstride64: A_m lane d holds output 4d + m. Level 1 interleaves A0, A1 (and A2, A3): lane 2i + t ← A_t[i]
+    // (pair_lo: i < 8, pair_hi: i ≥ 8). Level 2: output vector v lane 4k + m ← A_m[4v + k] from the two pairs.
+    for (int i = 0; i < 8; ++i)
+      for (int t = 0; t < 2; ++t) {
+        pair_lo[2 * i + t] = static_cast<uint32_t>(16 * t + i);
+        pair_hi[2 * i + t] = static_cast<uint32_t>(16 * t + 8 + i);
+      }
+    for (int v = 0; v < 2; ++v)
+      for (int k = 0; k < 4; ++k)
+        for (int m = 0; m < 4; ++m) quad[v][4 * k + m] = static_cast<uint32_t>(16 * (m / 2) + 2 * (4 * v + k) + m % 2);
   }
-#endif
-  shrink_scalar(x, ldx, R, h_in, B.v_codes, B.bits, j, dots);
+};
+
+const VbmiTables& vbmi_tables() {
+  static const VbmiTables t;
+  return t;
+}
+
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
+#define VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512bf16")))
+
+struct VbmiRow {
+  __m512i gather, shift;
+};
+
+VBMI inline VbmiRow vbmi_row(int bits, int64_t bit0, bool bf16_order) {
+  const VbmiTables& t = vbmi_tables();
+  return VbmiRow{_mm512_load_si512(bf16_order ? t.gather_bf16[bits] : t.gather[bits]),
+                 _mm512_load_si512(t.shift[bits][bit0 & 7])};
+}
+
+// The 64 bytes of stream p from `byte` on, zeros past nbytes (never read).
+VBMI inline __m512i load64(const uint8_t* p, int64_t byte, int64_t nbytes) {
+  if (byte + 64 <= nbytes) return _mm512_loadu_si512(p + byte);
+  const int64_t left = nbytes - byte;
+  const __mmask64 m = left <= 0 ? __mmask64(0) : (~__mmask64(0)) >> (64 - left);
+  return _mm512_maskz_loadu_epi8(m, p + byte);
+}
+
+// 64 codes from stream byte `byte` on, one a byte, still carrying their neighbours' bits above `bits`.
+VBMI inline __m512i decode64_raw(const VbmiRow& d, const uint8_t* p, int64_t byte, int64_t nbytes) {
+  return _mm512_multishift_epi64_epi8(d.shift, _mm512_permutexvar_epi8(d.gather, load64(p, byte, nbytes)));
+}
+
+// The 64 codes in b as float32, strided: w[m] lane d = code 4d + m (mask: 2^bits − 1 in every 32-bit lane).
+VBMI inline void codes_f32_strided(const __m512i b, const __m512i mask, __m512 w[4]) {
+  w[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, mask));
+  w[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, 8), mask));
+  w[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, 16), mask));
+  w[3] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(b, 24), mask));
+}
+
+// out[0 : 64) = the 64 values of a[0 : 64) (strided order) in natural order.
+VBMI inline void unstride64(const float* a, float* out) {
+  const VbmiTables& t = vbmi_tables();
+  const __m512i lo = _mm512_load_si512(t.pair_lo), hi = _mm512_load_si512(t.pair_hi);
+  const __m512i q0 = _mm512_load_si512(t.quad[0]), q1 = _mm512_load_si512(t.quad[1]);
+  const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
+               a3 = _mm512_loadu_ps(a + 48);
+  const __m512 t0 = _mm512_permutex2var_ps(a0, lo, a1), t1 = _mm512_permutex2var_ps(a0, hi, a1);
+  const __m512 u0 = _mm512_permutex2var_ps(a2, lo, a3), u1 = _mm512_permutex2var_ps(a2, hi, a3);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(t0, q0, u0));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(t0, q1, u0));
+  _mm512_storeu_ps(out + 32, _mm512_permutex2var_ps(t1, q0, u1));
+  _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(t1, q1, u1));
+}
+
+// dots[r] = Σ_c C[j, c] x[r, c] for R rows, 64 codes a decode; xs: the float32 rows in the strided layout, zero
+// from h_in to the next multiple of 64 (the codes there, the next row's or zeros, meet zeros).
+template <int R>
+VBMI void shrink_vbmi(const float* xs, int64_t ldx, int64_t h_in, const uint8_t* codes, int64_t nbytes, int bits,
+                      int64_t j, float* dots) {
+  const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
+  const VbmiRow d = vbmi_row(bits, bit0, false);
+  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  __m512 w[4];
+  for (int64_t c = 0; c < h_in; c += 64) {
+    codes_f32_strided(decode64_raw(d, codes, byte0 + c / 8 * bits, nbytes), mask, w);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = xs + r * ldx + c;
+      acc0[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc1[r]);
+      acc0[r] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xr + 32), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xr + 48), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+// The same for bfloat16 x (raw bits, natural order, zero from h_in to the next multiple of 64) and codes of
+// ≤ 7 bits (LUT128: 7 bits): 64 codes a decode, 32 products a vdpbf16ps.
+template <int R, bool LUT128>
+VBMI_BF16 void shrink_bf16_rows(const uint16_t* xb, int64_t ldx, int64_t h_in, const uint8_t* codes,
+                                int64_t nbytes, int bits, int64_t j, float* dots) {
+  const VbmiTables& t = vbmi_tables();
+  const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
+  const VbmiRow d = vbmi_row(bits, bit0, true);
+  const __m512i lo0 = _mm512_load_si512(t.bf16_lo[bits]), lo1 = _mm512_load_si512(t.bf16_lo[bits] + 64);
+  const __m512i hi0 = _mm512_load_si512(t.bf16_hi[bits]), hi1 = _mm512_load_si512(t.bf16_hi[bits] + 64);
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < h_in; c += 64) {
+    const __m512i b = decode64_raw(d, codes, byte0 + c / 8 * bits, nbytes);
+    const __m512i lo = LUT128 ? _mm512_permutex2var_epi8(lo0, b, lo1) : _mm512_permutexvar_epi8(b, lo0);
+    const __m512i hi = LUT128 ? _mm512_permutex2var_epi8(hi0, b, hi1) : _mm512_permutexvar_epi8(b, hi0);
+    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* xr = xb + r * ldx + c;
+      acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(xr));
+      acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 template <int R>
-void expand_rows(bool simd, const std::vector<Block>& blocks, const float* t, int64_t ldt, int64_t h_out,
+VBMI_BF16 void shrink_bf16(const uint16_t* xb, int64_t ldx, int64_t h_in, const uint8_t* codes, int64_t nbytes,
+                           int bits, int64_t j, float* dots) {
+  if (bits <= 6) shrink_bf16_rows<R, false>(xb, ldx, h_in, codes, nbytes, bits, j, dots);
+  else shrink_bf16_rows<R, true>(xb, ldx, h_in, codes, nbytes, bits, j, dots);
+}
+
+// acc[r, 0 : 64·nc) += Σ_g a[g·R + r] · C[j_g, o0 : o0 + 64·nc) (strided order) for G rank rows of one block
+// (bit0[g]: row j_g's first code's stream bit), 64 outputs at a time, the R × 64 accumulators loaded and
+// stored once for the G ranks, whose rows are read as G sequential streams.
+template <int R, int G>
+VBMI void expand_ranks_vbmi(const Block& B, const int64_t* bit0, const float* a, int64_t nc, float* acc,
+                            int64_t lda) {
+  VbmiRow d[G];
+  int64_t byte0[G];
+  for (int g = 0; g < G; ++g) {
+    d[g] = vbmi_row(B.bits, bit0[g], false);
+    byte0[g] = bit0[g] >> 3;
+  }
+  const __m512i mask = _mm512_set1_epi32((1 << B.bits) - 1);
+  for (int64_t q = 0; q < nc; ++q) {
+    __m512 o[4][R];
+    for (int m = 0; m < 4; ++m)
+      for (int r = 0; r < R; ++r) o[m][r] = _mm512_loadu_ps(acc + r * lda + 64 * q + 16 * m);
+    for (int g = 0; g < G; ++g) {
+      __m512 w[4];
+      codes_f32_strided(decode64_raw(d[g], B.u_codes, byte0[g] + 8 * q * B.bits, B.u_nbytes), mask, w);
+      for (int m = 0; m < 4; ++m)
+        for (int r = 0; r < R; ++r) o[m][r] = _mm512_fmadd_ps(_mm512_set1_ps(a[g * R + r]), w[m], o[m][r]);
+    }
+    for (int m = 0; m < 4; ++m)
+      for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc + r * lda + 64 * q + 16 * m, o[m][r]);
+  }
+}
+
+// expand_tile_avx512 with the VBMI decode (same arguments and result; n ≤ TILE): the R × TILE accumulators in
+// strided order on the stack, ranks of a block in groups of G (4 for one activation row, 2 for two, else 1: the
+// accumulators, the code vectors and the tables stay in the 32 registers), lanes past n accumulating unused
+// values; then the outputs in order minus Σ_j a_j zu_j.
+template <int R>
+VBMI void expand_tile_vbmi(const Block* blocks, int64_t n_blocks, const float* t, int64_t ldt, int64_t h_out,
+                           int64_t o0, int64_t n, float* out, int64_t ldo) {
+  constexpr int G = R == 1 ? 4 : R == 2 ? 2 : 1;
+  alignas(64) float acc[R * TILE];
+  const int64_t nc = (n + 63) / 64;
+  for (int r = 0; r < R; ++r)
+    for (int64_t q = 0; q < 4 * nc; ++q) _mm512_store_ps(acc + r * TILE + 16 * q, _mm512_setzero_ps());
+  float zsum[R] = {0};
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const Block& B = blocks[b];
+    for (int64_t j0 = 0; j0 < B.k; j0 += G) {
+      const int gn = static_cast<int>(std::min<int64_t>(G, B.k - j0));
+      int64_t bit0[G];
+      float a[G * R];
+      for (int g = 0; g < gn; ++g) {
+        const int64_t j = j0 + g;
+        bit0[g] = (j * h_out + o0) * B.bits;
+        const float su = static_cast<float>(B.u_scale[j]), zu = static_cast<float>(B.u_zero[j]);
+        for (int r = 0; r < R; ++r) {
+          a[g * R + r] = su * t[r * ldt + B.rank_off + j];
+          zsum[r] += a[g * R + r] * zu;
+        }
+      }
+      if (gn == G) {
+        expand_ranks_vbmi<R, G>(B, bit0, a, nc, acc, TILE);
+      } else {
+        for (int g = 0; g < gn; ++g) expand_ranks_vbmi<R, 1>(B, bit0 + g, a + g * R, nc, acc, TILE);
+      }
+    }
+  }
+  const int64_t nq = (n + 15) / 16;
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float chunk[64];
+    const __m512 z = _mm512_set1_ps(zsum[r]);
+    for (int64_t c = 0; c < nc; ++c) {
+      unstride64(acc + r * TILE + 64 * c, chunk);
+      for (int64_t k = 0; k < 4 && 4 * c + k < nq; ++k)
+        _mm512_storeu_ps(out + r * ldo + 64 * c + 16 * k, _mm512_sub_ps(_mm512_load_ps(chunk + 16 * k), z));
+    }
+  }
+}
+
+#else
+bool cpu_has_avx512() { return false; }
+int64_t cpu_isa_level() { return 0; }
+#endif
+
+// The activation rows of a shrink in the layouts its code paths read: x float32 [n, h_in]; with ISA_VBMI, xs:
+// the same in the strided layout (strided_index) and xb: bfloat16 x's bits when isa ≥ ISA_BF16 and x is bfloat16
+// (else null), both [n, ldp] zero-padded to ldp = 64·⌈h_in / 64⌉.
+struct ShrinkRows {
+  const float* x;
+  const float* xs;
+  const uint16_t* xb;
+  int64_t ldp;
+};
+
+template <int R>
+void shrink_rows(int64_t isa, const ShrinkRows& in, int64_t row, int64_t h_in, const Block& B, int64_t j,
+                 float* dots) {
+#ifdef PRINMIX_X86
+  if (isa >= ISA_BF16 && in.xb != nullptr && B.bits <= 7) {
+    shrink_bf16<R>(in.xb + row * in.ldp, in.ldp, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
+    return;
+  }
+  if (isa >= ISA_VBMI) {
+    shrink_vbmi<R>(in.xs + row * in.ldp, in.ldp, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
+    return;
+  }
+  if (isa >= ISA_AVX512) {
+    shrink_avx512<R>(in.x + row * h_in, h_in, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
+    return;
+  }
+#endif
+  shrink_scalar(in.x + row * h_in, h_in, R, h_in, B.v_codes, B.bits, j, dots);
+}
+
+template <int R>
+void expand_rows(int64_t isa, const std::vector<Block>& blocks, const float* t, int64_t ldt, int64_t h_out,
                  int64_t o0, int64_t n, float* out, int64_t ldo) {
 #ifdef PRINMIX_X86
-  if (simd) {
+  if (isa >= ISA_VBMI) {
+    expand_tile_vbmi<R>(blocks.data(), static_cast<int64_t>(blocks.size()), t, ldt, h_out, o0, n, out, ldo);
+    return;
+  }
+  if (isa >= ISA_AVX512) {
     expand_tile_avx512<R>(blocks.data(), static_cast<int64_t>(blocks.size()), t, ldt, h_out, o0, n, out, ldo);
     return;
   }
@@ -314,11 +605,11 @@ void on_dtype(const at::Tensor& t, F&& f) {
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
 // float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous; rows int64 [n]
 // (distinct); segments int64 [S, 3]: (first index into rows, count, slot), disjoint; table int64 [n_slots,
-// max_blocks, N_FIELDS]; n_blocks int64 [n_slots]; max_rank: the largest Σ_b k_b of the segments' slots; simd:
-// use AVX-512 when the CPU has it (false: the portable scalar code); parallel: split the work over torch's
-// intra-op threads when there is enough of it (false: the calling thread only).
+// max_blocks, N_FIELDS]; n_blocks int64 [n_slots]; max_rank: the largest Σ_b k_b of the segments' slots; isa: the
+// highest instruction-set level to use (Isa; lowered to what the CPU has, 0: the portable scalar code); parallel:
+// split the work over torch's intra-op threads when there is enough of it (false: the calling thread only).
 void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
-                          const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, bool simd,
+                          const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, int64_t isa,
                           bool parallel, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
@@ -329,7 +620,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
               table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
   TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
-  simd = simd && cpu_has_avx512();
+  isa = std::min(isa, cpu_isa_level());
   const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
   const int64_t* seg = segments.data_ptr<int64_t>();
   const int64_t* row_of = rows.data_ptr<int64_t>();
@@ -358,6 +649,20 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   std::vector<float> t(static_cast<size_t>(n * std::max<int64_t>(max_rank, 1)), 0.f);
   on_dtype(x, [&](auto zero) { gather_rows<decltype(zero)>(x, row_of, n, xf.data()); });
   const float* xp = xf.data();
+  const int64_t ldp = (h_in + 63) / 64 * 64;
+  std::vector<float> xs;                             // ShrinkRows' strided float32 rows (VBMI)
+  std::vector<uint16_t> xb;                          // and bfloat16 bits (BF16, bfloat16 x)
+  if (isa >= ISA_VBMI) {
+    xs.assign(static_cast<size_t>(n * ldp), 0.f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < h_in; ++c) xs[i * ldp + strided_index(c)] = xp[i * h_in + c];
+  }
+  if (isa >= ISA_BF16 && x.scalar_type() == at::kBFloat16) {
+    xb.assign(static_cast<size_t>(n * ldp), 0);
+    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x.data_ptr<c10::BFloat16>());
+    for (int64_t i = 0; i < n; ++i) std::memcpy(&xb[i * ldp], xr + row_of[i] * h_in, h_in * sizeof(uint16_t));
+  }
+  const ShrinkRows in{xp, xs.data(), xb.empty() ? nullptr : xb.data(), ldp};
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = 0; c < h_in; ++c) xsum[r] += xp[r * h_in + c];
 
@@ -374,12 +679,11 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
         const float zv = static_cast<float>(B.v_zero[j]);
         over_row_tiles(count, [&](int R, int64_t r) {
           float dots[ROWS];
-          const float* xr = xp + (row0 + r) * h_in;
           switch (R) {
-            case 4: shrink_rows<4>(simd, xr, h_in, h_in, B, j, dots); break;
-            case 3: shrink_rows<3>(simd, xr, h_in, h_in, B, j, dots); break;
-            case 2: shrink_rows<2>(simd, xr, h_in, h_in, B, j, dots); break;
-            default: shrink_rows<1>(simd, xr, h_in, h_in, B, j, dots);
+            case 4: shrink_rows<4>(isa, in, row0 + r, h_in, B, j, dots); break;
+            case 3: shrink_rows<3>(isa, in, row0 + r, h_in, B, j, dots); break;
+            case 2: shrink_rows<2>(isa, in, row0 + r, h_in, B, j, dots); break;
+            default: shrink_rows<1>(isa, in, row0 + r, h_in, B, j, dots);
           }
           for (int i = 0; i < R; ++i)
             t[(row0 + r + i) * max_rank + B.rank_off + j] = mult * (dots[i] - zv * xsum[row0 + r + i]);
@@ -399,10 +703,10 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
         over_row_tiles(count, [&](int R, int64_t r) {
           const float* tr = t.data() + (row0 + r) * max_rank;
           switch (R) {
-            case 4: expand_rows<4>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
-            case 3: expand_rows<3>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
-            case 2: expand_rows<2>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
-            default: expand_rows<1>(simd, blocks[s], tr, max_rank, h_out, o0, width, d, TILE);
+            case 4: expand_rows<4>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            case 3: expand_rows<3>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            case 2: expand_rows<2>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
+            default: expand_rows<1>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE);
           }
           add_into<T>(y, row_of + row0 + r, R, o0, width, d, TILE);
         });
@@ -412,11 +716,13 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
 }
 
 bool has_avx512() { return cpu_has_avx512(); }
+int64_t cpu_isa() { return cpu_isa_level(); }
 
 }  // namespace
 
 TORCH_LIBRARY(prinmix_packed, m) {
   m.def("packed_lowrank_delta(Tensor x, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
-        "bool simd, bool parallel, Tensor(a!) y) -> ()", &packed_lowrank_delta);
+        "int isa, bool parallel, Tensor(a!) y) -> ()", &packed_lowrank_delta);
   m.def("has_avx512() -> bool", &has_avx512);
+  m.def("cpu_isa() -> int", &cpu_isa);
 }

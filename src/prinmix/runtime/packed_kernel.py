@@ -16,8 +16,8 @@ How it is built: torch.utils.cpp_extension JIT-compiles the one C++ file (ATen /
 Python.h: ~8 s with g++ 12) into torch's extension cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions) on first use in a process; later processes load the cached library. No compiler,
 a failed build, or PRINMIX_PACKED_KERNEL=0 → `load_kernel()` returns None after one log line, and callers
-keep the factor-cache / torch path. The code dispatches on the CPU at run time (AVX-512BW or portable scalar),
-so one build serves any x86-64 CPU.
+keep the factor-cache / torch path. The code dispatches on the CPU at run time (ISA_LEVELS: AVX-512 with VBMI and
+BF16, AVX-512BW, or portable scalar), so one build serves any x86-64 CPU.
 
 Block table (`PackedTable`): int64 [n_slots, max_blocks, len(BLOCK_FIELDS)], one row per (tenant slot, block)
 holding the width, rank, rank offset and the addresses / byte lengths of the block's tensors (codes, float16
@@ -38,8 +38,8 @@ import torch
 
 from .packed import PackedLinear
 
-__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "kernel_available", "load_kernel",
-           "packed_delta", "supported"]
+__all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "cpu_isa",
+           "kernel_available", "load_kernel", "packed_delta", "supported"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,10 @@ KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "packed_lowran
 BLOCK_FIELDS = ("bits", "k", "rank_off", "v_codes", "v_scale", "v_zero", "v_nbytes", "u_codes", "u_scale", "u_zero",
                 "u_nbytes", "sigma")                     # the C++ enum Field, in order
 _F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
+# The kernel's code paths by instruction set, each level including the ones before (the C++ enum Isa): the
+# portable scalar code, AVX-512F/BW (16 codes a decode), + VBMI (64 codes a decode), + AVX512_BF16 (vdpbf16ps
+# shrink for bfloat16 activations). `isa` arguments name the highest to use; the kernel lowers it to the CPU's.
+ISA_LEVELS = ("scalar", "avx512", "vbmi", "bf16")
 # Split a call's work over torch's intra-op threads (PRINMIX_KERNEL_PARALLEL=0: the calling thread only). On 2
 # dedicated cores the split nearly halves a step's kernel time; where other processes share the cores, every
 # parallel region waits for the descheduled thread (measured unlocked at load ~4.5: 211 calls of a SmolLM2 step
@@ -80,6 +84,11 @@ def load_kernel():
 def kernel_available() -> bool:
     """Whether the kernel is built (building it on the first call)."""
     return load_kernel() is not None
+
+
+def cpu_isa() -> str:
+    """The highest ISA_LEVELS entry this CPU runs (needs kernel_available())."""
+    return ISA_LEVELS[load_kernel().cpu_isa()]
 
 
 def supported(p: PackedLinear) -> bool:
@@ -136,22 +145,24 @@ class PackedTable:
 
 
 def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                      table: PackedTable, simd: bool = True, parallel: bool | None = None) -> None:
+                      table: PackedTable, isa: str = "bf16", parallel: bool | None = None) -> None:
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
-    slot), disjoint. simd=False forces the portable scalar code (tests); parallel: over torch's intra-op threads
-    (None: PARALLEL, see there). Needs kernel_available()."""
+    slot), disjoint. isa: the highest ISA_LEVELS code path to use, lowered to what the CPU runs ("scalar": the
+    portable code; tests and benchmarks force lower ones); parallel: over torch's intra-op threads (None: PARALLEL,
+    see there). Needs kernel_available()."""
     if segments:
         seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
-        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd,
+        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank,
+                                           ISA_LEVELS.index(isa),
                                            PARALLEL if parallel is None else parallel, y)
 
 
-def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool = True,
+def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, isa: str = "bf16",
                  parallel: bool | None = None) -> torch.Tensor:
     """x·ΔŴᵀ float32 [n, h_out] for every row of x [n, h_in] (any float dtype) with the delta of `slot`."""
     x = x.contiguous()
     out = torch.zeros(x.shape[0], table.h_out, dtype=torch.float32, device=x.device)
-    add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, simd, parallel)
+    add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, isa, parallel)
     return out
