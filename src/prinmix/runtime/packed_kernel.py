@@ -39,7 +39,7 @@ import torch
 from .packed import PackedLinear
 
 __all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "cpu_isa",
-           "kernel_available", "load_kernel", "packed_delta", "supported"]
+           "default_isa", "kernel_available", "load_kernel", "packed_delta", "supported"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ _F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
 # portable scalar code, AVX-512F/BW (16 codes a decode), + VBMI (64 codes a decode), + AVX512_BF16 (vdpbf16ps
 # shrink for bfloat16 activations). `isa` arguments name the highest to use; the kernel lowers it to the CPU's.
 ISA_LEVELS = ("scalar", "avx512", "vbmi", "bf16")
+# PRINMIX_KERNEL_ISA=<level>: the highest path calls use by default (comparing paths in a serving run; an
+# unknown name is ignored with a log line at the first call).
+_ISA_ENV = "PRINMIX_KERNEL_ISA"
 # Split a call's work over torch's intra-op threads (PRINMIX_KERNEL_PARALLEL=0: the calling thread only). On 2
 # dedicated cores the split nearly halves a step's kernel time; where other processes share the cores, every
 # parallel region waits for the descheduled thread (measured unlocked at load ~4.5: 211 calls of a SmolLM2 step
@@ -84,6 +87,18 @@ def load_kernel():
 def kernel_available() -> bool:
     """Whether the kernel is built (building it on the first call)."""
     return load_kernel() is not None
+
+
+@functools.cache
+def default_isa() -> str:
+    """The ISA level calls use unless they name one: PRINMIX_KERNEL_ISA when set to an ISA_LEVELS name, else the
+    highest (the kernel lowers it to what the CPU runs)."""
+    level = os.environ.get(_ISA_ENV, ISA_LEVELS[-1])
+    if level not in ISA_LEVELS:
+        log.warning("prinmix: %s=%r is none of %s; the kernel uses its best path", _ISA_ENV, level,
+                    ", ".join(ISA_LEVELS))
+        return ISA_LEVELS[-1]
+    return level
 
 
 def cpu_isa() -> str:
@@ -145,21 +160,21 @@ class PackedTable:
 
 
 def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                      table: PackedTable, isa: str = "bf16", parallel: bool | None = None) -> None:
+                      table: PackedTable, isa: str | None = None, parallel: bool | None = None) -> None:
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
     slot), disjoint. isa: the highest ISA_LEVELS code path to use, lowered to what the CPU runs ("scalar": the
-    portable code; tests and benchmarks force lower ones); parallel: over torch's intra-op threads (None: PARALLEL,
+    portable code; tests and benchmarks force lower ones; None: default_isa()); parallel: over torch's intra-op threads (None: PARALLEL,
     see there). Needs kernel_available()."""
     if segments:
         seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
         load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank,
-                                           ISA_LEVELS.index(isa),
+                                           ISA_LEVELS.index(isa or default_isa()),
                                            PARALLEL if parallel is None else parallel, y)
 
 
-def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, isa: str = "bf16",
+def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, isa: str | None = None,
                  parallel: bool | None = None) -> torch.Tensor:
     """x·ΔŴᵀ float32 [n, h_out] for every row of x [n, h_in] (any float dtype) with the delta of `slot`."""
     x = x.contiguous()
