@@ -127,6 +127,14 @@ void expand_scalar(const float* a, int64_t rows, int64_t lda, const uint8_t* cod
 // Position of element c of a row in the strided layout (the VBMI path's codes_f32_strided order within each 64 elements).
 inline int64_t strided_index(int64_t c) { return (c & ~int64_t{63}) + 16 * (c & 3) + ((c & 63) >> 2); }
 
+// Where a shrink task writes, for R activation rows: t[r·ldt + B.rank_off + j] = σ_j sv_j (dot_j[r] − zv_j xsum[r])
+// (dot_j[r] = Σ_c C[j, c] x[r, c]), the rows' Σ_c x in xsum[r].
+struct ShrinkOut {
+  float* t;
+  int64_t ldt;
+  const float* xsum;
+};
+
 // ---- AVX-512 decoding (x86-64 only; elsewhere the scalar code runs) -----------------------------------------
 
 #ifdef PRINMIX_X86
@@ -338,8 +346,8 @@ const VbmiTables& vbmi_tables() {
   return t;
 }
 
-#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
-#define VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512bf16")))
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,f16c")))
+#define VBMI_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512bf16,f16c")))
 
 struct VbmiRow {
   __m512i gather, shift;
@@ -387,63 +395,79 @@ VBMI inline void unstride64(const float* a, float* out) {
   _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(t1, q1, u1));
 }
 
-// dots[r] = Σ_c C[j, c] x[r, c] for R rows, 64 codes a decode; xs: the float32 rows in the strided layout, zero
-// from h_in to the next multiple of 64 (the codes there, the next row's or zeros, meet zeros).
+VBMI inline float half_f32(c10::Half h) { return _cvtsh_ss(h.x); }   // F16C (every AVX-512 CPU has it)
+
 template <int R>
-VBMI void shrink_vbmi(const float* xs, int64_t ldx, int64_t h_in, const uint8_t* codes, int64_t nbytes, int bits,
-                      int64_t j, float* dots) {
-  const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
-  const VbmiRow d = vbmi_row(bits, bit0, false);
+VBMI inline void shrink_store(const Block& B, int64_t j, const __m512* acc0, const __m512* acc1, const ShrinkOut& o) {
+  const float mult = half_f32(B.v_scale[j]) * (B.sigma ? half_f32(B.sigma[j]) : 1.f);
+  const float zv = static_cast<float>(B.v_zero[j]);
+  for (int r = 0; r < R; ++r)
+    o.t[r * o.ldt + B.rank_off + j] = mult * (_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) - zv * o.xsum[r]);
+}
+
+// The shrink of ranks [j0, j1) of block B for R rows, 64 codes a decode; xs: the float32 rows in the strided
+// layout, zero from h_in to the next multiple of 64 (the codes there, the next row's or zeros, meet zeros).
+template <int R>
+VBMI void shrink_vbmi(const float* xs, int64_t ldx, int64_t h_in, const Block& B, int64_t j0, int64_t j1,
+                      const ShrinkOut& out) {
+  const int bits = B.bits;
   const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-  __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  __m512 w[4];
-  for (int64_t c = 0; c < h_in; c += 64) {
-    __builtin_prefetch(codes + byte0 + c / 8 * bits + PREFETCH_BYTES, 0, 3);
-    codes_f32_strided(decode64_raw(d, codes, byte0 + c / 8 * bits, nbytes), mask, w);
-    for (int r = 0; r < R; ++r) {
-      const float* xr = xs + r * ldx + c;
-      acc0[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc1[r]);
-      acc0[r] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xr + 32), acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xr + 48), acc1[r]);
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
+    const VbmiRow d = vbmi_row(bits, bit0, false);
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    __m512 w[4];
+    for (int64_t c = 0; c < h_in; c += 64) {
+      __builtin_prefetch(B.v_codes + byte0 + c / 8 * bits + PREFETCH_BYTES, 0, 3);
+      codes_f32_strided(decode64_raw(d, B.v_codes, byte0 + c / 8 * bits, B.v_nbytes), mask, w);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = xs + r * ldx + c;
+        acc0[r] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xr), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xr + 16), acc1[r]);
+        acc0[r] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xr + 32), acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xr + 48), acc1[r]);
+      }
     }
+    shrink_store<R>(B, j, acc0, acc1, out);
   }
-  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 // The same for bfloat16 x (raw bits, natural order, zero from h_in to the next multiple of 64) and codes of
 // ≤ 7 bits (LUT128: 7 bits): 64 codes a decode, 32 products a vdpbf16ps.
 template <int R, bool LUT128>
-VBMI_BF16 void shrink_bf16_rows(const uint16_t* xb, int64_t ldx, int64_t h_in, const uint8_t* codes,
-                                int64_t nbytes, int bits, int64_t j, float* dots) {
+VBMI_BF16 void shrink_bf16_ranks(const uint16_t* xb, int64_t ldx, int64_t h_in, const Block& B, int64_t j0,
+                                 int64_t j1, const ShrinkOut& out) {
   const VbmiTables& t = vbmi_tables();
-  const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
-  const VbmiRow d = vbmi_row(bits, bit0, true);
+  const int bits = B.bits;
   const __m512i lo0 = _mm512_load_si512(t.bf16_lo[bits]), lo1 = _mm512_load_si512(t.bf16_lo[bits] + 64);
   const __m512i hi0 = _mm512_load_si512(t.bf16_hi[bits]), hi1 = _mm512_load_si512(t.bf16_hi[bits] + 64);
-  __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < h_in; c += 64) {
-    __builtin_prefetch(codes + byte0 + c / 8 * bits + PREFETCH_BYTES, 0, 3);
-    const __m512i b = decode64_raw(d, codes, byte0 + c / 8 * bits, nbytes);
-    const __m512i lo = LUT128 ? _mm512_permutex2var_epi8(lo0, b, lo1) : _mm512_permutexvar_epi8(b, lo0);
-    const __m512i hi = LUT128 ? _mm512_permutex2var_epi8(hi0, b, hi1) : _mm512_permutexvar_epi8(b, hi0);
-    const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
-    for (int r = 0; r < R; ++r) {
-      const uint16_t* xr = xb + r * ldx + c;
-      acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(xr));
-      acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t bit0 = j * h_in * bits, byte0 = bit0 >> 3;
+    const VbmiRow d = vbmi_row(bits, bit0, true);
+    __m512 acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < h_in; c += 64) {
+      __builtin_prefetch(B.v_codes + byte0 + c / 8 * bits + PREFETCH_BYTES, 0, 3);
+      const __m512i b = decode64_raw(d, B.v_codes, byte0 + c / 8 * bits, B.v_nbytes);
+      const __m512i lo = LUT128 ? _mm512_permutex2var_epi8(lo0, b, lo1) : _mm512_permutexvar_epi8(b, lo0);
+      const __m512i hi = LUT128 ? _mm512_permutex2var_epi8(hi0, b, hi1) : _mm512_permutexvar_epi8(b, hi0);
+      const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi8(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* xr = xb + r * ldx + c;
+        acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(xr));
+        acc1[r] = _mm512_dpbf16_ps(acc1[r], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+      }
     }
+    shrink_store<R>(B, j, acc0, acc1, out);
   }
-  for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
 }
 
 template <int R>
-VBMI_BF16 void shrink_bf16(const uint16_t* xb, int64_t ldx, int64_t h_in, const uint8_t* codes, int64_t nbytes,
-                           int bits, int64_t j, float* dots) {
-  if (bits <= 6) shrink_bf16_rows<R, false>(xb, ldx, h_in, codes, nbytes, bits, j, dots);
-  else shrink_bf16_rows<R, true>(xb, ldx, h_in, codes, nbytes, bits, j, dots);
+VBMI_BF16 void shrink_bf16(const uint16_t* xb, int64_t ldx, int64_t h_in, const Block& B, int64_t j0, int64_t j1,
+                           const ShrinkOut& out) {
+  if (B.bits <= 6) shrink_bf16_ranks<R, false>(xb, ldx, h_in, B, j0, j1, out);
+  else shrink_bf16_ranks<R, true>(xb, ldx, h_in, B, j0, j1, out);
 }
 
 // acc[r, 0 : 64·nc) += Σ_g a[g·R + r] · C[j_g, o0 : o0 + 64·nc) (strided order) for G rank rows of one block
@@ -497,7 +521,7 @@ VBMI void expand_tile_vbmi(const Block* blocks, int64_t n_blocks, const float* t
       for (int g = 0; g < gn; ++g) {
         const int64_t j = j0 + g;
         bit0[g] = (j * h_out + o0) * B.bits;
-        const float su = static_cast<float>(B.u_scale[j]), zu = static_cast<float>(B.u_zero[j]);
+        const float su = half_f32(B.u_scale[j]), zu = static_cast<float>(B.u_zero[j]);
         for (int r = 0; r < R; ++r) {
           a[g * R + r] = su * t[r * ldt + B.rank_off + j];
           zsum[r] += a[g * R + r] * zu;
@@ -538,24 +562,40 @@ struct ShrinkRows {
   int64_t ldp;
 };
 
+// dots[r] = Σ_c C[j, c] x[row + r, c] in the AVX-512BW or scalar code.
 template <int R>
-void shrink_rows(int64_t isa, const ShrinkRows& in, int64_t row, int64_t h_in, const Block& B, int64_t j,
+void shrink_dots(int64_t isa, const ShrinkRows& in, int64_t row, int64_t h_in, const Block& B, int64_t j,
                  float* dots) {
 #ifdef PRINMIX_X86
-  if (isa >= ISA_BF16 && in.xb != nullptr && B.bits <= 7) {
-    shrink_bf16<R>(in.xb + row * in.ldp, in.ldp, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
-    return;
-  }
-  if (isa >= ISA_VBMI) {
-    shrink_vbmi<R>(in.xs + row * in.ldp, in.ldp, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
-    return;
-  }
   if (isa >= ISA_AVX512) {
     shrink_avx512<R>(in.x + row * h_in, h_in, h_in, B.v_codes, B.v_nbytes, B.bits, j, dots);
     return;
   }
 #endif
   shrink_scalar(in.x + row * h_in, h_in, R, h_in, B.v_codes, B.bits, j, dots);
+}
+
+// The shrink of ranks [j0, j1) of block B for the R rows from `row` on (ShrinkOut: where it writes).
+template <int R>
+void shrink_rows(int64_t isa, const ShrinkRows& in, int64_t row, int64_t h_in, const Block& B, int64_t j0,
+                 int64_t j1, const ShrinkOut& out) {
+#ifdef PRINMIX_X86
+  if (isa >= ISA_BF16 && in.xb != nullptr && B.bits <= 7) {
+    shrink_bf16<R>(in.xb + row * in.ldp, in.ldp, h_in, B, j0, j1, out);
+    return;
+  }
+  if (isa >= ISA_VBMI) {
+    shrink_vbmi<R>(in.xs + row * in.ldp, in.ldp, h_in, B, j0, j1, out);
+    return;
+  }
+#endif
+  for (int64_t j = j0; j < j1; ++j) {
+    float dots[ROWS];
+    shrink_dots<R>(isa, in, row, h_in, B, j, dots);
+    const float mult = static_cast<float>(B.v_scale[j]) * (B.sigma ? static_cast<float>(B.sigma[j]) : 1.f);
+    const float zv = static_cast<float>(B.v_zero[j]);
+    for (int r = 0; r < R; ++r) out.t[r * out.ldt + B.rank_off + j] = mult * (dots[r] - zv * out.xsum[r]);
+  }
 }
 
 template <int R>
@@ -715,22 +755,16 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
       }
       const int64_t s = shrink_tasks[3 * task], j0 = shrink_tasks[3 * task + 2];
       const Block& B = blocks[s][shrink_tasks[3 * task + 1]];
-      const int64_t row0 = seg[3 * s], count = seg[3 * s + 1];
-      for (int64_t j = j0; j < std::min(B.k, j0 + RANKS_PER_TASK); ++j) {
-        const float mult = static_cast<float>(B.v_scale[j]) * (B.sigma ? static_cast<float>(B.sigma[j]) : 1.f);
-        const float zv = static_cast<float>(B.v_zero[j]);
-        over_row_tiles(count, [&](int R, int64_t r) {
-          float dots[ROWS];
-          switch (R) {
-            case 4: shrink_rows<4>(isa, in, row0 + r, h_in, B, j, dots); break;
-            case 3: shrink_rows<3>(isa, in, row0 + r, h_in, B, j, dots); break;
-            case 2: shrink_rows<2>(isa, in, row0 + r, h_in, B, j, dots); break;
-            default: shrink_rows<1>(isa, in, row0 + r, h_in, B, j, dots);
-          }
-          for (int i = 0; i < R; ++i)
-            t[(row0 + r + i) * max_rank + B.rank_off + j] = mult * (dots[i] - zv * xsum[row0 + r + i]);
-        });
-      }
+      const int64_t row0 = seg[3 * s], count = seg[3 * s + 1], j1 = std::min(B.k, j0 + RANKS_PER_TASK);
+      over_row_tiles(count, [&](int R, int64_t r) {
+        const ShrinkOut out{t.data() + (row0 + r) * max_rank, max_rank, xsum.data() + row0 + r};
+        switch (R) {
+          case 4: shrink_rows<4>(isa, in, row0 + r, h_in, B, j0, j1, out); break;
+          case 3: shrink_rows<3>(isa, in, row0 + r, h_in, B, j0, j1, out); break;
+          case 2: shrink_rows<2>(isa, in, row0 + r, h_in, B, j0, j1, out); break;
+          default: shrink_rows<1>(isa, in, row0 + r, h_in, B, j0, j1, out);
+        }
+      });
     }
   });
 
