@@ -2,12 +2,12 @@
 choice of the default path rests on this table.
 
 N tenants, each its own copy of a delta file's linears of some layers (q, k, v, o, gate, up, down) and of its
-lm_head / embedding rows delta (--vocab), one decode row each, the kernel called once per linear as in a
+lm_head / embedding rows delta (unless --no-vocab), --rows activation rows each (1: a decode step), the kernel called once per linear as in a
 serving step. For each activation dtype (bfloat16: the served SmolLM2 checkpoints; float32) and each code path
 this CPU runs, printed: ms for the linears and for the vocabulary rows (fastest of --reps), codes read per ns,
 and the ratio against the AVX-512BW path ("avx512", the kernel before VBMI / BF16) measured in the same run.
 
-    python benchmarks/bench_packed_kernel.py --delta FILE [--tenants 32] [--threads 1] [--layers 0,1,2]
+    python benchmarks/bench_packed_kernel.py --delta FILE [--tenants 32] [--rows 1] [--threads 1] [--layers 0,1,2]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tenants", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--layers", default="0,1,2")
+    ap.add_argument("--rows", type=int, default=1, help="activation rows a tenant (1: decode; more: prefill)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--no-vocab", dest="vocab", action="store_false", help="leave out the vocabulary rows delta")
     args = ap.parse_args(argv)
@@ -64,22 +65,24 @@ def main(argv=None) -> int:
     parts = {"linears": tables_for(linears, n)}
     if args.vocab and delta.vocab:
         parts["vocab rows"] = tables_for([m for _, m, _ in delta.vocab.values()], n)
-    codes = {part: n * sum(t.max_rank * (o + i) for t, o, i in tabs) for part, tabs in parts.items()}
-    order, segments = torch.arange(n), [(i, 1, i) for i in range(n)]
+    rows = args.rows
+    # codes read a call: the kernel reads each tenant's codes once per tile of up to 4 rows (ROWS in the C++)
+    codes = {part: n * -(-rows // 4) * sum(t.max_rank * (o + i) for t, o, i in tabs) for part, tabs in parts.items()}
+    order, segments = torch.arange(n * rows), [(i * rows, rows, i) for i in range(n)]
     g = torch.Generator().manual_seed(0)
     levels = ISA_LEVELS[1:ISA_LEVELS.index(cpu_isa()) + 1]
     results = {}                                    # (dtype, part, isa) -> ms
     for dtype in (torch.bfloat16, torch.float32):
         for part, tabs in parts.items():
-            xs = [torch.randn(n, i, generator=g).to(dtype) for _, _, i in tabs]
-            ys = [torch.zeros(n, o, dtype=dtype) for _, o, _ in tabs]
+            xs = [torch.randn(n * rows, i, generator=g).to(dtype) for _, _, i in tabs]
+            ys = [torch.zeros(n * rows, o, dtype=dtype) for _, o, _ in tabs]
             for isa in levels:
                 def run():
                     for (t, _, _), x, y in zip(tabs, xs, ys):
                         add_packed_deltas(x, y, order, segments, t, isa=isa)
                 results[dtype, part, isa] = fastest_ms(run, args.reps)
     print(f"{args.delta}: layers {sorted(layers)} ({len(linears)} linears){' + vocabulary rows' if 'vocab rows' in parts else ''}, "
-          f"{n} tenants x 1 decode row, {args.threads} threads, CPU runs up to '{cpu_isa()}'\n")
+          f"{n} tenants x {rows} rows, {args.threads} threads, CPU runs up to '{cpu_isa()}'\n")
     head = f"{'x dtype':>9} | {'part':>10} | {'path':>7} | {'ms':>8} {'codes/ns':>8} {'vs avx512':>9}"
     print(head)
     print("-" * len(head))
