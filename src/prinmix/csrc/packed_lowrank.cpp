@@ -13,6 +13,11 @@
 // the shrink by (segment, block, 16 ranks), the expand by (segment, 2048 outputs); each task writes its own
 // entries of t / out, so there are no reductions across threads. Accumulation is float32.
 //
+// Code paths, chosen per call (Isa; the CPU's best unless the caller names a lower one): with AVX-512 VBMI the
+// codes are decoded 64 a load (decode64_raw) into float32 lanes for the float32 FMAs (shrink_vbmi, the
+// expand), and with AVX512_BF16 too a bfloat16 x is multiplied by vdpbf16ps (shrink_bf16): see the VBMI section.
+// Without VBMI, the AVX-512BW decode below; without AVX-512, the scalar code (also the tests' reference path).
+//
 // Decoding 16 codes at once (AVX-512BW, when the CPU has it; a scalar path otherwise and for tests): 16 codes
 // starting at stream bit p span at most 16 bytes from byte p/8 (7 + 16·bits ≤ 135 bits; 8-bit codes start on
 // byte boundaries), so one 16-byte load broadcast to the four 128-bit lanes, one byte shuffle putting the two

@@ -4,7 +4,8 @@ in one call, read straight from the packed codes that runtime/packed.py keeps (n
 Why this path (benchmarks/README.md, "The fused packed kernel"): the factor cache (factor_cache.py) multiplies
 dequantised copies of the factors — int4 ~2×, int8 ~3× the packed bytes a step reads and holds, and two GEMM
 calls per (tenant, linear). The kernel reads each tenant's packed codes once per step (PrinMix's widths ~2–3
-bits), decodes 16 codes per AVX-512 instruction sequence, and runs all tenants of a linear in one call split
+bits), decodes 64 codes per load with AVX-512 VBMI (16 with AVX-512BW), multiplies bfloat16 activations by
+vdpbf16ps where the CPU has AVX512_BF16 (ISA_LEVELS), and runs all tenants of a linear in one call split
 over torch's intra-op threads; a resident tenant then costs its packed payload (≈ its delta file) and nothing
 else.
 
