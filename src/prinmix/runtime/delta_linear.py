@@ -87,12 +87,24 @@ class RowGroups:
         self.max_len = int(counts.max()) if counts.numel() else 0
         self._device = device
         self._seg_tensors = None
+        self._kernel_split: dict = {}
 
     def __bool__(self) -> bool:
         return bool(self.segments)
 
     def rows_of(self, start: int, length: int) -> torch.Tensor:
         return self.order[start:start + length]
+
+    def kernel_split(self, fused_slots: frozenset, tenant_slots: frozenset) -> tuple[torch.Tensor, list]:
+        """The segments of the packed kernel's call and the rest: (int64 [S, 3] of (start, length, slot) for the
+        slots in `fused_slots`, [(start, length, slot)] of the other slots in `tenant_slots`). Computed once per
+        pair of slot sets — every linear of one kind shares them — instead of once per linear and step."""
+        key = (fused_slots, tenant_slots)
+        if key not in self._kernel_split:
+            fused = [(a, n, s) for s, a, n in self.segments if s in fused_slots]
+            other = [(a, n, s) for s, a, n in self.segments if s in tenant_slots and s not in fused_slots]
+            self._kernel_split[key] = (torch.tensor(fused, dtype=torch.int64).reshape(-1, 3), other)
+        return self._kernel_split[key]
 
     def seg_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(start, length, slot) int32 [n_segments] on the device, for the kernels."""
@@ -123,11 +135,24 @@ class TenantBatch:
     def rows(self, n_rows: int, device) -> RowGroups:
         key = (n_rows, str(device))
         if key not in self._groups:
-            n_seqs = len(self)
-            if n_seqs == 0 or n_rows % n_seqs:
-                raise PrinmixError(f"activation with {n_rows} rows does not split into {n_seqs} sequences")
-            self._groups[key] = RowGroups(self.seq_slots.repeat_interleave(n_rows // n_seqs), device)
+            self._groups[key] = RowGroups(self.seq_slots.repeat_interleave(self._rows_per_seq(n_rows)), device)
         return self._groups[key]
+
+    def table_rows(self, n_rows: int, n_table: int, device) -> torch.Tensor:
+        """int64 [n_rows] on `device`: each row's slot + 1, or 0 for the base's rows and slots ≥ n_table − 1 — the
+        rows of a per-tenant parameter table [n_table, ...] whose row 0 is the base's (PerTenantParams). Computed
+        once per (n_rows, n_table, device)."""
+        key = ("table rows", n_rows, n_table, str(device))
+        if key not in self._groups:
+            index = (self.seq_slots + 1).repeat_interleave(self._rows_per_seq(n_rows))
+            self._groups[key] = torch.where(index < n_table, index, 0).to(device)
+        return self._groups[key]
+
+    def _rows_per_seq(self, n_rows: int) -> int:
+        n_seqs = len(self)
+        if n_seqs == 0 or n_rows % n_seqs:
+            raise PrinmixError(f"activation with {n_rows} rows does not split into {n_seqs} sequences")
+        return n_rows // n_seqs
 
 
 class TenantContext:
@@ -189,6 +214,7 @@ class DeltaLinear(nn.Module):
         self.tenants: dict[int, TenantDelta] = {}
         self._stack: StackedPacks | None = None
         self._table: PackedTable | None = None
+        self._kernel_slots: tuple[frozenset, frozenset] = (frozenset(), frozenset())
 
     # nn.Linear's attributes, for code that inspects the module
     @property
@@ -244,6 +270,9 @@ class DeltaLinear(nn.Module):
         """The kernel's block table of the tenants' packed deltas (built on first use after a change)."""
         if self._table is None:
             self._table = PackedTable.build({s: d.packed for s, d in self.tenants.items() if d.packed is not None})
+            # (slots the kernel adds in its call: in the table, no bias delta; slots with a delta here)
+            self._kernel_slots = (frozenset(s for s in self._table.slots if self.tenants[s].bias is None),
+                                  frozenset(self.tenants))
         return self._table
 
     # ---- forward -------------------------------------------------------------------------------
@@ -349,11 +378,7 @@ class DeltaLinear(nn.Module):
         rounds); tenants with a bias delta, sign deltas and other layouts go through a float32 gather-add-scatter
         (the kernel's product, or the reference's)."""
         table = self.packed_table()
-        fused, other = [], []
-        for slot, start, n in groups.segments:
-            d = self.tenants.get(slot)
-            if d is not None:
-                (fused if slot in table.slots and d.bias is None else other).append((start, n, slot))
+        fused, other = groups.kernel_split(*self._kernel_slots)
         add_packed_deltas(rows_x.contiguous(), rows_y, groups.order, fused, table)
         for start, n, slot in other:
             d = self.tenants[slot]

@@ -38,8 +38,8 @@ import torch
 
 from .packed import PackedLinear
 
-__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "kernel_available", "load_kernel",
-           "packed_delta", "supported"]
+__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "add_packed_rows", "kernel_available",
+           "load_kernel", "packed_delta", "supported"]
 
 log = logging.getLogger(__name__)
 
@@ -135,17 +135,32 @@ class PackedTable:
         return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs)
 
 
-def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                      table: PackedTable, simd: bool = True, parallel: bool | None = None) -> None:
+def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                      segments: list[tuple[int, int, int]] | torch.Tensor,
+                      table: PackedTable, simd: bool = True, parallel: bool | None = None,
+                      cols: torch.Tensor | None = None) -> None:
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
-    slot), disjoint. simd=False forces the portable scalar code (tests); parallel: over torch's intra-op threads
-    (None: PARALLEL, see there). Needs kernel_available()."""
+    slot), disjoint (or the same as an int64 tensor [S, 3]). cols: int64 [h_out] strictly increasing — output o of ΔŴ goes to column cols[o] of a wider y
+    (a tenant's compressed lm_head rows among all the logits). simd=False forces the portable scalar code (tests);
+    parallel: over torch's intra-op threads (None: PARALLEL, see there). Needs kernel_available()."""
+    seg = segments if isinstance(segments, torch.Tensor) else torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+    if seg.numel():
+        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd,
+                                           PARALLEL if parallel is None else parallel, y, cols)
+
+
+def add_packed_rows(positions: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                    segments: list[tuple[int, int, int]], table: PackedTable, simd: bool = True) -> None:
+    """y[rows[i]] += ΔŴ[positions[i]] in place (rounded once to y's dtype, as add_packed_deltas), ΔŴ [h_out, h_in]
+    the delta in `table` of the slot of i's segment: a tenant's embedding rows from its compressed vocabulary delta,
+    read from the packed codes (k codes of Û, then V̂'s k·h_in). positions, rows int64 [n]; y [N, h_in] contiguous;
+    segments as add_packed_deltas'. On the calling thread (k·h_in codes a row)."""
     if segments:
         seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
-        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, simd,
-                                           PARALLEL if parallel is None else parallel, y)
+        load_kernel().packed_rows(positions, rows, seg, table.table, table.n_blocks, table.max_rank, table.h_out,
+                                  simd, y)
 
 
 def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool = True,
