@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -500,6 +501,67 @@ void packed_rows(const at::Tensor& positions, const at::Tensor& rows, const at::
   });
 }
 
+// One code row dequantised: out[o] = mult (C[row, o] − zero) for o < n, C the codes of a [rows, n] factor.
+#ifdef PRINMIX_X86
+AVX512 void dequantize_row_avx512(const uint8_t* codes, int64_t nbytes, int bits, int64_t row, int64_t n, float mult,
+                                  float zero, float* out) {
+  const int64_t bit0 = row * n * bits;
+  const RowDecoder d = row_decoder(bits, bit0);
+  const __m512 m = _mm512_set1_ps(mult), z = _mm512_set1_ps(zero);
+  for (int64_t o = 0; o < n; o += 16) {
+    const __m512 w = _mm512_mul_ps(m, _mm512_sub_ps(decode16(d, codes, (bit0 >> 3) + o * bits / 8, nbytes), z));
+    _mm512_mask_storeu_ps(out + o, tail_mask(n - o), w);
+  }
+}
+#endif
+
+void dequantize_row(bool simd, const uint8_t* codes, int64_t nbytes, int bits, int64_t row, int64_t n, float mult,
+                    float zero, float* out) {
+#ifdef PRINMIX_X86
+  if (simd) {
+    dequantize_row_avx512(codes, nbytes, bits, row, n, mult, zero, out);
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < n; ++o) out[o] = mult * (code_at(codes, (row * n + o) * bits, bits) - zero);
+}
+
+// The factors of one slot's delta dequantised, x·ΔŴᵀ = (x aᵀ) b: a [K, h_in] float32 with row j = σ_j sv_j (Cv[j, :] − zv_j),
+// b [K, h_out] float32 with row j = su_j (Cu[j, :] − zu_j), K = Σ_b k_b (ranks in block order). For many rows of one
+// tenant (a prefill), where two GEMMs on these beat decoding the codes once per 4 rows. Split over torch's threads.
+void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, bool simd,
+                       const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
+              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
+  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous() && slot >= 0 && slot < table.size(0),
+              "slot out of range");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
+              b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a, b: float32 [K, h]");
+  simd = simd && cpu_has_avx512();
+  const int64_t h_in = a.size(1), h_out = b.size(1), K = a.size(0);
+  std::vector<Block> blocks;
+  std::vector<std::pair<int64_t, int64_t>> ranks;        // (block, j)
+  for (int64_t i = 0; i < n_blocks.data_ptr<int64_t>()[slot]; ++i) {
+    const Block B = read_block(table.data_ptr<int64_t>() + (slot * table.size(1) + i) * N_FIELDS);
+    TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= K && B.k * h_in * B.bits <= 8 * B.v_nbytes &&
+                B.k * h_out * B.bits <= 8 * B.u_nbytes, "invalid block");
+    blocks.push_back(B);
+    for (int64_t j = 0; j < B.k; ++j) ranks.emplace_back(i, j);
+  }
+  float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(ranks.size()), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Block& B = blocks[ranks[r].first];
+      const int64_t j = ranks[r].second, k = B.rank_off + j;
+      const float sigma = B.sigma ? static_cast<float>(B.sigma[j]) : 1.f;
+      dequantize_row(simd, B.v_codes, B.v_nbytes, B.bits, j, h_in, sigma * static_cast<float>(B.v_scale[j]),
+                     static_cast<float>(B.v_zero[j]), ap + k * h_in);
+      dequantize_row(simd, B.u_codes, B.u_nbytes, B.bits, j, h_out, static_cast<float>(B.u_scale[j]),
+                     static_cast<float>(B.u_zero[j]), bp + k * h_out);
+    }
+  });
+}
+
 bool has_avx512() { return cpu_has_avx512(); }
 
 }  // namespace
@@ -509,5 +571,7 @@ TORCH_LIBRARY(prinmix_packed, m) {
         "bool simd, bool parallel, Tensor(a!) y, Tensor? cols=None) -> ()", &packed_lowrank_delta);
   m.def("packed_rows(Tensor positions, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
         "int h_rows, bool simd, Tensor(a!) y) -> ()", &packed_rows);
+  m.def("packed_dequantize(Tensor table, Tensor n_blocks, int slot, bool simd, Tensor(a!) a, Tensor(b!) b) -> ()",
+        &packed_dequantize);
   m.def("has_avx512() -> bool", &has_avx512);
 }

@@ -38,8 +38,8 @@ import torch
 
 from .packed import PackedLinear
 
-__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "add_packed_rows", "kernel_available",
-           "load_kernel", "packed_delta", "supported"]
+__all__ = ["BLOCK_FIELDS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "add_packed_rows", "dequantized_factors",
+           "kernel_available", "load_kernel", "packed_delta", "supported"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def _address(t: torch.Tensor) -> int:
 class PackedTable:
     """The kernel's view of some tenants' deltas of one linear [h_out, h_in] (module docstring): table int64
     [n_slots, max_blocks, len(BLOCK_FIELDS)], n_blocks int64 [n_slots], max_rank (largest Σ_b k_b), slots (those
-    present), refs (the tensors whose addresses the table holds)."""
+    present), refs (the tensors whose addresses the table holds), ranks ({slot: Σ_b k_b})."""
 
     h_out: int
     table: torch.Tensor
@@ -105,6 +105,7 @@ class PackedTable:
     max_rank: int
     slots: frozenset
     refs: list
+    ranks: dict
 
     @classmethod
     def build(cls, tenants: dict[int, PackedLinear]) -> "PackedTable":
@@ -132,7 +133,8 @@ class PackedTable:
                     refs.append(b.sigma)
                 rank_off += b.rank
         h_out = next(iter(tenants.values())).shape[0] if tenants else 0
-        return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs)
+        return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs,
+                   {s: p.rank for s, p in tenants.items()})
 
 
 def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
@@ -170,3 +172,12 @@ def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, simd: bool 
     out = torch.zeros(x.shape[0], table.h_out, dtype=torch.float32, device=x.device)
     add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, simd, parallel)
     return out
+
+
+def dequantized_factors(table: PackedTable, slot: int, h_in: int, simd: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot's delta as float32 factors (a [K, h_in], b [K, h_out]) with x·ΔŴᵀ = (x aᵀ) b: a's row j = σ_j sv_j (Cv_j − zv_j),
+    b's row j = su_j (Cu_j − zu_j). For segments of many rows (a prefill), two GEMMs on these beat the fused call,
+    which decodes every code once per 4 rows (DeltaLinear's DENSE_MIN_ROWS). Needs kernel_available()."""
+    a, b = torch.empty(table.ranks[slot], h_in), torch.empty(table.ranks[slot], table.h_out)
+    load_kernel().packed_dequantize(table.table, table.n_blocks, slot, simd, a, b)
+    return a, b

@@ -1,7 +1,8 @@
-"""A tenant's compressed vocabulary rows through the packed C++ kernel (runtime/packed_kernel.py): the row gather
-(embedding lookups) and the column-mapped product (lm_head logits) equal a float64 reconstruction from the unpacked
-codes within float32's rounding bound, touch nothing else, and PerTenantEmbedding / PerTenantRows with the kernel
-equal their torch reference (the payload's lookup / head) in float32 and bfloat16."""
+"""The packed C++ kernel's entry points besides the fused product (runtime/packed_kernel.py): the row gather
+(embedding lookups of compressed vocabulary rows), the column-mapped product (lm_head logits) and the dequantised
+factors (prefill rows) equal a float64 reconstruction from the unpacked codes within float32's rounding bound and
+touch nothing else; PerTenantEmbedding / PerTenantRows with the kernel equal their torch reference (the payload's
+lookup / head) in float32 and bfloat16; DeltaLinear sends a tenant's many rows to the dequantised factors."""
 
 import shutil
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 from fixtures.compressed_deltas import prinmix_layout, reconstruct64
-from prinmix.runtime.delta_linear import TenantBatch, TenantContext
+from prinmix.runtime import delta_linear
+from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
 from prinmix.runtime.packed import PackedLinear
-from prinmix.runtime.packed_kernel import PackedTable, add_packed_deltas, add_packed_rows
+from prinmix.runtime.packed_kernel import PackedTable, add_packed_deltas, add_packed_rows, dequantized_factors
 from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
 
@@ -130,3 +132,40 @@ def test_vocabulary_modules_with_the_kernel_equal_the_reference(dtype):
         assert torch.equal(ref[2:], fast[2:])                     # base and payload-less rows untouched
         assert ((fast[:2].float() - ref[:2].float()).abs() <= unit * ref[:2].float().abs() + 1e-6).all()
     assert not torch.equal(out[True][0][0], emb(ids[0]))          # the tenant's rows did change
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512-or-scalar", "scalar"])
+@pytest.mark.parametrize("shape", [(37, 53), (1, 1), (300, 17), (130, 576)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_dequantized_factors_equal_float64_reference(shape, simd):
+    """(x aᵀ) b = x ΔŴᵀ: each factor entry is one float32 rounding of scale·σ·(code − zero), so bᵀa is the float64
+    reconstruction within a few float32 roundings of its terms' magnitude."""
+    h_out, h_in = shape
+    m = prinmix_layout(h_out, h_in, widths=WIDTHS, seed=9)
+    table = PackedTable.build({1: PackedLinear.from_compressed(m), 4: PackedLinear.from_compressed(
+        prinmix_layout(h_out, h_in, widths=[3, 2], seed=10))})
+    a, b = dequantized_factors(table, 1, h_in, simd=simd)
+    assert a.shape == (sum(blk.rank for blk in m.blocks), h_in) and b.shape == (a.shape[0], h_out)
+    n = sum(blk.rank for blk in m.blocks) + 4
+    tol = 2 * n * U32 * _abs_delta64(m)
+    assert ((b.double().T @ a.double() - reconstruct64(m)).abs() <= tol).all()
+
+
+def test_many_rows_of_a_tenant_go_through_dequantised_factors(monkeypatch):
+    """DeltaLinear's packed path: a tenant with ≥ DENSE_MIN_ROWS rows is multiplied on its dequantised factors, one
+    with fewer by the fused call; both equal the torch reference."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 96)
+    ref, fast = DeltaLinear(base, backend="torch"), DeltaLinear(base, backend="packed")
+    for slot, seed in ((0, 1), (2, 2)):
+        for layer in (ref, fast):
+            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(prinmix_layout(96, 64, WIDTHS, seed))))
+    calls = []
+    real = delta_linear.dequantized_factors
+    monkeypatch.setattr(delta_linear, "dequantized_factors", lambda table, slot, h_in: calls.append(slot) or
+                        real(table, slot, h_in))
+    many = delta_linear.DENSE_MIN_ROWS
+    slots = torch.tensor([0] * many + [2] * (many - 1) + [-1])
+    x = torch.randn(slots.numel(), 64)
+    with torch.no_grad():
+        assert torch.allclose(fast(x, slots), ref(x, slots), atol=1e-5, rtol=1e-5)
+    assert calls == [0]
