@@ -22,11 +22,12 @@ from .packed_kernel import PackedTable, add_packed_deltas, add_packed_rows, supp
 
 def packed_codes_at(data: torch.Tensor, bits: int, flat_index: torch.Tensor) -> torch.Tensor:
     """Codes (int64) at the given flat positions of a packed stream of `bits`-bit codes (LSB first,
-    packing.py's layout): code i occupies bits [i·b, (i+1)·b), so it spans at most two bytes."""
+    packing.py's layout): code i occupies bits [i·b, (i+1)·b), so it spans at most two bytes. A code in
+    the stream's last byte lies within it, so its second byte (clamped to that byte) is masked away."""
     offset = flat_index.to(torch.int64) * bits
     byte, shift = offset >> 3, offset & 7
-    padded = torch.cat([data, data.new_zeros(1)])
-    word = padded[byte].to(torch.int64) | (padded[byte + 1].to(torch.int64) << 8)
+    second = (byte + 1).clamp(max=data.numel() - 1)
+    word = data[byte].to(torch.int64) | (data[second].to(torch.int64) << 8)
     return (word >> shift) & ((1 << bits) - 1)
 
 
