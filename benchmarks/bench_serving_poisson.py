@@ -6,10 +6,12 @@ request: a random prompt of P tokens, then D greedy tokens. Two servers, each me
 (every forward and every weight load is timed), on a virtual clock: arrivals are scheduled on it,
 the clock advances by the measured time of each operation and jumps to the next arrival when idle.
 
-    prinmix  MultiTenantModel: the base once, all N packed deltas resident, the hottest tenants'
-             dequantised factors in the FactorCache (budget: what the memory budget leaves);
-             continuous batching: arrivals are prefilled and join the running batch (≤ --max-batch),
-             one decode step per iteration for every running sequence, finished ones leave
+    prinmix  MultiTenantModel: the base once, all N packed deltas resident; delta products by
+             --backend (auto: the packed C++ kernel on CPU where it builds — nothing but the packed
+             deltas is held; cached: the hottest tenants' dequantised factors in the FactorCache, its
+             budget what the memory budget leaves); continuous batching: arrivals are prefilled and
+             join the running batch (≤ --max-batch), one decode step per iteration for every running
+             sequence, finished ones leave
     naive    --naive-slots dense fine-tunes resident (LRU); the oldest waiting request's tenant is
              served next with all its waiting requests as one batch (HF generate); a tenant not
              resident is swapped in by loading its merged weights from disk into the least recently
@@ -23,7 +25,7 @@ delta / merged fine-tune registered under different names (the bytes and the wor
     python benchmarks/bench_serving_poisson.py                              # tiny llama pair, quick
     python benchmarks/bench_serving_poisson.py --base DIR --delta FILE --tenants 8,32 --rate 2
 Reported per (N, popularity): requests/s = R / (last finish − first arrival), mean and p90
-end-to-end latency (finish − arrival), swaps (naive) and factor-cache hit rate (prinmix); the last
+end-to-end latency (finish − arrival), swaps (naive) and factor-cache hit rate (prinmix, cached backend); the last
 lines are the ratios prinmix / naive of requests/s and of mean latency, measured in this run.
 """
 
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import add_pair_arguments, prepare  # noqa: E402
 
 from prinmix.runtime.decode_state import DecodeState, left_padded  # noqa: E402
+from prinmix.runtime.delta_linear import runs_packed_kernel  # noqa: E402
 from prinmix.runtime.multi_tenant import MultiTenantModel  # noqa: E402
 
 
@@ -172,7 +175,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--naive-slots", type=int, default=2, help="dense copies the naive server keeps")
-    p.add_argument("--cache-dtype", default="int4", choices=["int4", "int8", "float32", "bfloat16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "packed", "cached", "torch"],
+                   help="prinmix's delta products (DeltaLinear backend; auto: the packed kernel on CPU where it builds)")
+    p.add_argument("--cache-dtype", default="int4", choices=["int4", "int8", "float32", "bfloat16"],
+                   help="factor cache dtype (cached backend)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -182,11 +188,13 @@ def main(argv=None) -> int:
     vocab = AutoConfig.from_pretrained(base).get_text_config().vocab_size
     dense = _dense_bytes(merged)
     budget = 3 * dense                                      # base + 2 dense copies
+    packed = runs_packed_kernel(args.backend, "cpu")
     print(f"base {base}\ndelta {delta} ({delta.stat().st_size / 2 ** 20:.1f} MiB)\nmemory budget base + 2 dense "
           f"copies = {budget / 2 ** 20:.0f} MiB; naive keeps {args.naive_slots} copies "
           f"({args.naive_slots * dense / 2 ** 20:.0f} MiB)\nR = {args.requests} requests at λ = {args.rate}/s, "
           f"P = {args.prefill}, D = {args.decode}, max batch {args.max_batch}, {args.threads} threads, "
-          f"Zipf s = {args.zipf_s}, load average {os.getloadavg()[0]:.1f}\n")
+          f"Zipf s = {args.zipf_s}, load average {os.getloadavg()[0]:.1f}\nprinmix delta products: "
+          f"{'the packed C++ kernel' if packed else 'backend ' + args.backend + ', factor cache ' + args.cache_dtype}\n")
     naive = NaiveServer(merged, args.naive_slots, args.threads)
     _generate(naive.models[0], [[5, 6, 7]], 2)                                     # warm-up
     head = (f"{'N':>3} {'popularity':>10} | {'req/s p/n':>13} | {'mean lat s p/n':>15} | {'p90 lat s p/n':>15} | "
@@ -195,15 +203,18 @@ def main(argv=None) -> int:
     print("-" * len(head))
     ratios = []
     for n in [int(x) for x in args.tenants.split(",")]:
-        model = MultiTenantModel(base, factor_cache_bytes=1, factor_cache_dtype=getattr(torch, args.cache_dtype))
+        model = MultiTenantModel(base, backend=args.backend, factor_cache_bytes=0 if packed else 1,
+                                 factor_cache_dtype=getattr(torch, args.cache_dtype))
         for i in range(n):
             model.add_tenant(f"tenant{i}", delta)
         mem = model.memory()
-        model.factor_cache.budget_bytes = max(0, budget - mem["base_bytes"] - mem["delta_bytes"])
+        if model.factor_cache is not None:
+            model.factor_cache.budget_bytes = max(0, budget - mem["base_bytes"] - mem["delta_bytes"])
         model.generate([[5, 6, 7]], ["tenant0"], 2)                                # warm-up
         for pop in args.popularity.split(","):
-            model.factor_cache.clear()
-            model.factor_cache.hits = model.factor_cache.misses = 0
+            if model.factor_cache is not None:
+                model.factor_cache.clear()
+                model.factor_cache.hits = model.factor_cache.misses = 0
             reqs = workload(n, args.requests, args.rate, pop, args.zipf_s, args.prefill, vocab)
             serve_prinmix(model, reqs, args.decode, args.max_batch)
             sp = _stats(reqs)
@@ -213,11 +224,12 @@ def main(argv=None) -> int:
             naive.serve(reqs, args.decode, args.max_batch)
             sn = _stats(reqs)
             c = model.factor_cache
+            hit = "-" if c is None else f"{c.hits / max(1, c.hits + c.misses):.2f}"
             used = sum(model.memory().values())
             over = "!" if used > budget else " "
             print(f"{n:>3} {pop:>10} | {sp['rps']:>6.2f}/{sn['rps']:<6.2f} | {sp['mean']:>7.2f}/{sn['mean']:<7.2f} | "
                   f"{sp['p90']:>7.2f}/{sn['p90']:<7.2f} | {naive.swaps:>7} {naive.swap_s:>6.1f} | "
-                  f"{used / 2 ** 20:>10.0f}{over} {c.hits / max(1, c.hits + c.misses):>9.2f}", flush=True)
+                  f"{used / 2 ** 20:>10.0f}{over} {hit:>9}", flush=True)
             ratios.append((n, pop, sp["rps"] / sn["rps"], sn["mean"] / sp["mean"]))
         del model
     print(f"\n(! = prinmix over the memory budget: its deltas alone exceed it)  load average {os.getloadavg()[0]:.1f}")

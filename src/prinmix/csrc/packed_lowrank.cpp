@@ -39,6 +39,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -649,14 +650,23 @@ void gather_rows(const at::Tensor& x, const int64_t* rows, int64_t n, float* xf)
     for (int64_t c = 0; c < h_in; ++c) xf[i * h_in + c] = static_cast<float>(xp[rows[i] * h_in + c]);
 }
 
-// y[row, o0 : o0 + n] = round(y + d) for the R rows of a tile: the reference's rounding (y + Δ once, in float32).
+// y[row, col(o)] = round(y + d) for the R rows of a tile and outputs o ∈ [o0, o0 + n), col(o) = cols[o] when
+// cols is given, else o: the reference's rounding (y + Δ once, in float32).
 template <class T>
-void add_into(const at::Tensor& y, const int64_t* rows, int R, int64_t o0, int64_t n, const float* d, int64_t ldd) {
+void add_into(const at::Tensor& y, const int64_t* rows, int R, int64_t o0, int64_t n, const float* d, int64_t ldd,
+              const int64_t* cols) {
   T* yp = y.data_ptr<T>();
-  const int64_t h_out = y.size(1);
+  const int64_t width = y.size(1);
   for (int r = 0; r < R; ++r) {
-    T* yr = yp + rows[r] * h_out + o0;
-    for (int64_t o = 0; o < n; ++o) yr[o] = static_cast<T>(static_cast<float>(yr[o]) + d[r * ldd + o]);
+    T* yr = yp + rows[r] * width;
+    if (cols == nullptr) {
+      for (int64_t o = 0; o < n; ++o) yr[o0 + o] = static_cast<T>(static_cast<float>(yr[o0 + o]) + d[r * ldd + o]);
+    } else {
+      for (int64_t o = 0; o < n; ++o) {
+        T& v = yr[cols[o0 + o]];
+        v = static_cast<T>(static_cast<float>(v) + d[r * ldd + o]);
+      }
+    }
   }
 }
 
@@ -671,14 +681,16 @@ void on_dtype(const at::Tensor& t, F&& f) {
 }
 
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
-// float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous; rows int64 [n]
+// float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous (with `cols`, int64
+// [h_out] strictly increasing: output o goes to column cols[o] of y [N, ≥ h_out] — the compressed rows R of a
+// vocabulary matrix among all its logits); rows int64 [n]
 // (distinct); segments int64 [S, 3]: (first index into rows, count, slot), disjoint; table int64 [n_slots,
 // max_blocks, N_FIELDS]; n_blocks int64 [n_slots]; max_rank: the largest Σ_b k_b of the segments' slots; isa: the
 // highest instruction-set level to use (Isa; lowered to what the CPU has, 0: the portable scalar code); parallel:
 // split the work over torch's intra-op threads when there is enough of it (false: the calling thread only).
 void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
                           const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, int64_t isa,
-                          bool parallel, const at::Tensor& y) {
+                          bool parallel, const at::Tensor& y, const c10::optional<at::Tensor>& cols) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
               "y must be a contiguous CPU matrix with x's rows");
@@ -689,7 +701,18 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
               table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
   TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
   isa = std::min(isa, cpu_isa_level());
-  const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
+  const int64_t* col_of = nullptr;
+  int64_t h_out = y.size(1);
+  if (cols.has_value()) {
+    TORCH_CHECK(cols->scalar_type() == at::kLong && cols->is_contiguous() && cols->dim() == 1,
+                "cols must be int64 [h_out]");
+    col_of = cols->data_ptr<int64_t>();
+    h_out = cols->size(0);
+    for (int64_t o = 0; o < h_out; ++o)
+      TORCH_CHECK(col_of[o] >= (o ? col_of[o - 1] + 1 : 0) && col_of[o] < y.size(1),
+                  "cols must be increasing columns of y");
+  }
+  const int64_t n = rows.size(0), h_in = x.size(1), n_seg = segments.size(0);
   const int64_t* seg = segments.data_ptr<int64_t>();
   const int64_t* row_of = rows.data_ptr<int64_t>();
   const int64_t* tab = table.data_ptr<int64_t>();
@@ -797,10 +820,138 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
             case 2: expand_rows<2>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE); break;
             default: expand_rows<1>(isa, blocks[s], tr, max_rank, h_out, o0, width, d, TILE);
           }
-          add_into<T>(y, row_of + row0 + r, R, o0, width, d, TILE);
+          add_into<T>(y, row_of + row0 + r, R, o0, width, d, TILE, col_of);
         });
       }
     });
+  });
+}
+
+// y[rows[i], :] += ΔŴ[positions[i], :] of the slot of i's segment, rounded once to y's dtype: a tenant's
+// embedding rows from its compressed vocabulary delta ΔŴ [h_rows, h_in] (the same table as the product above).
+// Row p of ΔŴ = Σ_j a_j V̂[j, :] with a_j = σ_j su_j (Cu[j, p] − zu_j): the k codes of column p of Ûᵀ, read one by
+// one, then the product's expand over V̂'s codes (blocks whose "u" side is V̂). positions, rows int64 [n];
+// segments int64 [S, 3] (first index, count, slot); y [N, h_in] float32 / bfloat16 / float16, contiguous. Small
+// work (k·h_in codes a row): on the calling thread.
+void packed_rows(const at::Tensor& positions, const at::Tensor& rows, const at::Tensor& segments,
+                 const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, int64_t h_rows, int64_t isa,
+                 const at::Tensor& y) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu(), "y must be a contiguous CPU matrix");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.dim() == 1 &&
+              rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.sizes() == positions.sizes(),
+              "positions and rows must be int64 [n]");
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
+              segments.size(1) == 3, "segments must be int64 [S, 3]");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
+              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
+  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
+  isa = std::min(isa, cpu_isa_level());
+  const int64_t n = positions.size(0), h_in = y.size(1), n_seg = segments.size(0), rank = std::max<int64_t>(max_rank, 1);
+  const int64_t *seg = segments.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
+                *row_of = rows.data_ptr<int64_t>(), *tab = table.data_ptr<int64_t>(), *nblk = n_blocks.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(pos[i] >= 0 && pos[i] < h_rows && row_of[i] >= 0 && row_of[i] < y.size(0), "row out of range");
+  std::vector<float> t(static_cast<size_t>(ROWS * rank));
+  std::vector<float> d(static_cast<size_t>(ROWS * TILE));
+  on_dtype(y, [&](auto zero) {
+    using T = decltype(zero);
+    for (int64_t s = 0; s < n_seg; ++s) {
+      const int64_t first = seg[3 * s], count = seg[3 * s + 1], slot = seg[3 * s + 2];
+      TORCH_CHECK(slot >= 0 && slot < table.size(0) && first >= 0 && count >= 0 && first + count <= n,
+                  "segment out of range");
+      std::vector<Block> u_side, v_side;
+      for (int64_t b = 0; b < nblk[slot]; ++b) {
+        const Block B = read_block(tab + (slot * table.size(1) + b) * N_FIELDS);
+        TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= max_rank &&
+                    B.k * h_rows * B.bits <= 8 * B.u_nbytes && B.k * h_in * B.bits <= 8 * B.v_nbytes, "invalid block");
+        Block V = B;
+        V.u_codes = B.v_codes, V.u_scale = B.v_scale, V.u_zero = B.v_zero, V.u_nbytes = B.v_nbytes;
+        u_side.push_back(B);
+        v_side.push_back(V);
+      }
+      over_row_tiles(count, [&](int R, int64_t r) {
+        for (int i = 0; i < R; ++i) {
+          const int64_t p = pos[first + r + i];
+          for (const Block& B : u_side)
+            for (int64_t j = 0; j < B.k; ++j) {
+              const float sigma = B.sigma ? static_cast<float>(B.sigma[j]) : 1.f;
+              const float c = code_at(B.u_codes, (j * h_rows + p) * B.bits, B.bits);
+              t[i * rank + B.rank_off + j] = sigma * static_cast<float>(B.u_scale[j]) * (c - static_cast<float>(B.u_zero[j]));
+            }
+        }
+        for (int64_t o0 = 0; o0 < h_in; o0 += TILE) {
+          const int64_t width = std::min<int64_t>(TILE, h_in - o0);
+          switch (R) {
+            case 4: expand_rows<4>(isa, v_side, t.data(), rank, h_in, o0, width, d.data(), TILE); break;
+            case 3: expand_rows<3>(isa, v_side, t.data(), rank, h_in, o0, width, d.data(), TILE); break;
+            case 2: expand_rows<2>(isa, v_side, t.data(), rank, h_in, o0, width, d.data(), TILE); break;
+            default: expand_rows<1>(isa, v_side, t.data(), rank, h_in, o0, width, d.data(), TILE);
+          }
+          add_into<T>(y, row_of + first + r, R, o0, width, d.data(), TILE, nullptr);
+        }
+      });
+    }
+  });
+}
+
+// One code row dequantised: out[o] = mult (C[row, o] − zero) for o < n, C the codes of a [rows, n] factor.
+#ifdef PRINMIX_X86
+AVX512 void dequantize_row_avx512(const uint8_t* codes, int64_t nbytes, int bits, int64_t row, int64_t n, float mult,
+                                  float zero, float* out) {
+  const int64_t bit0 = row * n * bits;
+  const RowDecoder d = row_decoder(bits, bit0);
+  const __m512 m = _mm512_set1_ps(mult), z = _mm512_set1_ps(zero);
+  for (int64_t o = 0; o < n; o += 16) {
+    const __m512 w = _mm512_mul_ps(m, _mm512_sub_ps(decode16(d, codes, (bit0 >> 3) + o * bits / 8, nbytes), z));
+    _mm512_mask_storeu_ps(out + o, tail_mask(n - o), w);
+  }
+}
+#endif
+
+void dequantize_row(int64_t isa, const uint8_t* codes, int64_t nbytes, int bits, int64_t row, int64_t n, float mult,
+                    float zero, float* out) {
+#ifdef PRINMIX_X86
+  if (isa >= ISA_AVX512) {
+    dequantize_row_avx512(codes, nbytes, bits, row, n, mult, zero, out);
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < n; ++o) out[o] = mult * (code_at(codes, (row * n + o) * bits, bits) - zero);
+}
+
+// The factors of one slot's delta dequantised, x·ΔŴᵀ = (x aᵀ) b: a [K, h_in] float32 with row j = σ_j sv_j (Cv[j, :] − zv_j),
+// b [K, h_out] float32 with row j = su_j (Cu[j, :] − zu_j), K = Σ_b k_b (ranks in block order). For many rows of one
+// tenant (a prefill), where two GEMMs on these beat decoding the codes once per 4 rows. Split over torch's threads.
+void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t isa,
+                       const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
+              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
+  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous() && slot >= 0 && slot < table.size(0),
+              "slot out of range");
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
+              b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a, b: float32 [K, h]");
+  isa = std::min(isa, cpu_isa_level());
+  const int64_t h_in = a.size(1), h_out = b.size(1), K = a.size(0);
+  std::vector<Block> blocks;
+  std::vector<std::pair<int64_t, int64_t>> ranks;        // (block, j)
+  for (int64_t i = 0; i < n_blocks.data_ptr<int64_t>()[slot]; ++i) {
+    const Block B = read_block(table.data_ptr<int64_t>() + (slot * table.size(1) + i) * N_FIELDS);
+    TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= K && B.k * h_in * B.bits <= 8 * B.v_nbytes &&
+                B.k * h_out * B.bits <= 8 * B.u_nbytes, "invalid block");
+    blocks.push_back(B);
+    for (int64_t j = 0; j < B.k; ++j) ranks.emplace_back(i, j);
+  }
+  float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(ranks.size()), 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const Block& B = blocks[ranks[r].first];
+      const int64_t j = ranks[r].second, k = B.rank_off + j;
+      const float sigma = B.sigma ? static_cast<float>(B.sigma[j]) : 1.f;
+      dequantize_row(isa, B.v_codes, B.v_nbytes, B.bits, j, h_in, sigma * static_cast<float>(B.v_scale[j]),
+                     static_cast<float>(B.v_zero[j]), ap + k * h_in);
+      dequantize_row(isa, B.u_codes, B.u_nbytes, B.bits, j, h_out, static_cast<float>(B.u_scale[j]),
+                     static_cast<float>(B.u_zero[j]), bp + k * h_out);
+    }
   });
 }
 
@@ -811,7 +962,11 @@ int64_t cpu_isa() { return cpu_isa_level(); }
 
 TORCH_LIBRARY(prinmix_packed, m) {
   m.def("packed_lowrank_delta(Tensor x, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
-        "int isa, bool parallel, Tensor(a!) y) -> ()", &packed_lowrank_delta);
+        "int isa, bool parallel, Tensor(a!) y, Tensor? cols=None) -> ()", &packed_lowrank_delta);
+  m.def("packed_rows(Tensor positions, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
+        "int h_rows, int isa, Tensor(a!) y) -> ()", &packed_rows);
+  m.def("packed_dequantize(Tensor table, Tensor n_blocks, int slot, int isa, Tensor(a!) a, Tensor(b!) b) -> ()",
+        &packed_dequantize);
   m.def("has_avx512() -> bool", &has_avx512);
   m.def("cpu_isa() -> int", &cpu_isa);
 }

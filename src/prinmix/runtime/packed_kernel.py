@@ -39,8 +39,9 @@ import torch
 
 from .packed import PackedLinear
 
-__all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "cpu_isa",
-           "default_isa", "kernel_available", "load_kernel", "packed_delta", "supported"]
+__all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "add_packed_rows",
+           "cpu_isa", "default_isa", "dequantized_factors", "kernel_available", "load_kernel", "packed_delta",
+           "supported"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _address(t: torch.Tensor) -> int:
 class PackedTable:
     """The kernel's view of some tenants' deltas of one linear [h_out, h_in] (module docstring): table int64
     [n_slots, max_blocks, len(BLOCK_FIELDS)], n_blocks int64 [n_slots], max_rank (largest Σ_b k_b), slots (those
-    present), refs (the tensors whose addresses the table holds)."""
+    present), refs (the tensors whose addresses the table holds), ranks ({slot: Σ_b k_b})."""
 
     h_out: int
     table: torch.Tensor
@@ -130,6 +131,7 @@ class PackedTable:
     max_rank: int
     slots: frozenset
     refs: list
+    ranks: dict
 
     @classmethod
     def build(cls, tenants: dict[int, PackedLinear]) -> "PackedTable":
@@ -157,22 +159,41 @@ class PackedTable:
                     refs.append(b.sigma)
                 rank_off += b.rank
         h_out = next(iter(tenants.values())).shape[0] if tenants else 0
-        return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs)
+        return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs,
+                   {s: p.rank for s, p in tenants.items()})
 
 
-def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: list[tuple[int, int, int]],
-                      table: PackedTable, isa: str | None = None, parallel: bool | None = None) -> None:
+def _level(isa: str | None) -> int:
+    return ISA_LEVELS.index(isa or default_isa())
+
+
+def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                      segments: list[tuple[int, int, int]] | torch.Tensor,
+                      table: PackedTable, isa: str | None = None, parallel: bool | None = None,
+                      cols: torch.Tensor | None = None) -> None:
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
-    slot), disjoint. isa: the highest ISA_LEVELS code path to use, lowered to what the CPU runs ("scalar": the
-    portable code; tests and benchmarks force lower ones; None: default_isa()); parallel: over torch's intra-op threads (None: PARALLEL,
-    see there). Needs kernel_available()."""
+    slot), disjoint (or the same as an int64 tensor [S, 3]). cols: int64 [h_out] strictly increasing — output o of ΔŴ goes to column cols[o] of a wider y
+    (a tenant's compressed lm_head rows among all the logits). isa: the highest ISA_LEVELS code path to use,
+    lowered to what the CPU runs ("scalar": the portable code; tests and benchmarks force lower ones; None:
+    default_isa()); parallel: over torch's intra-op threads (None: PARALLEL, see there). Needs kernel_available()."""
+    seg = segments if isinstance(segments, torch.Tensor) else torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+    if seg.numel():
+        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, _level(isa),
+                                           PARALLEL if parallel is None else parallel, y, cols)
+
+
+def add_packed_rows(positions: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+                    segments: list[tuple[int, int, int]], table: PackedTable, isa: str | None = None) -> None:
+    """y[rows[i]] += ΔŴ[positions[i]] in place (rounded once to y's dtype, as add_packed_deltas), ΔŴ [h_out, h_in]
+    the delta in `table` of the slot of i's segment: a tenant's embedding rows from its compressed vocabulary delta,
+    read from the packed codes (k codes of Û, then V̂'s k·h_in). positions, rows int64 [n]; y [N, h_in] contiguous;
+    segments, isa as add_packed_deltas'. On the calling thread (k·h_in codes a row)."""
     if segments:
         seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
-        load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank,
-                                           ISA_LEVELS.index(isa or default_isa()),
-                                           PARALLEL if parallel is None else parallel, y)
+        load_kernel().packed_rows(positions, rows, seg, table.table, table.n_blocks, table.max_rank, table.h_out,
+                                  _level(isa), y)
 
 
 def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, isa: str | None = None,
@@ -182,3 +203,13 @@ def packed_delta(x: torch.Tensor, table: PackedTable, slot: int = 0, isa: str | 
     out = torch.zeros(x.shape[0], table.h_out, dtype=torch.float32, device=x.device)
     add_packed_deltas(x, out, torch.arange(x.shape[0]), [(0, x.shape[0], slot)], table, isa, parallel)
     return out
+
+
+def dequantized_factors(table: PackedTable, slot: int, h_in: int,
+                        isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot's delta as float32 factors (a [K, h_in], b [K, h_out]) with x·ΔŴᵀ = (x aᵀ) b: a's row j = σ_j sv_j (Cv_j − zv_j),
+    b's row j = su_j (Cu_j − zu_j). For segments of many rows (a prefill), two GEMMs on these beat the fused call,
+    which decodes every code once per 4 rows (DeltaLinear's DENSE_MIN_ROWS). Needs kernel_available()."""
+    a, b = torch.empty(table.ranks[slot], h_in), torch.empty(table.ranks[slot], table.h_out)
+    load_kernel().packed_dequantize(table.table, table.n_blocks, slot, _level(isa), a, b)
+    return a, b

@@ -13,12 +13,12 @@ shared TenantContext.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import PrinmixError
 from .delta_linear import TenantContext
 from .factor_cache import FactorCache
 from .vocab_rows import VocabPayload
@@ -105,21 +105,30 @@ class PerTenantParams(_TenantModule):
 
     Fast path, for a module whose output is its 1-D `weight` times a weight-free part (Llama / Qwen2 /
     Mistral RMSNorm: weight · normed(x)), verified bitwise on random inputs once per input dtype: one
-    call with weight = 1 for all rows, then one product with each row's weight (rows of a table of the
-    tenants' weights, rebuilt after a load / unload) — one call per step instead of one per tenant."""
+    call of a copy of the module with weight = 1 for all rows, then one product with each row's weight
+    (rows of a table of the tenants' weights, rebuilt after a load / unload) — one call per step instead of
+    one per tenant. The copy is called directly rather than through functional_call (~35 µs less a call,
+    61 norms a SmolLM2 step), and each batch's row → table-row index is computed once for all the norms of
+    one size (cached on the TenantBatch)."""
 
     def __init__(self, base: nn.Module, context: TenantContext):
         super().__init__(base, context)
         self._scales_output: dict[torch.dtype, bool] = {}
         self._table: torch.Tensor | None = None
+        self._unit: tuple[nn.Module, ...] = ()        # (copy of base with weight 1,); a tuple: not a submodule
+        self._weights_only = True                     # every payload holds exactly {"weight"}
 
     def load_tenant(self, slot: int, payload) -> None:
         super().load_tenant(slot, payload)
-        self._table = None
+        self._changed()
 
     def unload_tenant(self, slot: int) -> None:
         super().unload_tenant(slot)
+        self._changed()
+
+    def _changed(self) -> None:
         self._table = None
+        self._weights_only = all(set(p.tensors) == {"weight"} for p in self.tenants.values())
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         batch = self.context.batch
@@ -138,10 +147,11 @@ class PerTenantParams(_TenantModule):
         return out
 
     def _weight_scales_output(self, dtype: torch.dtype) -> bool:
+        if not self._weights_only:
+            return False
         if dtype not in self._scales_output:
-            ok = all(set(p.tensors) == {"weight"} for p in self.tenants.values())
-            self._scales_output[dtype] = ok and output_is_weight_times(self.base, dtype)
-        return self._scales_output[dtype] and all(set(p.tensors) == {"weight"} for p in self.tenants.values())
+            self._scales_output[dtype] = output_is_weight_times(self.base, dtype)
+        return self._scales_output[dtype]
 
     def _forward_scaled(self, x: torch.Tensor, batch) -> torch.Tensor:
         weight = self.base.weight
@@ -150,14 +160,14 @@ class PerTenantParams(_TenantModule):
             for slot, p in self.tenants.items():
                 table[slot + 1] = p.tensors["weight"].to(weight.dtype)
             self._table = table
+        if not self._unit or self._unit[0].weight.dtype != weight.dtype or self._unit[0].weight.device != weight.device:
+            unit = copy.deepcopy(self.base)
+            with torch.no_grad():
+                unit.weight.fill_(1)
+            self._unit = (unit,)
         rows = x.reshape(-1, x.shape[-1])
-        n_seqs = len(batch)
-        if rows.shape[0] % n_seqs:
-            raise PrinmixError(f"activation with {rows.shape[0]} rows does not split into {n_seqs} sequences")
-        index = (batch.seq_slots + 1).repeat_interleave(rows.shape[0] // n_seqs)
-        index = torch.where(index < self._table.shape[0], index, 0).to(x.device)
-        normed = torch.func.functional_call(self.base, {"weight": torch.ones_like(weight)}, (rows,))
-        return (self._table.index_select(0, index) * normed).view(*x.shape[:-1], -1)
+        index = batch.table_rows(rows.shape[0], self._table.shape[0], x.device)
+        return (self._table.index_select(0, index) * self._unit[0](rows)).view(*x.shape[:-1], -1)
 
 
 def output_is_weight_times(module: nn.Module, dtype: torch.dtype) -> bool:
@@ -231,12 +241,15 @@ class PerTenantEmbedding(_VocabModule):
         if batch is None or not self.tenants:
             return out
         groups = batch.rows(ids.numel(), ids.device)
-        flat_ids, rows_out = ids.reshape(-1), out.view(-1, out.shape[-1])
+        flat_ids, rows_out = ids.reshape(-1).contiguous(), out.view(-1, out.shape[-1])
         for slot, start, length in groups.segments:
             p = self.tenants.get(slot)
             if p is None:
                 continue
             idx = groups.rows_of(start, length)
+            if self.kernel and isinstance(p, VocabPayload) and p.kernel_table() is not None:
+                p.lookup_into(flat_ids, rows_out, idx)
+                continue
             tokens, base_rows = flat_ids.index_select(0, idx), rows_out.index_select(0, idx)
             if isinstance(p, VocabPayload):
                 rows = p.lookup(tokens, base_rows, self.vocab_factors.get(p, batch.serial))
@@ -260,15 +273,18 @@ class PerTenantRows(_VocabModule):
         if batch is None or not self.tenants:
             return out
         groups = batch.rows(h.numel() // h.shape[-1], h.device)
-        rows_h, rows_out = h.reshape(-1, h.shape[-1]), out.view(-1, out.shape[-1])
+        rows_h, rows_out = h.reshape(-1, h.shape[-1]).contiguous(), out.view(-1, out.shape[-1])
         for slot, start, length in groups.segments:
             p = self.tenants.get(slot)
             if p is None:
                 continue
             idx = groups.rows_of(start, length)
+            if self.kernel and isinstance(p, VocabPayload) and p.kernel_table() is not None:
+                p.head_into(rows_h, rows_out, idx, self.base.bias)
+                continue
             if isinstance(p, VocabPayload):
                 o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias,
-                           self.vocab_factors.get(p, batch.serial), kernel=self.kernel)
+                           self.vocab_factors.get(p, batch.serial))
             else:
                 o = p.head(rows_h.index_select(0, idx), rows_out.index_select(0, idx), self.base.bias)
             rows_out.index_copy_(0, idx, o.to(rows_out.dtype))

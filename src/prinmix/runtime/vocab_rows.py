@@ -17,16 +17,17 @@ import torch
 
 from ..algorithms.compressed_linear import FLOAT_BITS
 from .packed import PackedLinear, PackedMatrix
-from .packed_kernel import PackedTable, packed_delta, supported
+from .packed_kernel import PackedTable, add_packed_deltas, add_packed_rows, supported
 
 
 def packed_codes_at(data: torch.Tensor, bits: int, flat_index: torch.Tensor) -> torch.Tensor:
     """Codes (int64) at the given flat positions of a packed stream of `bits`-bit codes (LSB first,
-    packing.py's layout): code i occupies bits [i·b, (i+1)·b), so it spans at most two bytes."""
+    packing.py's layout): code i occupies bits [i·b, (i+1)·b), so it spans at most two bytes. A code in
+    the stream's last byte lies within it, so its second byte (clamped to that byte) is masked away."""
     offset = flat_index.to(torch.int64) * bits
     byte, shift = offset >> 3, offset & 7
-    padded = torch.cat([data, data.new_zeros(1)])
-    word = padded[byte].to(torch.int64) | (padded[byte + 1].to(torch.int64) << 8)
+    second = (byte + 1).clamp(max=data.numel() - 1)
+    word = data[byte].to(torch.int64) | (data[second].to(torch.int64) << 8)
     return (word >> shift) & ((1 << bits) - 1)
 
 
@@ -114,18 +115,13 @@ class VocabPayload:
         return out
 
     def head(self, h: torch.Tensor, base_logits: torch.Tensor, bias: torch.Tensor | None,
-             factors=None, kernel: bool = False) -> torch.Tensor:
+             factors=None) -> torch.Tensor:
         """The tenant's logits for hidden rows h [n, d], given the base's logits [n, V]. `factors`: the
-        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes, with the
-        C++ kernel (runtime/packed_kernel.py) when `kernel` and it supports the layout, else in torch)."""
+        compressed rows' cached factors (runtime/factor_cache.py; None = from the packed codes in torch)."""
         out = base_logits.float()
         if self.packed is not None and self.index.numel():
             if factors is not None:
                 delta = factors.apply(h.to(factors.input_dtype)).float()
-            elif kernel and supported(self.packed):
-                if self._table is None:
-                    self._table = PackedTable.build({0: self.packed})
-                delta = packed_delta(h, self._table)
             else:
                 delta = delta_rows(self.packed, h.float())
             out[:, self.index] += delta
@@ -133,3 +129,39 @@ class VocabPayload:
             out[:, self.exact_index] = torch.nn.functional.linear(
                 h.float(), self.exact_values.float(), None if bias is None else bias[self.exact_index].float())
         return out
+
+    # ---- in place, by the packed C++ kernel (runtime/packed_kernel.py) ------------------------------
+    def kernel_table(self) -> PackedTable | None:
+        """The packed kernel's table of the compressed rows (built once), None where there are none or the kernel
+        does not take their layout (then lookup / head run)."""
+        if self.packed is None or not self.index.numel() or not supported(self.packed):
+            return None
+        if self._table is None:
+            self._table = PackedTable.build({0: self.packed})
+        return self._table
+
+    def lookup_into(self, ids: torch.Tensor, out: torch.Tensor, rows: torch.Tensor) -> None:
+        """`lookup` in place: out[rows] (the base's embedding rows of tokens ids[rows]; out [N, d], ids [N],
+        contiguous) become the tenant's, each entry rounded once as lookup's result cast to out's dtype. Needs
+        kernel_table()."""
+        tokens = ids.index_select(0, rows)
+        pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
+        hit = self.index[pos] == tokens
+        if hit.any():
+            pos_hit, rows_hit = pos[hit], rows[hit]
+            add_packed_rows(pos_hit, out, rows_hit, [(0, pos_hit.numel(), 0)], self.kernel_table())
+        if self.exact_index.numel():
+            pos = torch.searchsorted(self.exact_index, tokens).clamp(max=self.exact_index.numel() - 1)
+            hit = self.exact_index[pos] == tokens
+            out[rows[hit]] = self.exact_values[pos[hit]].to(out.dtype)
+
+    def head_into(self, h: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """`head` in place: logits[rows] (the base's; logits [N, V], h [N, d], contiguous) become the tenant's,
+        each entry rounded once as head's result cast to logits' dtype — no [n, V] float32 copy. Needs
+        kernel_table()."""
+        add_packed_deltas(h, logits, rows, [(0, rows.numel(), 0)], self.kernel_table(), cols=self.index)
+        if self.exact_index.numel():
+            exact = torch.nn.functional.linear(
+                h.index_select(0, rows).float(), self.exact_values.float(),
+                None if bias is None else bias[self.exact_index].float())
+            logits[rows[:, None], self.exact_index[None, :]] = exact.to(logits.dtype)
