@@ -15,23 +15,16 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
+from pathlib import Path
 
 import torch
 
-from prinmix.format.delta_file import load_delta
-from prinmix.runtime.packed import PackedLinear
-from prinmix.runtime.packed_kernel import ISA_LEVELS, PackedTable, add_packed_deltas, cpu_isa, kernel_available
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_delta_paths import fastest_ms  # noqa: E402
 
-
-def fastest_ms(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+from prinmix.format.delta_file import load_delta  # noqa: E402
+from prinmix.runtime.packed import PackedLinear  # noqa: E402
+from prinmix.runtime.packed_kernel import ISA_LEVELS, PackedTable, add_packed_deltas, cpu_isa, kernel_available  # noqa: E402
 
 
 def tables_for(matrices, n: int) -> list[tuple[PackedTable, int, int]]:

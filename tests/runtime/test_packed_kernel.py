@@ -19,8 +19,16 @@ from fixtures.compressed_deltas import method_deltas, prinmix_layout, reconstruc
 from prinmix.runtime import packed_kernel
 from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta
 from prinmix.runtime.packed import PackedLinear
-from prinmix.runtime.packed_kernel import (ISA_LEVELS, PackedTable, add_packed_deltas, cpu_isa, default_isa,
-                                           load_kernel, packed_delta, supported)
+from prinmix.runtime.packed_kernel import (
+    ISA_LEVELS,
+    PackedTable,
+    add_packed_deltas,
+    cpu_isa,
+    default_isa,
+    load_kernel,
+    packed_delta,
+    supported,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the packed kernel cannot be built (the runtime falls back)")

@@ -13,8 +13,14 @@ from fixtures.compressed_deltas import prinmix_layout, reconstruct64
 from prinmix.runtime import delta_linear
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
 from prinmix.runtime.packed import PackedLinear
-from prinmix.runtime.packed_kernel import (ISA_LEVELS, PackedTable, add_packed_deltas, add_packed_rows, cpu_isa,
-                                           dequantized_factors)
+from prinmix.runtime.packed_kernel import (
+    ISA_LEVELS,
+    PackedTable,
+    add_packed_deltas,
+    add_packed_rows,
+    cpu_isa,
+    dequantized_factors,
+)
 from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
 
