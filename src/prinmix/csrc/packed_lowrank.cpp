@@ -290,11 +290,12 @@ AVX512 void expand_tile_avx512(const Block* blocks, int64_t n_blocks, const floa
 // past the tensor is read.
 //
 // Bytes → float32, strided: 32-bit lane d of the 64 bytes holds codes 4d .. 4d+3, so code 4d + m is
-// ((lane >> 8m) & (2^bits − 1)) — a shift, an and and a convert for 16 codes, no byte shuffles. (On AMD Zen 4,
-// where 512-bit shuffles issue one a cycle, this beat zero-extending bytes (extract + vpmovzxbd) or looking up
-// float32 bytes with vpermi2b: 25.6 against 19.4 / 20.6 codes/ns in a loop on L1 data, the decode16 above 17.2.)
+// ((lane >> 8m) & (2^bits − 1)) — a shift, an and and a convert for 16 codes, no byte shuffles. (On this
+// project's AMD EPYC (Zen 4), where 512-bit shuffles issue one a cycle, this beat zero-extending bytes (extract +
+// vpmovzxbd) or looking up float32 bytes with vpermi2b: 25.6 against 19.4 / 20.6 codes/ns in a throwaway loop
+// on L1-resident codes (not kept), the decode16 above 17.2; whole-kernel ratios: bench_packed_kernel.py.)
 // The 16 float32 lanes of vector m then belong to codes 4d + m: the shrink multiplies them with x stored in
-// that order (strided_layout), the expand accumulates in that order and puts the outputs back in order once
+// that order (strided_index), the expand accumulates in that order and puts the outputs back in order once
 // per tile (unstride64).
 //
 // bfloat16 shrink (x bfloat16, AVX512_BF16): a code c ≤ 255 is exact in bfloat16 (≤ 8 significant bits), and so
