@@ -76,14 +76,15 @@ def _mixed_tenants(shape):
     return ms, table, {s: reconstruct64(m).T for s, m in ms.items()}, {s: _abs_terms64(m) for s, m in ms.items()}
 
 
-def _mixed_call(shape, isa, parallel, dtype):
+def _mixed_call(shape, isa, parallel, dtype, sizes=(1, 64, 7, 3, 2, 5), slots=(2, 0, 1, 0, 2, 1)):
     """One call over mixed tenants (widths 1..8 in each, different per tenant) and segments of 1..64 rows, checked
     against the float64 reconstruction; rows of y outside the segments stay bitwise untouched. x in `dtype`
-    (its values are the reference's x), y float32 (so the check sees the kernel's own float32 result)."""
+    (its values are the reference's x), y float32 (so the check sees the kernel's own float32 result). With
+    several segments per thread the kernel runs whole segments a thread, else the shrink's and the expand's
+    tasks in turn: both are covered."""
     h_out, h_in = shape
     ms, table, w64, abs64 = _mixed_tenants(shape)
     g = torch.Generator().manual_seed(h_out * 1000 + h_in)
-    sizes, slots = [1, 64, 7, 3, 2, 5], [2, 0, 1, 0, 2, 1]
     n_rows = sum(sizes) + 4                          # 4 rows belong to no segment (the base's)
     x = torch.randn(n_rows, h_in, generator=g).to(dtype)
     y0 = torch.randn(n_rows, h_out, generator=g)
@@ -115,6 +116,14 @@ def test_kernel_equals_float64_reference(shape, isa, dtype):
 def test_kernel_one_thread(shape):
     """The calling thread only (parallel=False) gives the same bound with the CPU's best path."""
     _mixed_call(shape, cpu_isa(), False, torch.bfloat16)
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_kernel_one_large_segment(isa):
+    """One tenant's 64 rows (fewer segments than threads: the shrink's tasks, then the expand's, over the
+    threads) — enough codes to go parallel."""
+    _require(isa)
+    _mixed_call((2100, 37), isa, True, torch.bfloat16, sizes=(64,), slots=(1,))
 
 
 def _guarded(t: torch.Tensor, keep: list) -> torch.Tensor:
