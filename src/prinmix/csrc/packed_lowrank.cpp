@@ -800,7 +800,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   };
   // Many segments (a decode step's tenants): each thread runs whole segments, shrink then expand, in one
   // parallel region; otherwise the shrink's tasks, then (after the join) the expand's. Measured at 32 tenants,
-  // 2 threads (bench_packed_kernel.py, linears of 3 SmolLM2 layers, bfloat16 x): 6.04 → 5.47–5.60 ms.
+  // 2 threads (bench_packed_kernel.py, linears of 3 SmolLM2 layers, bfloat16 x): 6.04 → 5.06–5.60 ms.
   const bool serial = !parallel || codes < PARALLEL_MIN_CODES;
   const bool by_segment = !serial && n_seg >= 2 * at::get_num_threads();
   if (!by_segment)
