@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 KERNEL_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "packed_lowrank.cpp"
 BLOCK_FIELDS = ("bits", "k", "rank_off", "v_codes", "v_scale", "v_zero", "v_nbytes", "u_codes", "u_scale", "u_zero",
                 "u_nbytes", "sigma")                     # the C++ enum Field, in order
-_F = {name: i for i, name in enumerate(BLOCK_FIELDS)}
 # The kernel's code paths by instruction set, each level including the ones before (the C++ enum Isa): the
 # portable scalar code, AVX-512F/BW (16 codes a decode), + VBMI (64 codes a decode), + AVX512_BF16 (vdpbf16ps
 # shrink for bfloat16 activations). `isa` arguments name the highest to use; the kernel lowers it to the CPU's.
@@ -137,27 +136,27 @@ class PackedTable:
     def build(cls, tenants: dict[int, PackedLinear]) -> "PackedTable":
         """The table of the `supported` deltas among {slot: PackedLinear}; the others are left out."""
         tenants = {s: p for s, p in tenants.items() if supported(p)}
-        n_slots = max(tenants, default=-1) + 1
+        n_slots = max(max(tenants, default=-1) + 1, 1)
         max_blocks = max((len(p.blocks) for p in tenants.values()), default=1)
-        table = torch.zeros(max(n_slots, 1), max_blocks, len(BLOCK_FIELDS), dtype=torch.int64)
-        n_blocks = torch.zeros(max(n_slots, 1), dtype=torch.int64)
+        empty = [0] * len(BLOCK_FIELDS)
+        rows = [[empty] * max_blocks for _ in range(n_slots)]
+        n_blocks = [0] * n_slots
         refs = []
-        for slot, p in tenants.items():
-            n_blocks[slot] = len(p.blocks)
+        for slot, p in tenants.items():          # Python lists, one tensor at the end: a table of 32 tenants × ~4
+            n_blocks[slot] = len(p.blocks)       # blocks is rebuilt for every linear after each load / unload
             rank_off = 0
             for i, b in enumerate(p.blocks):
-                row = table[slot, i]
-                row[_F["bits"]], row[_F["k"]], row[_F["rank_off"]] = b.bits, b.rank, rank_off
-                for side, m in (("v", b.v), ("u", b.u)):
-                    row[_F[f"{side}_codes"]] = _address(m.data)
-                    row[_F[f"{side}_scale"]] = _address(m.scale)
-                    row[_F[f"{side}_zero"]] = _address(m.zero)
-                    row[_F[f"{side}_nbytes"]] = m.data.numel()
+                row = [b.bits, b.rank, rank_off]
+                for m in (b.v, b.u):
+                    row += [_address(m.data), _address(m.scale), _address(m.zero), m.data.numel()]
                     refs += [m.data, m.scale, m.zero]
+                row.append(_address(b.sigma) if b.sigma is not None else 0)
                 if b.sigma is not None:
-                    row[_F["sigma"]] = _address(b.sigma)
                     refs.append(b.sigma)
+                rows[slot][i] = row
                 rank_off += b.rank
+        table = torch.tensor(rows, dtype=torch.int64)
+        n_blocks = torch.tensor(n_blocks, dtype=torch.int64)
         h_out = next(iter(tenants.values())).shape[0] if tenants else 0
         return cls(h_out, table, n_blocks, max((p.rank for p in tenants.values()), default=0), frozenset(tenants), refs,
                    {s: p.rank for s, p in tenants.items()})
