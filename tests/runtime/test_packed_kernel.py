@@ -10,12 +10,12 @@ import ctypes
 import functools
 import logging
 import mmap
-import shutil
 
 import pytest
 import torch
 
 from fixtures.compressed_deltas import method_deltas, prinmix_layout, reconstruct64
+from fixtures.packed_kernel import U32, requires_compiler
 from prinmix.runtime import packed_kernel
 from prinmix.runtime.delta_linear import DeltaLinear, TenantDelta
 from prinmix.runtime.packed import PackedLinear
@@ -30,10 +30,7 @@ from prinmix.runtime.packed_kernel import (
     supported,
 )
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler: the packed kernel cannot be built (the runtime falls back)")
-
-U32 = 2.0 ** -24       # float32 unit roundoff
+pytestmark = requires_compiler
 
 # odd: rows of codes end mid-byte, partial 16- and 64-code chunks; h_out > 2048: two expand tiles
 SHAPES = [(37, 53), (1, 1), (130, 17), (64, 96), (200, 576), (33, 130), (2100, 37)]

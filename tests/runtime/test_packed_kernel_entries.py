@@ -4,12 +4,12 @@ factors (prefill rows) equal a float64 reconstruction from the unpacked codes wi
 touch nothing else; PerTenantEmbedding / PerTenantRows with the kernel equal their torch reference (the payload's
 lookup / head) in float32 and bfloat16; DeltaLinear sends a tenant's many rows to the dequantised factors."""
 
-import shutil
 
 import pytest
 import torch
 
 from fixtures.compressed_deltas import prinmix_layout, reconstruct64
+from fixtures.packed_kernel import U32, requires_compiler
 from prinmix.runtime import delta_linear
 from prinmix.runtime.delta_linear import DeltaLinear, TenantBatch, TenantContext, TenantDelta
 from prinmix.runtime.packed import PackedLinear
@@ -24,10 +24,7 @@ from prinmix.runtime.packed_kernel import (
 from prinmix.runtime.tenant_modules import PerTenantEmbedding, PerTenantRows
 from prinmix.runtime.vocab_rows import VocabPayload
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler: the packed kernel cannot be built (the runtime falls back)")
-
-U32 = 2.0 ** -24       # float32 unit roundoff
+pytestmark = requires_compiler
 WIDTHS = list(range(1, 9))
 
 

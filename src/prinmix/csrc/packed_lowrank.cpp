@@ -681,6 +681,16 @@ void on_dtype(const at::Tensor& t, F&& f) {
   }
 }
 
+// The block table's and segment list's layout (the op's callers build them; a wrong one would read anywhere).
+void check_table(const at::Tensor& segments, const at::Tensor& table, const at::Tensor& n_blocks) {
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
+              segments.size(1) == 3, "segments must be int64 [S, 3]");
+  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
+              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
+  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous() && n_blocks.dim() == 1 &&
+              n_blocks.size(0) == table.size(0), "n_blocks must be int64 [slots]");
+}
+
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
 // float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous (with `cols`, int64
 // [h_out] strictly increasing: output o goes to column cols[o] of y [N, ≥ h_out] — the compressed rows R of a
@@ -696,11 +706,7 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
               "y must be a contiguous CPU matrix with x's rows");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
-  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
-              segments.size(1) == 3, "segments must be int64 [S, 3]");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
-              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
-  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
+  check_table(segments, table, n_blocks);
   isa = std::min(isa, cpu_isa_level());
   const int64_t* col_of = nullptr;
   int64_t h_out = y.size(1);
@@ -863,11 +869,7 @@ void packed_rows(const at::Tensor& positions, const at::Tensor& rows, const at::
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.dim() == 1 &&
               rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.sizes() == positions.sizes(),
               "positions and rows must be int64 [n]");
-  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
-              segments.size(1) == 3, "segments must be int64 [S, 3]");
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
-              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
-  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous(), "n_blocks must be int64");
+  check_table(segments, table, n_blocks);
   isa = std::min(isa, cpu_isa_level());
   const int64_t n = positions.size(0), h_in = y.size(1), n_seg = segments.size(0), rank = std::max<int64_t>(max_rank, 1);
   const int64_t *seg = segments.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
