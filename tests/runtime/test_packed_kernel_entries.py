@@ -16,6 +16,7 @@ from prinmix.runtime.packed import PackedLinear
 from prinmix.runtime.packed_kernel import (
     ISA_LEVELS,
     PackedTable,
+    add_dense_deltas,
     add_packed_deltas,
     add_packed_rows,
     cpu_isa,
@@ -161,22 +162,56 @@ def test_dequantized_factors_equal_float64_reference(shape, isa):
     assert ((b.double().T @ a.double() - reconstruct64(m)).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("isa", ["bf16", "avx512", "scalar"])
+def test_dense_call_equals_float64_reference(isa, dtype):
+    """add_dense_deltas (a prefill's tenants: factors dequantised once, two float32 GEMMs per tenant, tenants split
+    over the threads): three tenants, segments of 12–40 rows in permuted row order, rows of no segment bitwise
+    untouched; within the float32 summation bound (h_in + K + 4 roundings) plus y + Δ's one rounding."""
+    _require(isa)
+    h_out, h_in = 130, 70
+    ms = {s: prinmix_layout(h_out, h_in, widths=WIDTHS[s:] + [2, 3], seed=20 + s) for s in range(3)}
+    table = PackedTable.build({s: PackedLinear.from_compressed(m) for s, m in ms.items()})
+    g = torch.Generator().manual_seed(3)
+    sizes, slots = [12, 40, 13, 20], [2, 0, 1, 0]
+    n_rows = sum(sizes) + 5
+    x = torch.randn(n_rows, h_in, generator=g).to(dtype)
+    y0 = torch.randn(n_rows, h_out, generator=g).to(dtype)
+    rows = torch.randperm(n_rows, generator=g)[: sum(sizes)]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    y = y0.clone()
+    add_dense_deltas(x, y, rows, torch.tensor(list(zip(starts, sizes, slots))), table, isa=isa)
+    untouched = torch.ones(n_rows, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(y[untouched], y0[untouched])
+    unit = U32 if dtype == torch.float32 else 2.0 ** -8
+    for start, size, slot in zip(starts, sizes, slots):
+        idx = rows[start:start + size]
+        want = y0[idx].double() + x[idx].double() @ reconstruct64(ms[slot]).T
+        n = h_in + sum(b.rank for b in ms[slot].blocks) + 4
+        tol = 2 * n * U32 * (x[idx].double().abs() @ _abs_delta64(ms[slot]).T) + unit * want.abs()
+        assert ((y[idx].double() - want).abs() <= tol).all(), (slot, size)
+
+
 def test_many_rows_of_a_tenant_go_through_dequantised_factors(monkeypatch):
-    """DeltaLinear's packed path: a tenant with ≥ DENSE_MIN_ROWS rows is multiplied on its dequantised factors, one
-    with fewer by the fused call; both equal the torch reference."""
+    """DeltaLinear's packed path: a tenant with ≥ DENSE_MIN_ROWS rows goes to the dense call, one with fewer to the
+    fused call, one with many rows and a bias delta to the dequantised factors in torch; all equal the reference."""
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 96)
     ref, fast = DeltaLinear(base, backend="torch"), DeltaLinear(base, backend="packed")
-    for slot, seed in ((0, 1), (2, 2)):
+    for slot, seed, bias in ((0, 1, None), (2, 2, None), (3, 3, torch.randn(96) * 0.1)):
         for layer in (ref, fast):
-            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(prinmix_layout(96, 64, WIDTHS, seed))))
-    calls = []
-    real = delta_linear.dequantized_factors
-    monkeypatch.setattr(delta_linear, "dequantized_factors", lambda table, slot, h_in: calls.append(slot) or
-                        real(table, slot, h_in))
+            layer.load_tenant(slot, TenantDelta(PackedLinear.from_compressed(prinmix_layout(96, 64, WIDTHS, seed)),
+                                                bias=bias))
+    dense, factors = [], []
+    real_dense, real_factors = delta_linear.add_dense_deltas, delta_linear.dequantized_factors
+    monkeypatch.setattr(delta_linear, "add_dense_deltas", lambda x, y, rows, seg, table: dense.extend(
+        seg[:, 2].tolist()) or real_dense(x, y, rows, seg, table))
+    monkeypatch.setattr(delta_linear, "dequantized_factors", lambda table, slot, h_in: factors.append(slot) or
+                        real_factors(table, slot, h_in))
     many = delta_linear.DENSE_MIN_ROWS
-    slots = torch.tensor([0] * many + [2] * (many - 1) + [-1])
+    slots = torch.tensor([0] * many + [2] * (many - 1) + [3] * many + [-1])
     x = torch.randn(slots.numel(), 64)
     with torch.no_grad():
         assert torch.allclose(fast(x, slots), ref(x, slots), atol=1e-5, rtol=1e-5)
-    assert calls == [0]
+    assert dense == [0] and factors == [3]

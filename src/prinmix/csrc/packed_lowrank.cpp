@@ -26,6 +26,7 @@
 // 2·bits bytes), so the tables are read once per row. Loads near a stream's end go through a zeroed copy so
 // that nothing past the tensor is read.
 
+#include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -681,14 +682,19 @@ void on_dtype(const at::Tensor& t, F&& f) {
   }
 }
 
-// The block table's and segment list's layout (the op's callers build them; a wrong one would read anywhere).
-void check_table(const at::Tensor& segments, const at::Tensor& table, const at::Tensor& n_blocks) {
-  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
-              segments.size(1) == 3, "segments must be int64 [S, 3]");
+// The block table's layout (the ops' callers build it; a wrong one would read anywhere).
+void check_table(const at::Tensor& table, const at::Tensor& n_blocks) {
   TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
               table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
   TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous() && n_blocks.dim() == 1 &&
               n_blocks.size(0) == table.size(0), "n_blocks must be int64 [slots]");
+}
+
+// ... and of the segment list, with the table's.
+void check_table(const at::Tensor& segments, const at::Tensor& table, const at::Tensor& n_blocks) {
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() && segments.dim() == 2 &&
+              segments.size(1) == 3, "segments must be int64 [S, 3]");
+  check_table(table, n_blocks);
 }
 
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
@@ -944,39 +950,95 @@ void dequantize_row(int64_t isa, const uint8_t* codes, int64_t nbytes, int bits,
   for (int64_t o = 0; o < n; ++o) out[o] = mult * (code_at(codes, (row * n + o) * bits, bits) - zero);
 }
 
-// The factors of one slot's delta dequantised, x·ΔŴᵀ = (x aᵀ) b: a [K, h_in] float32 with row j = σ_j sv_j (Cv[j, :] − zv_j),
-// b [K, h_out] float32 with row j = su_j (Cu[j, :] − zu_j), K = Σ_b k_b (ranks in block order). For many rows of one
-// tenant (a prefill), where two GEMMs on these beat decoding the codes once per 4 rows. Split over torch's threads.
-void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t isa,
-                       const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(table.scalar_type() == at::kLong && table.is_contiguous() && table.dim() == 3 &&
-              table.size(2) == N_FIELDS, "table must be int64 [slots, blocks, ", int(N_FIELDS), "]");
-  TORCH_CHECK(n_blocks.scalar_type() == at::kLong && n_blocks.is_contiguous() && slot >= 0 && slot < table.size(0),
-              "slot out of range");
-  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
-              b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a, b: float32 [K, h]");
-  isa = std::min(isa, cpu_isa_level());
-  const int64_t h_in = a.size(1), h_out = b.size(1), K = a.size(0);
+// The blocks of one slot, checked against the factor shapes [K, h_in] / [K, h_out] they dequantise into.
+std::vector<Block> slot_blocks(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t K,
+                               int64_t h_in, int64_t h_out) {
+  TORCH_CHECK(slot >= 0 && slot < table.size(0), "slot out of range");
   std::vector<Block> blocks;
-  std::vector<std::pair<int64_t, int64_t>> ranks;        // (block, j)
   for (int64_t i = 0; i < n_blocks.data_ptr<int64_t>()[slot]; ++i) {
     const Block B = read_block(table.data_ptr<int64_t>() + (slot * table.size(1) + i) * N_FIELDS);
     TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= K && B.k * h_in * B.bits <= 8 * B.v_nbytes &&
                 B.k * h_out * B.bits <= 8 * B.u_nbytes, "invalid block");
     blocks.push_back(B);
-    for (int64_t j = 0; j < B.k; ++j) ranks.emplace_back(i, j);
   }
+  return blocks;
+}
+
+// Rank j of block B dequantised: a[rank_off + j, :] = σ_j sv_j (Cv[j, :] − zv_j), b[rank_off + j, :] = su_j (Cu[j, :] − zu_j).
+void dequantize_rank(int64_t isa, const Block& B, int64_t j, int64_t h_in, int64_t h_out, float* a, float* b) {
+  const int64_t k = B.rank_off + j;
+  const float sigma = B.sigma ? static_cast<float>(B.sigma[j]) : 1.f;
+  dequantize_row(isa, B.v_codes, B.v_nbytes, B.bits, j, h_in, sigma * static_cast<float>(B.v_scale[j]),
+                 static_cast<float>(B.v_zero[j]), a + k * h_in);
+  dequantize_row(isa, B.u_codes, B.u_nbytes, B.bits, j, h_out, static_cast<float>(B.u_scale[j]),
+                 static_cast<float>(B.u_zero[j]), b + k * h_out);
+}
+
+// The factors of one slot's delta dequantised, x·ΔŴᵀ = (x aᵀ) b: a [K, h_in] float32 with row j = σ_j sv_j (Cv[j, :] − zv_j),
+// b [K, h_out] float32 with row j = su_j (Cu[j, :] − zu_j), K = Σ_b k_b (ranks in block order). Split over torch's threads.
+void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t isa,
+                       const at::Tensor& a, const at::Tensor& b) {
+  check_table(table, n_blocks);
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.is_contiguous() &&
+              b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a, b: float32 [K, h]");
+  isa = std::min(isa, cpu_isa_level());
+  const int64_t h_in = a.size(1), h_out = b.size(1);
+  const std::vector<Block> blocks = slot_blocks(table, n_blocks, slot, a.size(0), h_in, h_out);
+  std::vector<std::pair<int64_t, int64_t>> ranks;        // (block, j)
+  for (size_t i = 0; i < blocks.size(); ++i)
+    for (int64_t j = 0; j < blocks[i].k; ++j) ranks.emplace_back(static_cast<int64_t>(i), j);
   float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(ranks.size()), 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const Block& B = blocks[ranks[r].first];
-      const int64_t j = ranks[r].second, k = B.rank_off + j;
-      const float sigma = B.sigma ? static_cast<float>(B.sigma[j]) : 1.f;
-      dequantize_row(isa, B.v_codes, B.v_nbytes, B.bits, j, h_in, sigma * static_cast<float>(B.v_scale[j]),
-                     static_cast<float>(B.v_zero[j]), ap + k * h_in);
-      dequantize_row(isa, B.u_codes, B.u_nbytes, B.bits, j, h_out, static_cast<float>(B.u_scale[j]),
-                     static_cast<float>(B.u_zero[j]), bp + k * h_out);
-    }
+    for (int64_t r = begin; r < end; ++r) dequantize_rank(isa, blocks[ranks[r].first], ranks[r].second, h_in, h_out, ap, bp);
+  });
+}
+
+// y[rows[i]] = round(y + x[rows[i]] aᵀ b) for segments of many rows (a prefill: decoding every code once per 4 rows, as
+// packed_lowrank_delta does, costs more than dequantising once): one task per segment, split over torch's threads;
+// each dequantises its slot's factors (packed_dequantize's a, b; K = the slot's rank, from the table) into its own
+// scratch and runs the two float32 GEMMs with ATen on its thread (inside the parallel region ATen does not split
+// them further). x [N, h_in], y [N, h_out] contiguous; rows, segments as packed_lowrank_delta's.
+void packed_dense_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments, const at::Tensor& table,
+                        const at::Tensor& n_blocks, int64_t isa, const at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
+              "y must be a contiguous CPU matrix with x's rows");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
+  check_table(segments, table, n_blocks);
+  isa = std::min(isa, cpu_isa_level());
+  const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
+  const int64_t *seg = segments.data_ptr<int64_t>(), *row_of = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(row_of[i] >= 0 && row_of[i] < x.size(0), "row out of range");
+  std::vector<std::vector<Block>> blocks(static_cast<size_t>(n_seg));
+  std::vector<int64_t> rank(static_cast<size_t>(n_seg), 0);
+  for (int64_t s = 0; s < n_seg; ++s) {
+    TORCH_CHECK(seg[3 * s] >= 0 && seg[3 * s + 1] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n, "segment out of range");
+    const int64_t slot = seg[3 * s + 2];
+    TORCH_CHECK(slot >= 0 && slot < table.size(0), "slot out of range");
+    for (int64_t b = 0; b < n_blocks.data_ptr<int64_t>()[slot]; ++b)
+      rank[s] += table.data_ptr<int64_t>()[(slot * table.size(1) + b) * N_FIELDS + F_K];
+    blocks[s] = slot_blocks(table, n_blocks, slot, rank[s], h_in, h_out);
+  }
+  on_dtype(y, [&](auto zero) {
+    using T = decltype(zero);
+    at::parallel_for(0, n_seg, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t s = begin; s < end; ++s) {
+        const int64_t first = seg[3 * s], count = seg[3 * s + 1], K = rank[s];
+        if (count == 0 || K == 0) continue;
+        std::vector<float> a(static_cast<size_t>(K * h_in)), b(static_cast<size_t>(K * h_out)),
+            xs(static_cast<size_t>(count * h_in));
+        for (const Block& B : blocks[s])
+          for (int64_t j = 0; j < B.k; ++j) dequantize_rank(isa, B, j, h_in, h_out, a.data(), b.data());
+        on_dtype(x, [&](auto xz) { gather_rows<decltype(xz)>(x, row_of + first, count, xs.data()); });
+        const auto f32 = at::TensorOptions().dtype(at::kFloat);
+        const at::Tensor d = at::mm(at::mm(at::from_blob(xs.data(), {count, h_in}, f32),
+                                           at::from_blob(a.data(), {K, h_in}, f32).t()),
+                                    at::from_blob(b.data(), {K, h_out}, f32)).contiguous();
+        for (int64_t r = 0; r < count; r += ROWS)
+          add_into<T>(y, row_of + first + r, static_cast<int>(std::min<int64_t>(ROWS, count - r)), 0, h_out,
+                      d.data_ptr<float>() + r * h_out, h_out, nullptr);
+      }
+    });
   });
 }
 
@@ -990,6 +1052,8 @@ TORCH_LIBRARY(prinmix_packed, m) {
         "int isa, bool parallel, Tensor(a!) y, Tensor? cols=None) -> ()", &packed_lowrank_delta);
   m.def("packed_rows(Tensor positions, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int max_rank, "
         "int h_rows, int isa, Tensor(a!) y) -> ()", &packed_rows);
+  m.def("packed_dense_delta(Tensor x, Tensor rows, Tensor segments, Tensor table, Tensor n_blocks, int isa, "
+        "Tensor(a!) y) -> ()", &packed_dense_delta);
   m.def("packed_dequantize(Tensor table, Tensor n_blocks, int slot, int isa, Tensor(a!) a, Tensor(b!) b) -> ()",
         &packed_dequantize);
   m.def("has_avx512() -> bool", &has_avx512);

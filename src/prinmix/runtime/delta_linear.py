@@ -33,7 +33,14 @@ from torch import nn
 from ..errors import PrinmixError
 from .factor_cache import FactorCache, dense_factors
 from .packed import PackedLinear, StackedPacks, stack_tenants
-from .packed_kernel import PackedTable, add_packed_deltas, dequantized_factors, kernel_available, packed_delta
+from .packed_kernel import (
+    PackedTable,
+    add_dense_deltas,
+    add_packed_deltas,
+    dequantized_factors,
+    kernel_available,
+    packed_delta,
+)
 from .tenant_registry import TenantRegistry
 
 __all__ = ["BASE_SLOT", "DeltaLinear", "runs_packed_kernel", "single_threaded", "TenantDelta", "RowGroups", "TenantBatch", "TenantContext",
@@ -101,16 +108,18 @@ class RowGroups:
         return self.order[start:start + length]
 
     def kernel_split(self, fused_slots: frozenset, tenant_slots: frozenset, max_fused_rows: int
-                     ) -> tuple[torch.Tensor, list]:
-        """The segments of the packed kernel's call and the rest: (int64 [S, 3] of (start, length, slot) for the
-        slots in `fused_slots` with at most `max_fused_rows` rows, [(start, length, slot)] of the other slots in
-        `tenant_slots`). Computed once per key — every linear of one kind shares it — not once per linear and step."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """The segments of the packed kernel's calls and the rest, as (start, length, slot): int64 [S, 3] of the
+        slots in `fused_slots` with at most `max_fused_rows` rows (the fused call), the same with more rows (the
+        dequantised-factor call), and a list of the other slots in `tenant_slots`. Computed once per key — every
+        linear of one kind shares it — not once per linear and step."""
         key = (fused_slots, tenant_slots, max_fused_rows)
         if key not in self._kernel_split:
             fused = [(a, n, s) for s, a, n in self.segments if s in fused_slots and n <= max_fused_rows]
-            other = [(a, n, s) for s, a, n in self.segments
-                     if s in tenant_slots and not (s in fused_slots and n <= max_fused_rows)]
-            self._kernel_split[key] = (torch.tensor(fused, dtype=torch.int64).reshape(-1, 3), other)
+            dense = [(a, n, s) for s, a, n in self.segments if s in fused_slots and n > max_fused_rows]
+            other = [(a, n, s) for s, a, n in self.segments if s in tenant_slots and s not in fused_slots]
+            self._kernel_split[key] = tuple(torch.tensor(t, dtype=torch.int64).reshape(-1, 3)
+                                            for t in (fused, dense)) + (other,)
         return self._kernel_split[key]
 
     def seg_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -382,12 +391,15 @@ class DeltaLinear(nn.Module):
     def _add_deltas_packed(self, rows_x: torch.Tensor, rows_y: torch.Tensor, groups: RowGroups) -> None:
         """The fused CPU path: one kernel call adds the deltas of every tenant the kernel supports straight into
         y (rows gathered, multiplied in float32 and added with one rounding inside the kernel, as the reference
-        rounds); tenants with a bias delta, sign deltas and other layouts go through a float32 gather-add-scatter
-        (the kernel's product, or the reference's), and so do tenants with ≥ DENSE_MIN_ROWS rows (a prefill):
-        their factors dequantised once by the kernel, then two float32 GEMMs."""
+        rounds), a tenant with ≥ DENSE_MIN_ROWS rows (a prefill) by the kernel's other call, which dequantises
+        its factors once and runs two float32 GEMMs; tenants with a bias delta, sign deltas and other layouts go
+        through a float32 gather-add-scatter (the kernel's product — on dequantised factors from DENSE_MIN_ROWS
+        rows on — or the reference's)."""
         table = self.packed_table()
-        fused, other = groups.kernel_split(*self._kernel_slots, DENSE_MIN_ROWS - 1)
-        add_packed_deltas(rows_x.contiguous(), rows_y, groups.order, fused, table)
+        fused, dense, other = groups.kernel_split(*self._kernel_slots, DENSE_MIN_ROWS - 1)
+        rows_x = rows_x.contiguous()
+        add_packed_deltas(rows_x, rows_y, groups.order, fused, table)
+        add_dense_deltas(rows_x, rows_y, groups.order, dense, table)
         for start, n, slot in other:
             d = self.tenants[slot]
             idx = groups.rows_of(start, n)

@@ -39,7 +39,7 @@ import torch
 
 from .packed import PackedLinear
 
-__all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_packed_deltas", "add_packed_rows",
+__all__ = ["BLOCK_FIELDS", "ISA_LEVELS", "KERNEL_SOURCE", "PackedTable", "add_dense_deltas", "add_packed_deltas", "add_packed_rows",
            "cpu_isa", "default_isa", "dequantized_factors", "kernel_available", "load_kernel", "packed_delta",
            "supported"]
 
@@ -181,6 +181,16 @@ def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
     if seg.numel():
         load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, _level(isa),
                                            PARALLEL if parallel is None else parallel, y, cols)
+
+
+def add_dense_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segments: torch.Tensor, table: PackedTable,
+                     isa: str | None = None) -> None:
+    """add_packed_deltas for segments of many rows (a prefill): each segment's tenant's factors dequantised once (as
+    dequantized_factors) into a thread's scratch, then two float32 GEMMs; the tenants split over torch's threads,
+    the sum rounded once into y as add_packed_deltas rounds. segments int64 [S, 3] of (first index into rows,
+    count, slot). Needs kernel_available()."""
+    if segments.numel():
+        load_kernel().packed_dense_delta(x, rows, segments, table.table, table.n_blocks, _level(isa), y)
 
 
 def add_packed_rows(positions: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
