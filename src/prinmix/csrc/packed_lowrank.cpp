@@ -697,6 +697,16 @@ void check_table(const at::Tensor& segments, const at::Tensor& table, const at::
   check_table(table, n_blocks);
 }
 
+// ... and the products' operands: x [N, h_in], y [N, h_out] contiguous CPU matrices, rows int64 [n].
+void check_product_args(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
+                        const at::Tensor& table, const at::Tensor& n_blocks, const at::Tensor& y) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
+              "y must be a contiguous CPU matrix with x's rows");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
+  check_table(segments, table, n_blocks);
+}
+
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
 // float32 y + Δ, then cast). x [N, h_in], y [N, h_out] float32 / bfloat16 / float16, contiguous (with `cols`, int64
 // [h_out] strictly increasing: output o goes to column cols[o] of y [N, ≥ h_out] — the compressed rows R of a
@@ -708,11 +718,7 @@ void check_table(const at::Tensor& segments, const at::Tensor& table, const at::
 void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
                           const at::Tensor& table, const at::Tensor& n_blocks, int64_t max_rank, int64_t isa,
                           bool parallel, const at::Tensor& y, const c10::optional<at::Tensor>& cols) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
-              "y must be a contiguous CPU matrix with x's rows");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
-  check_table(segments, table, n_blocks);
+  check_product_args(x, rows, segments, table, n_blocks, y);
   isa = std::min(isa, cpu_isa_level());
   const int64_t* col_of = nullptr;
   int64_t h_out = y.size(1);
@@ -1000,11 +1006,7 @@ void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int6
 // them further). x [N, h_in], y [N, h_out] contiguous; rows, segments as packed_lowrank_delta's.
 void packed_dense_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments, const at::Tensor& table,
                         const at::Tensor& n_blocks, int64_t isa, const at::Tensor& y) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
-              "y must be a contiguous CPU matrix with x's rows");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
-  check_table(segments, table, n_blocks);
+  check_product_args(x, rows, segments, table, n_blocks, y);
   isa = std::min(isa, cpu_isa_level());
   const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
   const int64_t *seg = segments.data_ptr<int64_t>(), *row_of = rows.data_ptr<int64_t>();
