@@ -1,6 +1,9 @@
 // Fused unpack-and-multiply of packed low-rank deltas on CPU: out = x·ΔŴᵀ for the rows of many tenants in
-// one call per linear, read straight from the packed codes (no dequantised copy). Loaded and documented by
-// src/prinmix/runtime/packed_kernel.py, which builds the block table this file reads.
+// one call per linear, read straight from the packed codes (no dequantised copy is kept). Loaded and documented
+// by src/prinmix/runtime/packed_kernel.py, which builds the block table this file reads. Entry points (registered
+// at the end): packed_lowrank_delta (the fused product; a column map for lm_head rows), packed_dense_delta (many
+// rows of a tenant, a prefill: its factors dequantised once into a task's scratch, two float32 GEMMs),
+// packed_rows (rows of ΔŴ: embedding lookups), packed_dequantize (a slot's factors), cpu_isa, has_avx512.
 //
 // A tenant's delta of one linear is ΔŴ = Σ_b Û_b diag(σ_b) V̂_b (runtime/packed.py) in PrinMix's layout: every
 // factor row holds `bits`-bit codes (1..8, LSB first, rows back to back in one stream, algorithms/packing.py)
