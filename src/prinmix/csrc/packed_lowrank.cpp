@@ -3,7 +3,7 @@
 // by src/prinmix/runtime/packed_kernel.py, which builds the block table this file reads. Entry points (registered
 // at the end): packed_lowrank_delta (the fused product; a column map for lm_head rows), packed_dense_delta (many
 // rows of a tenant, a prefill: its factors dequantised once into a task's scratch, two float32 GEMMs),
-// packed_rows (rows of ΔŴ: embedding lookups), packed_dequantize (a slot's factors), cpu_isa, has_avx512.
+// packed_rows (rows of ΔŴ: embedding lookups), packed_dequantize (a slot's factors), cpu_isa.
 //
 // A tenant's delta of one linear is ΔŴ = Σ_b Û_b diag(σ_b) V̂_b (runtime/packed.py) in PrinMix's layout: every
 // factor row holds `bits`-bit codes (1..8, LSB first, rows back to back in one stream, algorithms/packing.py)
@@ -700,14 +700,40 @@ void check_table(const at::Tensor& segments, const at::Tensor& table, const at::
   check_table(table, n_blocks);
 }
 
-// ... and the products' operands: x [N, h_in], y [N, h_out] contiguous CPU matrices, rows int64 [n].
+// ... and the products' operands: x [N, h_in], y [N, h_out] contiguous CPU matrices, rows int64 [n] of x's rows.
 void check_product_args(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments,
                         const at::Tensor& table, const at::Tensor& n_blocks, const at::Tensor& y) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU matrix");
   TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu() && y.size(0) == x.size(0),
               "y must be a contiguous CPU matrix with x's rows");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1, "rows must be int64 [n]");
+  const int64_t* row_of = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) TORCH_CHECK(row_of[i] >= 0 && row_of[i] < x.size(0), "row out of range");
   check_table(segments, table, n_blocks);
+}
+
+// The blocks of one slot in rank order and their total rank K (block b's ranks at rank_off = Σ of the earlier
+// blocks' k), checked against the widths their codes are read with: V̂ [k, h_v] and Û stored [k, h_u].
+std::vector<Block> slot_blocks(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t h_v,
+                               int64_t h_u, int64_t& K) {
+  TORCH_CHECK(slot >= 0 && slot < table.size(0), "slot out of range");
+  std::vector<Block> blocks;
+  K = 0;
+  for (int64_t i = 0; i < n_blocks.data_ptr<int64_t>()[slot]; ++i) {
+    const Block B = read_block(table.data_ptr<int64_t>() + (slot * table.size(1) + i) * N_FIELDS);
+    TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off == K && B.k * h_v * B.bits <= 8 * B.v_nbytes &&
+                B.k * h_u * B.bits <= 8 * B.u_nbytes, "invalid block");
+    blocks.push_back(B);
+    K += B.k;
+  }
+  return blocks;
+}
+
+// Segment s of int64 [S, 3] (first index, count, slot) within n indices: its slot's blocks and rank (slot_blocks).
+std::vector<Block> segment_blocks(const int64_t* seg, int64_t s, int64_t n, const at::Tensor& table,
+                                  const at::Tensor& n_blocks, int64_t h_v, int64_t h_u, int64_t& K) {
+  TORCH_CHECK(seg[3 * s] >= 0 && seg[3 * s + 1] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n, "segment out of range");
+  return slot_blocks(table, n_blocks, seg[3 * s + 2], h_v, h_u, K);
 }
 
 // y[rows[i]] += x[rows[i]] · ΔŴᵀ of the slot of i's segment, rounded once to y's dtype (as the torch reference:
@@ -737,10 +763,6 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
   const int64_t n = rows.size(0), h_in = x.size(1), n_seg = segments.size(0);
   const int64_t* seg = segments.data_ptr<int64_t>();
   const int64_t* row_of = rows.data_ptr<int64_t>();
-  const int64_t* tab = table.data_ptr<int64_t>();
-  const int64_t* nblk = n_blocks.data_ptr<int64_t>();
-  const int64_t max_blocks = table.size(1);
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(row_of[i] >= 0 && row_of[i] < x.size(0), "row out of range");
 
   std::vector<std::vector<Block>> blocks(static_cast<size_t>(n_seg));
   std::vector<int64_t> shrink_tasks;                 // (segment, block, first rank) triples
@@ -749,13 +771,11 @@ void packed_lowrank_delta(const at::Tensor& x, const at::Tensor& rows, const at:
                                                                         // seg_tasks[s + 1])
   for (int64_t s = 0; s < n_seg; ++s) {
     seg_tasks[s] = static_cast<int64_t>(shrink_tasks.size() / 3);
-    const int64_t slot = seg[3 * s + 2];
-    TORCH_CHECK(slot >= 0 && slot < table.size(0) && seg[3 * s] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n,
-                "segment out of range");
-    for (int64_t b = 0; b < nblk[slot]; ++b) {
-      const Block B = read_block(tab + (slot * max_blocks + b) * N_FIELDS);
-      TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= max_rank, "invalid block");
-      blocks[s].push_back(B);
+    int64_t K;
+    blocks[s] = segment_blocks(seg, s, n, table, n_blocks, h_in, h_out, K);
+    TORCH_CHECK(K <= max_rank, "a slot's rank exceeds max_rank");
+    for (int64_t b = 0; b < static_cast<int64_t>(blocks[s].size()); ++b) {
+      const Block& B = blocks[s][b];
       codes += B.k * (h_in + h_out) * ((seg[3 * s + 1] + ROWS - 1) / ROWS);
       for (int64_t j = 0; j < B.k; j += RANKS_PER_TASK) shrink_tasks.insert(shrink_tasks.end(), {s, b, j});
     }
@@ -888,7 +908,7 @@ void packed_rows(const at::Tensor& positions, const at::Tensor& rows, const at::
   isa = std::min(isa, cpu_isa_level());
   const int64_t n = positions.size(0), h_in = y.size(1), n_seg = segments.size(0), rank = std::max<int64_t>(max_rank, 1);
   const int64_t *seg = segments.data_ptr<int64_t>(), *pos = positions.data_ptr<int64_t>(),
-                *row_of = rows.data_ptr<int64_t>(), *tab = table.data_ptr<int64_t>(), *nblk = n_blocks.data_ptr<int64_t>();
+                *row_of = rows.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(pos[i] >= 0 && pos[i] < h_rows && row_of[i] >= 0 && row_of[i] < y.size(0), "row out of range");
   std::vector<float> t(static_cast<size_t>(ROWS * rank));
@@ -896,17 +916,14 @@ void packed_rows(const at::Tensor& positions, const at::Tensor& rows, const at::
   on_dtype(y, [&](auto zero) {
     using T = decltype(zero);
     for (int64_t s = 0; s < n_seg; ++s) {
-      const int64_t first = seg[3 * s], count = seg[3 * s + 1], slot = seg[3 * s + 2];
-      TORCH_CHECK(slot >= 0 && slot < table.size(0) && first >= 0 && count >= 0 && first + count <= n,
-                  "segment out of range");
-      std::vector<Block> u_side, v_side;
-      for (int64_t b = 0; b < nblk[slot]; ++b) {
-        const Block B = read_block(tab + (slot * table.size(1) + b) * N_FIELDS);
-        TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= max_rank &&
-                    B.k * h_rows * B.bits <= 8 * B.u_nbytes && B.k * h_in * B.bits <= 8 * B.v_nbytes, "invalid block");
+      const int64_t first = seg[3 * s], count = seg[3 * s + 1];
+      int64_t K;
+      const std::vector<Block> u_side = segment_blocks(seg, s, n, table, n_blocks, h_in, h_rows, K);
+      TORCH_CHECK(K <= max_rank, "a slot's rank exceeds max_rank");
+      std::vector<Block> v_side;
+      for (const Block& B : u_side) {
         Block V = B;
         V.u_codes = B.v_codes, V.u_scale = B.v_scale, V.u_zero = B.v_zero, V.u_nbytes = B.v_nbytes;
-        u_side.push_back(B);
         v_side.push_back(V);
       }
       over_row_tiles(count, [&](int R, int64_t r) {
@@ -959,20 +976,6 @@ void dequantize_row(int64_t isa, const uint8_t* codes, int64_t nbytes, int bits,
   for (int64_t o = 0; o < n; ++o) out[o] = mult * (code_at(codes, (row * n + o) * bits, bits) - zero);
 }
 
-// The blocks of one slot, checked against the factor shapes [K, h_in] / [K, h_out] they dequantise into.
-std::vector<Block> slot_blocks(const at::Tensor& table, const at::Tensor& n_blocks, int64_t slot, int64_t K,
-                               int64_t h_in, int64_t h_out) {
-  TORCH_CHECK(slot >= 0 && slot < table.size(0), "slot out of range");
-  std::vector<Block> blocks;
-  for (int64_t i = 0; i < n_blocks.data_ptr<int64_t>()[slot]; ++i) {
-    const Block B = read_block(table.data_ptr<int64_t>() + (slot * table.size(1) + i) * N_FIELDS);
-    TORCH_CHECK(B.bits >= 1 && B.bits <= 8 && B.rank_off + B.k <= K && B.k * h_in * B.bits <= 8 * B.v_nbytes &&
-                B.k * h_out * B.bits <= 8 * B.u_nbytes, "invalid block");
-    blocks.push_back(B);
-  }
-  return blocks;
-}
-
 // Rank j of block B dequantised: a[rank_off + j, :] = σ_j sv_j (Cv[j, :] − zv_j), b[rank_off + j, :] = su_j (Cu[j, :] − zu_j).
 void dequantize_rank(int64_t isa, const Block& B, int64_t j, int64_t h_in, int64_t h_out, float* a, float* b) {
   const int64_t k = B.rank_off + j;
@@ -992,7 +995,9 @@ void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int6
               b.is_contiguous() && a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), "a, b: float32 [K, h]");
   isa = std::min(isa, cpu_isa_level());
   const int64_t h_in = a.size(1), h_out = b.size(1);
-  const std::vector<Block> blocks = slot_blocks(table, n_blocks, slot, a.size(0), h_in, h_out);
+  int64_t K;
+  const std::vector<Block> blocks = slot_blocks(table, n_blocks, slot, h_in, h_out, K);
+  TORCH_CHECK(a.size(0) == K, "a, b must have the slot's rank ", K, " rows");
   std::vector<std::pair<int64_t, int64_t>> ranks;        // (block, j)
   for (size_t i = 0; i < blocks.size(); ++i)
     for (int64_t j = 0; j < blocks[i].k; ++j) ranks.emplace_back(static_cast<int64_t>(i), j);
@@ -1004,7 +1009,7 @@ void packed_dequantize(const at::Tensor& table, const at::Tensor& n_blocks, int6
 
 // y[rows[i]] = round(y + x[rows[i]] aᵀ b) for segments of many rows (a prefill: decoding every code once per 4 rows, as
 // packed_lowrank_delta does, costs more than dequantising once): one task per segment, split over torch's threads;
-// each dequantises its slot's factors (packed_dequantize's a, b; K = the slot's rank, from the table) into its own
+// each dequantises its slot's factors (packed_dequantize's a, b; K = the slot's rank) into its own
 // scratch and runs the two float32 GEMMs with ATen on its thread (inside the parallel region ATen does not split
 // them further). x [N, h_in], y [N, h_out] contiguous; rows, segments as packed_lowrank_delta's.
 void packed_dense_delta(const at::Tensor& x, const at::Tensor& rows, const at::Tensor& segments, const at::Tensor& table,
@@ -1013,17 +1018,9 @@ void packed_dense_delta(const at::Tensor& x, const at::Tensor& rows, const at::T
   isa = std::min(isa, cpu_isa_level());
   const int64_t n = rows.size(0), h_in = x.size(1), h_out = y.size(1), n_seg = segments.size(0);
   const int64_t *seg = segments.data_ptr<int64_t>(), *row_of = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(row_of[i] >= 0 && row_of[i] < x.size(0), "row out of range");
   std::vector<std::vector<Block>> blocks(static_cast<size_t>(n_seg));
   std::vector<int64_t> rank(static_cast<size_t>(n_seg), 0);
-  for (int64_t s = 0; s < n_seg; ++s) {
-    TORCH_CHECK(seg[3 * s] >= 0 && seg[3 * s + 1] >= 0 && seg[3 * s] + seg[3 * s + 1] <= n, "segment out of range");
-    const int64_t slot = seg[3 * s + 2];
-    TORCH_CHECK(slot >= 0 && slot < table.size(0), "slot out of range");
-    for (int64_t b = 0; b < n_blocks.data_ptr<int64_t>()[slot]; ++b)
-      rank[s] += table.data_ptr<int64_t>()[(slot * table.size(1) + b) * N_FIELDS + F_K];
-    blocks[s] = slot_blocks(table, n_blocks, slot, rank[s], h_in, h_out);
-  }
+  for (int64_t s = 0; s < n_seg; ++s) blocks[s] = segment_blocks(seg, s, n, table, n_blocks, h_in, h_out, rank[s]);
   on_dtype(y, [&](auto zero) {
     using T = decltype(zero);
     at::parallel_for(0, n_seg, 1, [&](int64_t begin, int64_t end) {
@@ -1039,15 +1036,12 @@ void packed_dense_delta(const at::Tensor& x, const at::Tensor& rows, const at::T
         const at::Tensor d = at::mm(at::mm(at::from_blob(xs.data(), {count, h_in}, f32),
                                            at::from_blob(a.data(), {K, h_in}, f32).t()),
                                     at::from_blob(b.data(), {K, h_out}, f32)).contiguous();
-        for (int64_t r = 0; r < count; r += ROWS)
-          add_into<T>(y, row_of + first + r, static_cast<int>(std::min<int64_t>(ROWS, count - r)), 0, h_out,
-                      d.data_ptr<float>() + r * h_out, h_out, nullptr);
+        add_into<T>(y, row_of + first, static_cast<int>(count), 0, h_out, d.data_ptr<float>(), h_out, nullptr);
       }
     });
   });
 }
 
-bool has_avx512() { return cpu_has_avx512(); }
 int64_t cpu_isa() { return cpu_isa_level(); }
 
 }  // namespace
@@ -1061,6 +1055,5 @@ TORCH_LIBRARY(prinmix_packed, m) {
         "Tensor(a!) y) -> ()", &packed_dense_delta);
   m.def("packed_dequantize(Tensor table, Tensor n_blocks, int slot, int isa, Tensor(a!) a, Tensor(b!) b) -> ()",
         &packed_dequantize);
-  m.def("has_avx512() -> bool", &has_avx512);
   m.def("cpu_isa() -> int", &cpu_isa);
 }

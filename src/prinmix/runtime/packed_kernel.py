@@ -166,6 +166,13 @@ def _level(isa: str | None) -> int:
     return ISA_LEVELS.index(isa or default_isa())
 
 
+def _segment_tensor(segments: list[tuple[int, int, int]] | torch.Tensor) -> torch.Tensor:
+    """Segments as the kernel's int64 [S, 3] of (first index, count, slot)."""
+    if isinstance(segments, torch.Tensor):
+        return segments
+    return torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+
+
 def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
                       segments: list[tuple[int, int, int]] | torch.Tensor,
                       table: PackedTable, isa: str | None = None, parallel: bool | None = None,
@@ -173,11 +180,11 @@ def add_packed_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
     """y[rows[i]] += x[rows[i]]·ΔŴᵀ in place, ΔŴ the delta in `table` of the slot of i's segment, each entry rounded
     once to y's dtype (float32 y + Δ, then cast: the torch reference's rounding). x [N, h_in], y [N, h_out]
     (float32 / bfloat16 / float16, contiguous); rows int64 [n], distinct; segments: (first index into rows, count,
-    slot), disjoint (or the same as an int64 tensor [S, 3]). cols: int64 [h_out] strictly increasing — output o of ΔŴ goes to column cols[o] of a wider y
-    (a tenant's compressed lm_head rows among all the logits). isa: the highest ISA_LEVELS code path to use,
+    slot), disjoint (or the same as an int64 tensor [S, 3]). cols: int64 [h_out] strictly increasing — output o
+    of ΔŴ goes to column cols[o] of a wider y (a tenant's compressed lm_head rows among all the logits). isa: the highest ISA_LEVELS code path to use,
     lowered to what the CPU runs ("scalar": the portable code; tests and benchmarks force lower ones; None:
     default_isa()); parallel: over torch's intra-op threads (None: PARALLEL, see there). Needs kernel_available()."""
-    seg = segments if isinstance(segments, torch.Tensor) else torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+    seg = _segment_tensor(segments)
     if seg.numel():
         load_kernel().packed_lowrank_delta(x, rows, seg, table.table, table.n_blocks, table.max_rank, _level(isa),
                                            PARALLEL if parallel is None else parallel, y, cols)
@@ -194,13 +201,14 @@ def add_dense_deltas(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, segme
 
 
 def add_packed_rows(positions: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
-                    segments: list[tuple[int, int, int]], table: PackedTable, isa: str | None = None) -> None:
+                    segments: list[tuple[int, int, int]] | torch.Tensor, table: PackedTable,
+                    isa: str | None = None) -> None:
     """y[rows[i]] += ΔŴ[positions[i]] in place (rounded once to y's dtype, as add_packed_deltas), ΔŴ [h_out, h_in]
     the delta in `table` of the slot of i's segment: a tenant's embedding rows from its compressed vocabulary delta,
     read from the packed codes (k codes of Û, then V̂'s k·h_in). positions, rows int64 [n]; y [N, h_in] contiguous;
     segments, isa as add_packed_deltas'. On the calling thread (k·h_in codes a row)."""
-    if segments:
-        seg = torch.tensor(segments, dtype=torch.int64).reshape(-1, 3)
+    seg = _segment_tensor(segments)
+    if seg.numel():
         load_kernel().packed_rows(positions, rows, seg, table.table, table.n_blocks, table.max_rank, table.h_out,
                                   _level(isa), y)
 

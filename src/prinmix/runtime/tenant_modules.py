@@ -21,7 +21,7 @@ from torch import nn
 
 from .delta_linear import TenantContext
 from .factor_cache import FactorCache
-from .vocab_rows import VocabPayload
+from .vocab_rows import VocabPayload, sorted_positions
 
 __all__ = ["PerTenantEmbedding", "PerTenantParams", "PerTenantRows", "RowsPayload", "TensorsPayload",
            "output_is_weight_times"]
@@ -56,8 +56,7 @@ class RowsPayload:
     def lookup(self, tokens: torch.Tensor, base_rows: torch.Tensor) -> torch.Tensor:
         """The tenant's embedding rows of `tokens` [T], given the base's rows [T, d] of those tokens."""
         out = base_rows.clone()
-        pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
-        hit = self.index[pos] == tokens
+        pos, hit = sorted_positions(self.index, tokens)
         out[hit] = self.values[pos[hit]].to(out.dtype)
         return out
 

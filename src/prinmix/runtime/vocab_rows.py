@@ -31,6 +31,12 @@ def packed_codes_at(data: torch.Tensor, bits: int, flat_index: torch.Tensor) -> 
     return (word >> shift) & ((1 << bits) - 1)
 
 
+def sorted_positions(index: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos, hit) of tokens [T] in a sorted, non-empty index [n]: index[pos[t]] == tokens[t] where hit[t]."""
+    pos = torch.searchsorted(index, tokens).clamp(max=index.numel() - 1)
+    return pos, index[pos] == tokens
+
+
 def values_at(m: PackedMatrix, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Dequantised entries m[rows, cols] (broadcast index tensors) as float32, read from the packed codes."""
     rows, cols = torch.broadcast_tensors(rows.to(torch.int64), cols.to(torch.int64))
@@ -103,14 +109,12 @@ class VocabPayload:
         access (Int4Factors), = from the packed codes)."""
         out = base_rows.float()
         if self.packed is not None and self.index.numel():
-            pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
-            hit = self.index[pos] == tokens
+            pos, hit = sorted_positions(self.index, tokens)
             if hit.any():
                 out[hit] += factors.rows(pos[hit]) if factors is not None and factors.has_rows \
                     else gather_rows(self.packed, pos[hit])
         if self.exact_index.numel():
-            pos = torch.searchsorted(self.exact_index, tokens).clamp(max=self.exact_index.numel() - 1)
-            hit = self.exact_index[pos] == tokens
+            pos, hit = sorted_positions(self.exact_index, tokens)
             out[hit] = self.exact_values[pos[hit]].float()
         return out
 
@@ -145,14 +149,12 @@ class VocabPayload:
         contiguous) become the tenant's, each entry rounded once as lookup's result cast to out's dtype. Needs
         kernel_table()."""
         tokens = ids.index_select(0, rows)
-        pos = torch.searchsorted(self.index, tokens).clamp(max=self.index.numel() - 1)
-        hit = self.index[pos] == tokens
+        pos, hit = sorted_positions(self.index, tokens)
         if hit.any():
             pos_hit, rows_hit = pos[hit], rows[hit]
             add_packed_rows(pos_hit, out, rows_hit, [(0, pos_hit.numel(), 0)], self.kernel_table())
         if self.exact_index.numel():
-            pos = torch.searchsorted(self.exact_index, tokens).clamp(max=self.exact_index.numel() - 1)
-            hit = self.exact_index[pos] == tokens
+            pos, hit = sorted_positions(self.exact_index, tokens)
             out[rows[hit]] = self.exact_values[pos[hit]].to(out.dtype)
 
     def head_into(self, h: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None) -> None:
